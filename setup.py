@@ -1,0 +1,42 @@
+"""unires-jax: UniRES++ (multi-granularity referring expression segmentation) in JAX/Flax."""
+
+import setuptools
+
+# The PyTorch side is only needed to import/export weights and for the parity tests.
+# timm imports torchvision; PyPI has no CPU torchvision that imports beside the CPU torch
+# build, so the pair below (CUDA builds that run on the CPU) is pinned together.
+TORCH = [
+    "torch==2.14.1",
+    "torchvision==0.29.1",
+    "transformers>=5.0",
+    "timm>=1.0",
+    "safetensors>=0.4",
+]
+
+setuptools.setup(
+    name="unires-jax",
+    version="0.1.0",
+    description="UniRES++ multi-granularity referring expression segmentation in JAX/Flax",
+    packages=setuptools.find_packages(include=["unires_jax", "unires_jax.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "jax>=0.10",
+        "flax>=0.12.8",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12",
+        "ml-collections>=1.0",
+        "einops>=0.8",
+        "numpy>=2.0",
+        "absl-py>=2.0",
+        "safetensors>=0.4",
+    ],
+    extras_require={
+        "torch": TORCH,
+        "test": TORCH + ["pytest>=8", "pytest-xdist>=3", "hypothesis>=6"],
+    },
+    entry_points={
+        "console_scripts": [
+            "unires-summary=unires_jax.models.summary:run",
+        ],
+    },
+)

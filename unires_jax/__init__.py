@@ -1,0 +1,1 @@
+"""UniRES++ (multi-granularity referring expression segmentation) in JAX/Flax."""

@@ -1,0 +1,247 @@
+"""Reading PyTorch weights from disk and writing them into NNX modules.
+
+Sources users have on disk:
+  * a `transformers` model directory: `config.json` plus `model.safetensors`, a sharded
+    `model.safetensors.index.json`, `pytorch_model.bin` or a sharded `pytorch_model.bin.index.json`;
+  * a single state-dict file: `.safetensors`, or `.bin` / `.pt` / `.pth` (timm, open_clip).
+
+Pickled files are read only with `torch.load(weights_only=True)`, which refuses arbitrary objects.
+Tensors come back as NumPy arrays (bfloat16 through `ml_dtypes`).
+"""
+
+import json
+import os
+from typing import Callable, Iterator, Mapping
+
+import numpy as np
+from flax import nnx
+
+SAFETENSORS_SINGLE = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+TORCH_SINGLE = "pytorch_model.bin"
+TORCH_INDEX = "pytorch_model.bin.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+
+
+class CheckpointError(ValueError):
+  """A weights file or directory that cannot be converted; the message names the file/key."""
+
+
+def _read_safetensors(path: str) -> dict[str, np.ndarray]:
+  from safetensors import SafetensorError  # pylint: disable=g-import-not-at-top
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+
+  try:
+    return dict(load_file(path))
+  except (SafetensorError, OSError, ValueError) as e:
+    raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+
+
+def _read_pickle(path: str) -> dict[str, np.ndarray]:
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise CheckpointError(
+        f"{path}: reading PyTorch pickles needs the 'torch' extra (pip install unires-jax[torch])"
+    ) from e
+  try:
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:  # torch raises several types for corrupt or unsafe files.
+    raise CheckpointError(f"{path}: not a readable PyTorch weights file ({e})") from e
+  if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+    obj = obj["state_dict"]
+  if not isinstance(obj, Mapping):
+    raise CheckpointError(f"{path}: expected a state dict, found {type(obj).__name__}")
+  out = {}
+  for k, v in obj.items():
+    if not isinstance(v, torch.Tensor):
+      raise CheckpointError(f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor")
+    out[k] = _torch_to_numpy(v)
+  return out
+
+
+def _torch_to_numpy(t) -> np.ndarray:
+  import torch  # pylint: disable=g-import-not-at-top
+
+  t = t.detach().cpu()
+  if t.dtype == torch.bfloat16:
+    import ml_dtypes  # pylint: disable=g-import-not-at-top
+
+    return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+  return t.numpy()
+
+
+def read_state_file(path: str) -> dict[str, np.ndarray]:
+  """One state-dict file (`.safetensors`, `.bin`, `.pt`, `.pth`) -> {name: array}."""
+  if not os.path.isfile(path):
+    raise CheckpointError(f"{path}: no such weights file")
+  if path.endswith(".safetensors"):
+    return _read_safetensors(path)
+  if path.endswith(PICKLE_SUFFIXES):
+    return _read_pickle(path)
+  raise CheckpointError(
+      f"{path}: unknown weights format; expected .safetensors or one of {PICKLE_SUFFIXES}"
+  )
+
+
+def read_state_dir(directory: str) -> dict[str, np.ndarray]:
+  """A `transformers` model directory (single or sharded weights) -> {name: array}."""
+  if not os.path.isdir(directory):
+    raise CheckpointError(f"{directory}: no such model directory")
+  for index_name in (SAFETENSORS_INDEX, TORCH_INDEX):
+    index_path = os.path.join(directory, index_name)
+    if os.path.isfile(index_path):
+      with open(index_path) as f:
+        try:
+          weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+          raise CheckpointError(f"{index_path}: not a weights index ({e})") from e
+      out: dict[str, np.ndarray] = {}
+      for shard in sorted(set(weight_map.values())):
+        out.update(read_state_file(os.path.join(directory, shard)))
+      missing = sorted(set(weight_map) - set(out))
+      if missing:
+        raise CheckpointError(f"{index_path}: tensor {missing[0]!r} listed but not in its shard")
+      return out
+  for single in (SAFETENSORS_SINGLE, TORCH_SINGLE):
+    path = os.path.join(directory, single)
+    if os.path.isfile(path):
+      return read_state_file(path)
+  raise CheckpointError(
+      f"{directory}: no weights found (looked for {SAFETENSORS_SINGLE}, {SAFETENSORS_INDEX}, "
+      f"{TORCH_SINGLE}, {TORCH_INDEX})"
+  )
+
+
+def read_config_json(directory: str) -> dict:
+  """`directory/config.json` as a dict, with a clear error when absent or malformed."""
+  path = os.path.join(directory, "config.json")
+  if not os.path.isfile(path):
+    raise CheckpointError(f"{directory}: missing config.json")
+  with open(path) as f:
+    try:
+      return json.load(f)
+    except json.JSONDecodeError as e:
+      raise CheckpointError(f"{path}: malformed JSON ({e})") from e
+
+
+def strip_prefix(state: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
+  """Keeps the entries under `prefix` (e.g. open_clip's 'visual.trunk.'), prefix removed."""
+  return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+class TorchState:
+  """A state dict being consumed by a converter.
+
+  `take(name)` returns a tensor and marks it used; a missing tensor raises a `CheckpointError`
+  naming the key and the source. `unused()` lists what no rule consumed.
+  """
+
+  def __init__(self, tensors: Mapping[str, np.ndarray], source: str):
+    self._tensors = dict(tensors)
+    self._used: set[str] = set()
+    self.source = source
+
+  def __contains__(self, name: str) -> bool:
+    return name in self._tensors
+
+  def take(self, name: str) -> np.ndarray:
+    if name not in self._tensors:
+      raise CheckpointError(f"{self.source}: missing tensor {name!r}")
+    self._used.add(name)
+    return np.asarray(self._tensors[name])
+
+  def unused(self) -> list[str]:
+    return sorted(set(self._tensors) - self._used)
+
+
+def _path_str(path: tuple) -> str:
+  return "/".join(str(p) for p in path)
+
+
+def iter_params(module: nnx.Module) -> Iterator[tuple[str, nnx.Param]]:
+  """(path 'a/b/0/kernel', variable) for every `nnx.Param` of `module`."""
+  for path, var in nnx.iter_graph(module):
+    if isinstance(var, nnx.Param):
+      yield _path_str(path), var
+
+
+def assign_params(
+    module: nnx.Module,
+    values: Mapping[str, np.ndarray],
+    source: str,
+) -> None:
+  """Sets every `nnx.Param` of `module` from `values` ({'a/b/0/kernel': array}).
+
+  Every parameter must be given exactly once with its exact shape; the error names the
+  parameter, the source and the shapes. Values are cast to the parameter's dtype.
+  """
+  params = dict(iter_params(module))
+  missing = sorted(set(params) - set(values))
+  if missing:
+    raise CheckpointError(f"{source}: no value for parameter {missing[0]!r} ({len(missing)} in all)")
+  extra = sorted(set(values) - set(params))
+  if extra:
+    raise CheckpointError(f"{source}: converter produced unknown parameter {extra[0]!r}")
+  for name, var in params.items():
+    value = np.asarray(values[name])
+    if value.shape != var.value.shape:
+      raise CheckpointError(
+          f"{source}: parameter {name!r} has shape {var.value.shape} in the model but "
+          f"{value.shape} in the checkpoint (check the config against the weights)"
+      )
+    var.value = np.asarray(value, dtype=var.value.dtype)
+
+
+def convert_linear(state: TorchState, torch_name: str, bias: bool = True) -> dict[str, np.ndarray]:
+  """torch `nn.Linear` (weight [out, in]) -> {'kernel': [in, out], 'bias': [out]}."""
+  out = {"kernel": state.take(f"{torch_name}.weight").T}
+  if bias:
+    out["bias"] = state.take(f"{torch_name}.bias")
+  return out
+
+
+def convert_norm(
+    state: TorchState, torch_name: str, bias: bool = True, scale_key: str = "weight"
+) -> dict[str, np.ndarray]:
+  """torch LayerNorm / RMSNorm -> {'scale', 'bias'}."""
+  out = {"scale": state.take(f"{torch_name}.{scale_key}")}
+  if bias:
+    out["bias"] = state.take(f"{torch_name}.bias")
+  return out
+
+
+def convert_conv(state: TorchState, torch_name: str, bias: bool = True) -> dict[str, np.ndarray]:
+  """torch `nn.Conv2d` (weight [out, in/g, kh, kw]) -> {'kernel': [kh, kw, in/g, out], 'bias'}."""
+  out = {"kernel": state.take(f"{torch_name}.weight").transpose(2, 3, 1, 0)}
+  if bias:
+    out["bias"] = state.take(f"{torch_name}.bias")
+  return out
+
+
+def flatten_prefixed(prefix: str, tree: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """{'kernel': x} under prefix 'a/b' -> {'a/b/kernel': x}."""
+  return {f"{prefix}/{k}": v for k, v in tree.items()}
+
+
+def convert_all(
+    rules: Callable[[TorchState], dict[str, np.ndarray]],
+    tensors: Mapping[str, np.ndarray],
+    module: nnx.Module,
+    source: str,
+    allow_unused: Callable[[str], bool] = lambda name: False,
+) -> None:
+  """Applies a converter's `rules` to `tensors` and writes the result into `module`.
+
+  Tensors that no rule consumed are an error unless `allow_unused(name)` says they are
+  expected (e.g. a classification head that the feature extractor does not have).
+  """
+  state = TorchState(tensors, source)
+  values = rules(state)
+  leftover = [n for n in state.unused() if not allow_unused(n)]
+  if leftover:
+    raise CheckpointError(
+        f"{source}: tensor {leftover[0]!r} was not used ({len(leftover)} unused in all); "
+        "the checkpoint does not match this architecture"
+    )
+  assign_params(module, values, source)

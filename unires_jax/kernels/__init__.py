@@ -1,0 +1,1 @@
+"""Kernels with a plain-XLA reference beside them, dispatched by config."""

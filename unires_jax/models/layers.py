@@ -1,0 +1,174 @@
+"""Parameters with logical axis names, and the small layers every tower shares.
+
+Every parameter carries one logical name per dimension in its `out_sharding` metadata. The
+mesh rules of `unires_jax.parallel` map these names to mesh axes; model code never names a mesh
+axis. Variables are created unsharded (`eager_sharding=False`): sharded creation happens by
+jitting the init with the out shardings that the rules give.
+
+Logical axis names used by the models:
+  embed        width of a tower's residual stream (CLIP width, LLM hidden size, decoder width)
+  mlp          hidden width of a feed-forward block
+  heads        query heads (a fused `heads * head_dim` dimension is named `heads` too)
+  kv_heads     key/value heads (fused with head_dim, as above)
+  vocab        vocabulary
+  position     rows of a learned position-embedding table
+  conv_window  spatial dimensions of a convolution kernel
+  conv_in      input channels of a convolution kernel
+  conv_out     output channels of a convolution kernel; also the channels of a conv tower's
+               norms, biases and layer scales
+  norm         the feature dimension of a norm whose width is not a tower width
+"""
+
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Initializer = Callable[..., jax.Array]
+
+DEFAULT_KERNEL_INIT = nnx.initializers.lecun_normal()
+ZEROS = nnx.initializers.zeros_init()
+ONES = nnx.initializers.ones_init()
+
+
+def axes(*names: str | None) -> dict[str, Any]:
+  """Metadata giving a variable logical axis names (one per dimension), created unsharded."""
+  return {"out_sharding": tuple(names), "eager_sharding": False}
+
+
+def with_axes(init: Initializer, *names: str | None) -> Initializer:
+  """An initializer whose variables carry the logical axis `names`."""
+  return nnx.with_partitioning(init, tuple(names), eager_sharding=False)
+
+
+def param(
+    rngs: nnx.Rngs,
+    init: Initializer,
+    shape: Sequence[int],
+    names: Sequence[str | None],
+    dtype: Any = jnp.float32,
+) -> nnx.Param:
+  """A parameter of `shape` with one logical axis name per dimension."""
+  if len(shape) != len(names):
+    raise ValueError(f"param of shape {tuple(shape)} needs {len(shape)} axis names, got {names}")
+  return nnx.Param(init(rngs.params(), tuple(shape), dtype), **axes(*names))
+
+
+def linear(
+    in_features: int,
+    out_features: int,
+    names: tuple[str | None, str | None],
+    *,
+    rngs: nnx.Rngs,
+    use_bias: bool = True,
+    dtype: Any = None,
+    param_dtype: Any = jnp.float32,
+    kernel_init: Initializer = DEFAULT_KERNEL_INIT,
+) -> nnx.Linear:
+  """`nnx.Linear` with kernel `[in_features, out_features]` named `names`, bias `[names[1]]`."""
+  return nnx.Linear(
+      in_features,
+      out_features,
+      use_bias=use_bias,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      kernel_init=kernel_init,
+      kernel_metadata=axes(*names),
+      bias_metadata=axes(names[1]),
+      rngs=rngs,
+  )
+
+
+def layer_norm(
+    features: int,
+    name: str,
+    *,
+    rngs: nnx.Rngs,
+    epsilon: float,
+    dtype: Any = None,
+    param_dtype: Any = jnp.float32,
+) -> nnx.LayerNorm:
+  """`nnx.LayerNorm` over the last axis, scale and bias named `[name]`.
+
+  Variance is computed as E[(x - mean)^2] (as PyTorch does), not E[x^2] - mean^2.
+  """
+  return nnx.LayerNorm(
+      features,
+      epsilon=epsilon,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      use_fast_variance=False,
+      scale_metadata=axes(name),
+      bias_metadata=axes(name),
+      rngs=rngs,
+  )
+
+
+def conv(
+    in_features: int,
+    out_features: int,
+    kernel_size: int,
+    *,
+    rngs: nnx.Rngs,
+    strides: int = 1,
+    padding: Any = "SAME",
+    feature_group_count: int = 1,
+    use_bias: bool = True,
+    dtype: Any = None,
+    param_dtype: Any = jnp.float32,
+) -> nnx.Conv:
+  """2-D `nnx.Conv` on `[batch, height, width, channels]`; kernel `[kh, kw, in/groups, out]`.
+
+  Kernel axes are (`conv_window`, `conv_window`, `conv_in`, `conv_out`), bias (`conv_out`,).
+  """
+  return nnx.Conv(
+      in_features,
+      out_features,
+      (kernel_size, kernel_size),
+      strides=strides,
+      padding=padding,
+      feature_group_count=feature_group_count,
+      use_bias=use_bias,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      kernel_metadata=axes("conv_window", "conv_window", "conv_in", "conv_out"),
+      bias_metadata=axes("conv_out"),
+      rngs=rngs,
+  )
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+  """CLIP's activation: x * sigmoid(1.702 x)."""
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+def gelu_exact(x: jax.Array) -> jax.Array:
+  """erf-based GELU, as `torch.nn.GELU()` computes it."""
+  return jax.nn.gelu(x, approximate=False)
+
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "quick_gelu": quick_gelu,
+    "gelu": gelu_exact,
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "silu": jax.nn.silu,
+    "relu": jax.nn.relu,
+}
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+  """Looks up an activation by its config name, with a clear error for unknown names."""
+  if name not in ACTIVATIONS:
+    raise ValueError(f"unknown activation {name!r}; known: {sorted(ACTIVATIONS)}")
+  return ACTIVATIONS[name]
+
+
+def parse_dtype(name: Any) -> Any:
+  """Config dtype string ('float32', 'bfloat16', ...) -> jnp dtype; None stays None."""
+  if name is None or not isinstance(name, str):
+    return name
+  try:
+    return jnp.dtype(name)
+  except TypeError as e:
+    raise ValueError(f"unknown dtype {name!r} in config") from e
