@@ -17,6 +17,8 @@ Logical axis names used by the models:
   conv_out     output channels of a convolution kernel; also the channels of a conv tower's
                norms, biases and layer scales
   norm         the feature dimension of a norm whose width is not a tower width
+  features     input features that come from another tower (projector inputs)
+A dimension that is never sharded (e.g. a size-1 output) is named None.
 """
 
 from typing import Any, Callable, Sequence

@@ -1,0 +1,123 @@
+"""The tiny UniRES++ end to end: forward, loss parts, overfitting one batch, input errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from unires_jax import models
+from unires_jax.config_lib import load_config
+from unires_jax.models import prompt
+from unires_jax.models.synthetic import synthetic_batch
+from unires_jax.models.unires import compute_loss
+
+
+@pytest.fixture(scope="module")
+def config():
+  return load_config("tiny")
+
+
+def _loss_fn(model, batch, cfg):
+  outputs = model(batch)
+  total, parts = compute_loss(outputs, batch, cfg.model.loss, cfg.model.mask_decoder.aux_loss)
+  return total, (parts, outputs)
+
+
+def test_forward_shapes_and_finite_loss(config):
+  model = models.build_model(config, nnx.Rngs(0))
+  batch = synthetic_batch(config.model, 2, no_target_every=2)
+  total, (parts, out) = _loss_fn(model, batch, config)
+  s = config.model.convnext.image_size
+  vocab = config.model.llm.vocab_size + prompt.num_special_tokens()
+  assert out.logits.shape == (2, batch["input_ids"].shape[1], vocab)
+  assert out.mask_logits.shape == (2, s // 4, s // 4)
+  assert len(out.aux_mask_logits) == config.model.mask_decoder.num_layers
+  assert out.no_target_logits.shape == (2,)
+  assert set(parts) == {"lm", "mask_bce", "mask_dice", "aux_mask", "no_target"}
+  for name, value in parts.items():
+    assert np.isfinite(value), name
+  assert np.isfinite(total)
+
+
+def _mask_iou(mask_logits, gt):
+  pred = np.asarray(jax.image.resize(mask_logits, gt.shape, "bilinear")) > 0
+  gt = gt > 0.5
+  return (pred & gt).sum() / max((pred | gt).sum(), 1)
+
+
+@pytest.mark.slow
+def test_tiny_model_overfits_one_batch(config):
+  """The acceptance bar: mask IoU > 0.9 within 300 steps, no NaN gradient, LM loss decreases."""
+  model = models.build_model(config, nnx.Rngs(0))
+  batch = jax.tree.map(jnp.asarray, synthetic_batch(config.model, 4, seed=1))
+  optimizer = nnx.Optimizer(model, optax.adamw(1e-3, weight_decay=0.0), wrt=nnx.Param)
+
+  @nnx.jit
+  def step(model, optimizer, batch):
+    (_, (parts, out)), grads = nnx.value_and_grad(_loss_fn, has_aux=True)(model, batch, config)
+    finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+    optimizer.update(model, grads)
+    return parts, out.mask_logits, finite
+
+  first_lm, ious = None, []
+  for i in range(300):
+    parts, mask_logits, finite = step(model, optimizer, batch)
+    assert bool(finite), f"non-finite gradient at step {i}"
+    assert all(np.isfinite(v) for v in parts.values()), (i, parts)
+    if first_lm is None:
+      first_lm = float(parts["lm"])
+    iou = np.mean([_mask_iou(mask_logits[b], np.asarray(batch["masks"][b])) for b in range(4)])
+    ious.append(iou)
+    if iou > 0.9 and i >= 20:
+      break
+  assert ious[-1] > 0.9, f"mask IoU after {len(ious)} steps: {ious[-1]:.3f}"
+  assert float(parts["lm"]) < 0.5 * first_lm, (first_lm, float(parts["lm"]))
+
+
+def test_prompt_without_seg_token_is_rejected(config):
+  special = prompt.SpecialTokens.appended_to(config.model.llm.vocab_size)
+  with pytest.raises(ValueError, match=r"exactly one \[SEG\]"):
+    prompt.build_sequence([5, 6, 7], [8, 9], special=special, num_image_tokens=16,
+                          num_objects=1, num_parts=0, max_objects=4, max_parts=4, max_length=64)
+
+
+def test_batch_without_seg_token_is_rejected(config):
+  model = models.build_model(config, nnx.Rngs(0))
+  batch = synthetic_batch(config.model, 2)
+  special = prompt.SpecialTokens.appended_to(config.model.llm.vocab_size)
+  batch["input_ids"][1][batch["input_ids"][1] == special.seg] = 3
+  with pytest.raises(ValueError, match=r"row 1 holds 0 \[SEG\]"):
+    model(batch)
+
+
+def test_inverted_box_is_rejected(config):
+  model = models.build_model(config, nnx.Rngs(0))
+  batch = synthetic_batch(config.model, 2)
+  batch["object_boxes"][1, 0] = [30, 5, 10, 20]  # x2 < x1
+  with pytest.raises(ValueError, match=r"object_boxes.*\[1, 0\].*x2 < x1"):
+    model(batch)
+
+
+def test_wrong_image_size_is_rejected(config):
+  model = models.build_model(config, nnx.Rngs(0))
+  batch = synthetic_batch(config.model, 1)
+  batch["image_low"] = np.zeros((1, 48, 48, 3), np.float32)
+  with pytest.raises(ValueError, match="image_size"):
+    model(batch)
+
+
+def test_sequence_layout(config):
+  special = prompt.SpecialTokens.appended_to(100)
+  seq = prompt.build_sequence([1, 2], [3, special.seg], special=special, num_image_tokens=4,
+                              num_objects=1, num_parts=0, max_objects=2, max_parts=1,
+                              max_length=24)
+  ids, attend, loss = seq["input_ids"], seq["attention_mask"], seq["loss_mask"]
+  assert list(ids[:6]) == [special.image_start] + [special.image_patch] * 4 + [special.image_end]
+  # Object slot 0 present, slot 1 absent (masked), the single part slot absent.
+  assert list(ids[6:9]) == [special.object_start, special.object_patch, special.object_end]
+  assert list(attend[6:15]) == [1, 1, 1, 0, 0, 0, 0, 0, 0]
+  assert list(ids[15:19]) == [1, 2, 3, special.seg]
+  assert list(loss[15:20]) == [0, 0, 1, 1, 0]
+  assert attend[19:].sum() == 0

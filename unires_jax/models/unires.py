@@ -1,0 +1,256 @@
+"""The UniRES++ assembly: Multi-Granularity Vision Flow, LLM, mask decoder, no-target head.
+
+Batch (all arrays; `n_obj = config.max_objects`, `n_part = config.max_parts`):
+  image_low       [batch, s_low, s_low, 3]     CLIP-normalised, s_low = vision.image_size
+  image_high      [batch, s_high, s_high, 3]   CLIP-normalised, s_high = convnext.image_size
+  object_boxes    [batch, n_obj, 4]            x1, y1, x2, y2 in image_high pixels
+  object_valid    [batch, n_obj]               bool, proposal present
+  part_boxes      [batch, n_part, 4]
+  part_valid      [batch, n_part]
+  input_ids       [batch, tokens]              int32, laid out by `prompt.build_sequence`
+  attention_mask  [batch, tokens]              int32, 1 = attend
+and, for the loss,
+  loss_mask       [batch, tokens]              1 on LM targets (the answer)
+  masks           [batch, s_high, s_high]      target mask (union of the targets), {0, 1}
+  no_target       [batch]                      bool, the expression refers to nothing
+"""
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from unires_jax.models import layers
+from unires_jax.models import losses
+from unires_jax.models import prompt
+from unires_jax.models.clip_vit import CLIPVisionTransformer
+from unires_jax.models.convnext import ConvNeXt
+from unires_jax.models.llama import LlamaForCausalLM
+from unires_jax.models.mask_decoder import MaskDecoder
+from unires_jax.models.roi_align import roi_align
+
+INPUT_KEYS = (
+    "image_low", "image_high", "object_boxes", "object_valid", "part_boxes", "part_valid",
+    "input_ids", "attention_mask",
+)
+LOSS_KEYS = ("loss_mask", "masks", "no_target")
+
+
+class Projector(nnx.Module):
+  """LLaVA's `mlp2x_gelu`: Linear(in, width) -> act -> Linear(width, width) (and deeper variants)."""
+
+  def __init__(self, in_features: int, width: int, cfg: ml_collections.ConfigDict, *,
+               dtype: Any = None, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+    if cfg.num_layers < 1:
+      raise ValueError(f"projector.num_layers must be >= 1, got {cfg.num_layers}")
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.layers = nnx.List(
+        [layers.linear(in_features, width, ("features", "mlp"), **kw)]
+        + [layers.linear(width, width, ("mlp", "embed"), **kw) for _ in range(cfg.num_layers - 1)])
+    self.act = layers.activation(cfg.hidden_act)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """`[..., in_features]` -> `[..., width]`."""
+    for i, layer in enumerate(self.layers):
+      x = layer(x if i == 0 else self.act(x))
+    return x
+
+
+class NoTargetHead(nnx.Module):
+  """MLP([SEG] hidden state) -> logit that the expression refers to nothing."""
+
+  def __init__(self, in_features: int, hidden: int, *, dtype: Any = None,
+               param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.fc1 = layers.linear(in_features, hidden, ("embed", "mlp"), **kw)
+    self.fc2 = layers.linear(hidden, 1, ("mlp", None), **kw)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """`[batch, in_features]` -> `[batch]`."""
+    return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))[..., 0]
+
+
+@dataclasses.dataclass
+class UniRESOutput:
+  """What a forward pass returns.
+
+  logits:           [batch, tokens, vocab]  LM logits
+  mask_logits:      [batch, s_high/4, s_high/4]  final prediction of the [SEG] query
+  aux_mask_logits:  list of earlier decoder predictions, same shape (deep supervision)
+  no_target_logits: [batch]
+  """
+
+  logits: jax.Array
+  mask_logits: jax.Array
+  aux_mask_logits: list[jax.Array]
+  no_target_logits: jax.Array
+
+
+def _gather_tokens(x: jax.Array, is_slot: jax.Array, count: int) -> jax.Array:
+  """Positions of the first `count` True entries of each row of `is_slot [batch, tokens]`."""
+  return jax.vmap(lambda row: jnp.nonzero(row, size=count, fill_value=0)[0])(is_slot)
+
+
+def _is_traced(*arrays) -> bool:
+  return any(isinstance(a, jax.core.Tracer) for a in arrays)
+
+
+class UniRESPP(nnx.Module):
+  """UniRES++ (`config.model_name = "unires_pp"`), built from `config.model`."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    dtype = layers.parse_dtype(cfg.dtype)
+    kw = dict(dtype=dtype, param_dtype=layers.parse_dtype(cfg.param_dtype), rngs=rngs)
+    self.special = prompt.SpecialTokens.appended_to(cfg.llm.vocab_size)
+    self.vision = CLIPVisionTransformer(cfg.vision, **kw)
+    self.convnext = ConvNeXt(cfg.convnext, **kw)
+    self.llm = LlamaForCausalLM(
+        cfg.llm, vocab_size=cfg.llm.vocab_size + prompt.num_special_tokens(), **kw)
+    width = cfg.llm.hidden_size
+    region_dim = sum(cfg.convnext.dims[l] for l in cfg.roi.levels)
+    self.image_projector = Projector(cfg.vision.hidden_size, width, cfg.projector, **kw)
+    self.object_projector = Projector(region_dim, width, cfg.projector, **kw)
+    self.part_projector = Projector(region_dim, width, cfg.projector, **kw)
+    self.mask_decoder = MaskDecoder(width, tuple(cfg.convnext.dims), cfg.mask_decoder, **kw)
+    self.no_target_head = NoTargetHead(width, cfg.no_target_hidden, **kw)
+
+  @property
+  def num_image_tokens(self) -> int:
+    """`<img_patch>` placeholders per sequence at the configured image size."""
+    grid = self.cfg.vision.image_size // self.cfg.vision.patch_size
+    cls = 1 if self.cfg.vision.select_feature == "cls_patch" else 0
+    return grid * grid + cls
+
+  def check_batch(self, batch: Mapping[str, Any]) -> None:
+    """Raises a ValueError naming the field when `batch` does not fit this model.
+
+    Shapes are checked always; values (one [SEG] per row, the placeholder counts, box
+    coordinates) only when the arrays are concrete, i.e. outside `jax.jit`.
+    """
+    missing = [k for k in INPUT_KEYS if k not in batch]
+    if missing:
+      raise ValueError(f"batch is missing field {missing[0]!r} (needs {INPUT_KEYS})")
+    b, t = batch["input_ids"].shape
+    expected = {
+        "attention_mask": (b, t),
+        "object_boxes": (b, self.cfg.max_objects, 4),
+        "object_valid": (b, self.cfg.max_objects),
+        "part_boxes": (b, self.cfg.max_parts, 4),
+        "part_valid": (b, self.cfg.max_parts),
+    }
+    for key, shape in expected.items():
+      if tuple(batch[key].shape) != shape:
+        raise ValueError(f"batch[{key!r}] has shape {tuple(batch[key].shape)}, expected {shape}")
+    if _is_traced(*(batch[k] for k in INPUT_KEYS)):
+      return
+    ids = np.asarray(batch["input_ids"])
+    counts = {
+        "[SEG]": (self.special.seg, 1),
+        "<img_patch>": (self.special.image_patch, self.num_image_tokens),
+        "<obj_patch>": (self.special.object_patch, self.cfg.max_objects),
+        "<part_patch>": (self.special.part_patch, self.cfg.max_parts),
+    }
+    for name, (token, want) in counts.items():
+      have = (ids == token).sum(axis=1)
+      bad = np.flatnonzero(have != want)
+      if bad.size:
+        raise ValueError(
+            f"batch['input_ids'] row {bad[0]} holds {have[bad[0]]} {name} tokens (id {token}), "
+            f"expected {want}; build sequences with unires_jax.models.prompt.build_sequence")
+    for key in ("object_boxes", "part_boxes"):
+      boxes = np.asarray(batch[key])
+      valid = np.asarray(batch[key.replace("boxes", "valid")]).astype(bool)
+      bad = valid & ((boxes[..., 2] < boxes[..., 0]) | (boxes[..., 3] < boxes[..., 1]))
+      if bad.any():
+        i, j = np.argwhere(bad)[0]
+        raise ValueError(f"batch[{key!r}][{i}, {j}] = {boxes[i, j].tolist()} has x2 < x1 or y2 < y1")
+
+  def _region_features(self, stages: list[jax.Array], boxes: jax.Array) -> jax.Array:
+    """RoIAlign over the configured ConvNeXt stages, mean-pooled, concatenated.
+
+    stages: C2..C5 `[batch, h_i, w_i, dims[i]]`; boxes `[batch, n, 4]` in image_high pixels.
+    Returns `[batch, n, sum(dims[levels])]`.
+    """
+    roi = self.cfg.roi
+    pooled = []
+    for level in roi.levels:
+      stride = self.cfg.convnext.image_size // stages[level].shape[1]
+      r = roi_align(stages[level], boxes, output_size=roi.output_size,
+                    spatial_scale=1.0 / stride, sampling_ratio=roi.sampling_ratio,
+                    aligned=roi.aligned)
+      pooled.append(jnp.mean(r, axis=(2, 3)))
+    return jnp.concatenate(pooled, axis=-1)
+
+  def __call__(self, batch: Mapping[str, jax.Array]) -> UniRESOutput:
+    self.check_batch(batch)
+    cfg = self.cfg
+    ids = batch["input_ids"]
+    n_img, n_obj, n_part = self.num_image_tokens, cfg.max_objects, cfg.max_parts
+
+    # Multi-Granularity Vision Flow.
+    image_tokens = self.image_projector(self.vision(batch["image_low"]).features)
+    stages = self.convnext(batch["image_high"])
+    object_tokens = self.object_projector(self._region_features(stages, batch["object_boxes"]))
+    part_tokens = self.part_projector(self._region_features(stages, batch["part_boxes"]))
+
+    # Visual features replace the embeddings of their placeholders.
+    embeds = self.llm.model.embed_tokens(ids)
+    rows = jnp.arange(ids.shape[0])[:, None]
+    slots = {}
+    for name, token, count, feats in (
+        ("image", self.special.image_patch, n_img, image_tokens),
+        ("object", self.special.object_patch, n_obj, object_tokens),
+        ("part", self.special.part_patch, n_part, part_tokens)):
+      slots[name] = _gather_tokens(ids, ids == token, count)
+      embeds = embeds.at[rows, slots[name]].set(feats.astype(embeds.dtype))
+
+    logits, hidden, _ = self.llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"])
+
+    seg_pos = jnp.argmax(ids == self.special.seg, axis=1)
+    seg_states = hidden[jnp.arange(ids.shape[0]), seg_pos][:, None]
+    region_pos = jnp.concatenate([slots["object"], slots["part"]], axis=1)
+    region_states = hidden[rows, region_pos]
+    region_valid = jnp.concatenate(
+        [batch["object_valid"], batch["part_valid"]], axis=1).astype(bool)
+
+    decoded = self.mask_decoder(stages, seg_states, region_states, region_valid)
+    return UniRESOutput(
+        logits=logits,
+        mask_logits=decoded.mask_logits[:, 0],
+        aux_mask_logits=[m[:, 0] for m in decoded.aux_mask_logits],
+        no_target_logits=self.no_target_head(seg_states[:, 0]),
+    )
+
+
+def compute_loss(
+    outputs: UniRESOutput, batch: Mapping[str, jax.Array], weights: ml_collections.ConfigDict,
+    aux_loss: bool = True,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Total loss and its parts (`lm`, `mask_bce`, `mask_dice`, `aux_mask`, `no_target`).
+
+  The mask losses cover samples that have a target; no-target samples train the no-target head
+  only. `aux_mask` is the BCE + Dice of the decoder's earlier predictions, summed over layers.
+  """
+  missing = [k for k in LOSS_KEYS if k not in batch]
+  if missing:
+    raise ValueError(f"batch is missing loss field {missing[0]!r} (needs {LOSS_KEYS})")
+  has_target = 1.0 - batch["no_target"].astype(jnp.float32)
+  parts = {"lm": losses.lm_cross_entropy(outputs.logits, batch["input_ids"], batch["loss_mask"])}
+  parts["mask_bce"], parts["mask_dice"] = losses.mask_bce_dice(
+      outputs.mask_logits, batch["masks"], has_target)
+  aux = jnp.zeros((), jnp.float32)
+  if aux_loss:
+    for logits in outputs.aux_mask_logits:
+      bce, dice = losses.mask_bce_dice(logits, batch["masks"], has_target)
+      aux = aux + weights.mask_bce * bce + weights.mask_dice * dice
+  parts["aux_mask"] = aux
+  parts["no_target"] = losses.no_target_bce(outputs.no_target_logits, batch["no_target"])
+  total = (weights.lm * parts["lm"] + weights.mask_bce * parts["mask_bce"]
+           + weights.mask_dice * parts["mask_dice"] + parts["aux_mask"]
+           + weights.no_target * parts["no_target"])
+  return total, parts
