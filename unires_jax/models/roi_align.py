@@ -1,0 +1,126 @@
+"""RoIAlign (Mask R-CNN), vectorised with gathers so that it jits and differentiates.
+
+Follows the torchvision / detectron2 kernel exactly: each output bin averages
+`sampling_ratio x sampling_ratio` bilinear samples at the bin's regular sub-grid centres. A sample
+with y < -1 or y > height (x likewise) contributes 0; otherwise its coordinate is clamped to
+[0, size - 1] before interpolation. The adaptive sampling ratio (`sampling_ratio <= 0` in
+torchvision) depends on the box sizes, so it has no static shape and is not supported.
+"""
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def _output_hw(output_size: int | Sequence[int]) -> tuple[int, int]:
+  if isinstance(output_size, int):
+    output_size = (output_size, output_size)
+  out_h, out_w = (int(s) for s in output_size)
+  if out_h <= 0 or out_w <= 0:
+    raise ValueError(f"output_size must be positive, got {output_size}")
+  return out_h, out_w
+
+
+def _check_boxes(boxes: jax.Array) -> None:
+  """Raises if a concrete box has x2 < x1 or y2 < y1; traced boxes are the caller's to check."""
+  if isinstance(boxes, jax.core.Tracer):
+    return
+  boxes = np.asarray(boxes)
+  bad = (boxes[..., 2] < boxes[..., 0]) | (boxes[..., 3] < boxes[..., 1])
+  if bad.any():
+    b, n = (int(i) for i in np.argwhere(bad)[0])
+    raise ValueError(
+        f"boxes[{b}, {n}] = {boxes[b, n].tolist()} has x2 < x1 or y2 < y1; boxes are (x1, y1, x2, y2)")
+
+
+def _sample_axis(
+    start: jax.Array, length: jax.Array, bins: int, sampling_ratio: int, size: int
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """Bilinear taps along one axis for every sample of every bin.
+
+  Args:
+    start: [batch, num_boxes] first coordinate of the box in feature pixels.
+    length: [batch, num_boxes] box extent in feature pixels.
+    bins: number of output bins along this axis.
+    sampling_ratio: samples per bin along this axis.
+    size: feature map extent along this axis.
+
+  Returns:
+    (low, high, w_low, w_high), each [batch, num_boxes, bins * sampling_ratio]: the two neighbouring
+    indices and their weights; both weights are 0 for a sample outside [-1, size].
+  """
+  bin_size = length / bins
+  sub = (jnp.arange(bins * sampling_ratio) + 0.5) / sampling_ratio  # bin index + sub-sample offset
+  coord = start[..., None] + sub * bin_size[..., None]
+  inside = (coord >= -1.0) & (coord <= size)
+  coord = jnp.maximum(coord, 0.0)
+  low = jnp.floor(coord).astype(jnp.int32)
+  at_edge = low >= size - 1
+  low = jnp.where(at_edge, size - 1, low)
+  high = jnp.where(at_edge, size - 1, low + 1)
+  frac = jnp.where(at_edge, 0.0, coord - low)
+  w_low = jnp.where(inside, 1.0 - frac, 0.0)
+  w_high = jnp.where(inside, frac, 0.0)
+  return low, high, w_low, w_high
+
+
+def roi_align(
+    features: jax.Array,
+    boxes: jax.Array,
+    *,
+    output_size: int | Sequence[int],
+    spatial_scale: float,
+    sampling_ratio: int,
+    aligned: bool = True,
+) -> jax.Array:
+  """Pools a fixed-size feature grid for every box.
+
+  Args:
+    features: [batch, height, width, channels] feature map.
+    boxes: [batch, num_boxes, 4] boxes (x1, y1, x2, y2) in input-image pixels.
+    output_size: bins per box, an int or (out_h, out_w).
+    spatial_scale: feature pixels per input-image pixel (1 / stride).
+    sampling_ratio: bilinear samples per bin along each axis; must be > 0.
+    aligned: shift box coordinates by -0.5 feature pixel (detectron2's ROIAlignV2). If False,
+      boxes are forced to be at least 1 feature pixel wide and high (the original Mask R-CNN).
+
+  Returns:
+    [batch, num_boxes, out_h, out_w, channels] pooled features, in the features' dtype.
+  """
+  if sampling_ratio <= 0:
+    raise ValueError(
+        f"sampling_ratio must be > 0, got {sampling_ratio} (adaptive sampling is not jit-able)")
+  if features.ndim != 4:
+    raise ValueError(f"features must be [batch, height, width, channels], got {features.shape}")
+  if boxes.ndim != 3 or boxes.shape[-1] != 4 or boxes.shape[0] != features.shape[0]:
+    raise ValueError(
+        f"boxes must be [batch={features.shape[0]}, num_boxes, 4], got {boxes.shape}")
+  _check_boxes(boxes)
+  out_h, out_w = _output_hw(output_size)
+  batch, height, width, channels = features.shape
+  num_boxes = boxes.shape[1]
+
+  offset = 0.5 if aligned else 0.0
+  scaled = boxes.astype(jnp.promote_types(features.dtype, jnp.float32)) * spatial_scale - offset
+  x1, y1, x2, y2 = (scaled[..., i] for i in range(4))
+  box_w, box_h = x2 - x1, y2 - y1
+  if not aligned:
+    box_w, box_h = jnp.maximum(box_w, 1.0), jnp.maximum(box_h, 1.0)
+
+  y_lo, y_hi, wy_lo, wy_hi = _sample_axis(y1, box_h, out_h, sampling_ratio, height)
+  x_lo, x_hi, wx_lo, wx_hi = _sample_axis(x1, box_w, out_w, sampling_ratio, width)
+
+  # Samples form a [sy, sx] grid per box: gather the four corners of every grid point.
+  b = jnp.arange(batch)[:, None, None, None]
+  pooled = 0.0
+  for y_idx, wy in ((y_lo, wy_lo), (y_hi, wy_hi)):
+    for x_idx, wx in ((x_lo, wx_lo), (x_hi, wx_hi)):
+      corner = features[b, y_idx[..., :, None], x_idx[..., None, :]]  # [b, n, sy, sx, c]
+      weight = (wy[..., :, None] * wx[..., None, :]).astype(features.dtype)
+      pooled = pooled + corner * weight[..., None]
+
+  pooled = pooled.reshape(
+      batch, num_boxes, out_h, sampling_ratio, out_w, sampling_ratio, channels)
+  return pooled.mean(axis=(3, 5)).astype(features.dtype)
