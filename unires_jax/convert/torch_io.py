@@ -13,6 +13,7 @@ import json
 import os
 from typing import Callable, Iterator, Mapping
 
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -184,13 +185,13 @@ def assign_params(
   if extra:
     raise CheckpointError(f"{source}: converter produced unknown parameter {extra[0]!r}")
   for name, var in params.items():
-    value = np.asarray(values[name])
-    if value.shape != var.value.shape:
+    value, current = np.asarray(values[name]), var.get_value()
+    if value.shape != current.shape:
       raise CheckpointError(
-          f"{source}: parameter {name!r} has shape {var.value.shape} in the model but "
+          f"{source}: parameter {name!r} has shape {current.shape} in the model but "
           f"{value.shape} in the checkpoint (check the config against the weights)"
       )
-    var.value = np.asarray(value, dtype=var.value.dtype)
+    var.set_value(jnp.asarray(value, dtype=current.dtype))
 
 
 def convert_linear(state: TorchState, torch_name: str, bias: bool = True) -> dict[str, np.ndarray]:
