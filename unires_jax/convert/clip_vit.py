@@ -1,0 +1,152 @@
+"""Importing a `transformers` CLIP vision tower into `models.clip_vit.CLIPVisionTransformer`.
+
+Accepted directories: a `CLIPVisionModel` or a full `CLIPModel` (the released
+openai/clip-vit-large-patch14-336 is one), as `save_pretrained` writes them. Vision tensors are
+named `vision_model.<name>` in full models and in vision models saved by transformers < 5, and
+`<name>` in vision models saved by transformers >= 5; both are read.
+"""
+
+from typing import Any, Mapping
+
+import numpy as np
+
+from unires_jax.convert import torch_io
+
+VISION_PREFIX = "vision_model."
+
+# transformers.CLIPVisionConfig defaults, for config.json files that leave a field out.
+_HF_DEFAULTS = {
+    "image_size": 224,
+    "patch_size": 32,
+    "num_channels": 3,
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "layer_norm_eps": 1e-5,
+    "hidden_act": "quick_gelu",
+}
+
+# Our field -> config.json field.
+_FIELDS = {
+    "image_size": "image_size",
+    "patch_size": "patch_size",
+    "num_channels": "num_channels",
+    "hidden_size": "hidden_size",
+    "intermediate_size": "intermediate_size",
+    "num_layers": "num_hidden_layers",
+    "num_heads": "num_attention_heads",
+    "layer_norm_eps": "layer_norm_eps",
+    "hidden_act": "hidden_act",
+}
+
+# transformers activation name -> ours (models.layers.ACTIVATIONS).
+_ACTIVATIONS = {
+    "quick_gelu": "quick_gelu",
+    "gelu": "gelu",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_new": "gelu_tanh",
+}
+
+# One encoder layer: transformers module -> our path and converter.
+_LAYER_RULES = (
+    ("layer_norm1", "layer_norm1", torch_io.convert_norm),
+    ("self_attn.q_proj", "self_attn/q_proj", torch_io.convert_linear),
+    ("self_attn.k_proj", "self_attn/k_proj", torch_io.convert_linear),
+    ("self_attn.v_proj", "self_attn/v_proj", torch_io.convert_linear),
+    ("self_attn.out_proj", "self_attn/out_proj", torch_io.convert_linear),
+    ("layer_norm2", "layer_norm2", torch_io.convert_norm),
+    ("mlp.fc1", "mlp/fc1", torch_io.convert_linear),
+    ("mlp.fc2", "mlp/fc2", torch_io.convert_linear),
+)
+
+# Tensors of a full CLIPModel that the vision tower does not use, and non-trainable buffers.
+_UNUSED_PREFIXES = ("text_model.", "text_projection.", "visual_projection.")
+_UNUSED_NAMES = ("logit_scale",)
+_UNUSED_SUFFIXES = ("position_ids",)
+
+
+def vision_config_from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
+  """config.json of a CLIPVisionModel or CLIPModel -> our architecture fields of `model.vision`.
+
+  The usage fields (select_layer, select_feature, interpolate_pos_encoding) are not part of a
+  checkpoint and are not returned.
+  """
+  hf = hf.get("vision_config", hf)
+  out = {ours: hf.get(theirs, _HF_DEFAULTS[theirs]) for ours, theirs in _FIELDS.items()}
+  if out["hidden_act"] not in _ACTIVATIONS:
+    raise ValueError(
+        f"config.json hidden_act {out['hidden_act']!r} is not supported; known: "
+        f"{sorted(_ACTIVATIONS)}"
+    )
+  out["hidden_act"] = _ACTIVATIONS[out["hidden_act"]]
+  return out
+
+
+def check_vision_config(cfg: Mapping[str, Any], hf: Mapping[str, Any]) -> None:
+  """Raises ValueError naming the first field where `cfg` (model.vision) and config.json differ."""
+  for field, value in vision_config_from_hf(hf).items():
+    if cfg[field] != value:
+      raise ValueError(
+          f"vision config field {field!r} is {cfg[field]!r} but the checkpoint's config.json "
+          f"says {value!r}"
+      )
+
+
+def _is_allowed_unused(name: str) -> bool:
+  return (
+      name.startswith(_UNUSED_PREFIXES) or name in _UNUSED_NAMES or name.endswith(_UNUSED_SUFFIXES)
+  )
+
+
+def _rules(prefix: str, num_layers: int):
+  """The converter: transformers names under `prefix` -> our parameter paths."""
+
+  def rules(state: torch_io.TorchState) -> dict[str, np.ndarray]:
+    take = lambda name: state.take(prefix + name)
+    out = {
+        "embeddings/class_embedding": take("embeddings.class_embedding"),
+        "embeddings/position_embedding": take("embeddings.position_embedding.weight"),
+    }
+    out.update(
+        torch_io.flatten_prefixed(
+            "embeddings/patch_embedding",
+            torch_io.convert_conv(state, prefix + "embeddings.patch_embedding", bias=False),
+        )
+    )
+    for norm in ("pre_layrnorm", "post_layernorm"):
+      out.update(torch_io.flatten_prefixed(norm, torch_io.convert_norm(state, prefix + norm)))
+    for i in range(num_layers):
+      for theirs, ours, convert in _LAYER_RULES:
+        tree = convert(state, f"{prefix}encoder.layers.{i}.{theirs}")
+        out.update(torch_io.flatten_prefixed(f"encoder/layers/{i}/{ours}", tree))
+    return out
+
+  return rules
+
+
+def load_clip_vision(module, model_dir: str, cfg: Mapping[str, Any] | None = None) -> None:
+  """Writes the weights of a transformers CLIP directory into a `CLIPVisionTransformer`.
+
+  Args:
+    module: the `CLIPVisionTransformer` to fill (every parameter is overwritten).
+    model_dir: directory with config.json and model.safetensors / pytorch_model.bin (sharded or
+      not) of a CLIPVisionModel or CLIPModel.
+    cfg: the module's `model.vision` config; when given, config.json is first checked against it
+      (fields that do not show in parameter shapes, like layer_norm_eps, are only caught here).
+
+  Raises:
+    CheckpointError: a missing or unused tensor, or a shape that differs from the module's.
+    ValueError: `cfg` differs from config.json.
+  """
+  if cfg is not None:
+    check_vision_config(cfg, torch_io.read_config_json(model_dir))
+  tensors = torch_io.read_state_dir(model_dir)
+  prefix = VISION_PREFIX if any(k.startswith(VISION_PREFIX) for k in tensors) else ""
+  torch_io.convert_all(
+      _rules(prefix, len(module.encoder.layers)),
+      tensors,
+      module,
+      source=model_dir,
+      allow_unused=_is_allowed_unused,
+  )
