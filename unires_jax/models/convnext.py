@@ -1,0 +1,205 @@
+"""ConvNeXt, the high-resolution encoder E_h (timm's layout, as in `convnext_large`).
+
+The CLIP ConvNeXt-L trunk is timm's `ConvNeXt` with a patch-4 stem, kernel-7 depthwise
+convolutions, a channels-last MLP (`conv_mlp=False`), layer scale and no GRN. The parameter tree
+mirrors timm's module names (`stem/0`, `stages/1/downsample/1`, `stages/2/blocks/5/mlp/fc1`, ...)
+so that `unires_jax.convert.convnext` is a short table of rules.
+
+The encoder returns the four stage outputs C2..C5, which is what timm's `features_only=True`
+model returns: the head's norm is not applied.
+"""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from unires_jax.models import layers
+
+STEM_PATCH = 4
+KERNEL_SIZE = 7
+MLP_RATIO = 4
+NUM_STAGES = 4
+
+
+def drop_path_rates(drop_path_rate: float, depths: tuple[int, ...]) -> list[list[float]]:
+  """Stochastic-depth rate of every block, per stage.
+
+  As in timm: rates grow linearly from 0 at the first block to `drop_path_rate` at the last
+  block of the network, counting blocks across all stages.
+  """
+  total = sum(depths)
+  flat = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
+  out, start = [], 0
+  for depth in depths:
+    out.append(flat[start:start + depth])
+    start += depth
+  return out
+
+
+class Mlp(nnx.Module):
+  """fc1 -> exact GELU -> fc2 on `[..., channels]`."""
+
+  def __init__(self, dim: int, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+    hidden = MLP_RATIO * dim
+    self.fc1 = layers.linear(
+        dim, hidden, ("conv_out", "mlp"), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.fc2 = layers.linear(
+        hidden, dim, ("mlp", "conv_out"), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.fc2(layers.gelu_exact(self.fc1(x)))
+
+
+class ConvNeXtBlock(nnx.Module):
+  """Depthwise 7x7 conv, LayerNorm, MLP, layer scale, stochastic depth, residual.
+
+  Stochastic depth drops the whole residual branch per sample: `nnx.Dropout` with its mask
+  broadcast over height, width and channels is exactly timm's `DropPath`, and it brings the
+  `deterministic` attribute that `model.train()` / `model.eval()` toggle and its own fork of
+  the 'dropout' rng stream.
+  """
+
+  def __init__(
+      self,
+      dim: int,
+      *,
+      drop_path: float,
+      layer_scale_init: float,
+      norm_eps: float,
+      dtype: Any,
+      param_dtype: Any,
+      rngs: nnx.Rngs,
+  ):
+    pad = KERNEL_SIZE // 2
+    self.conv_dw = layers.conv(
+        dim, dim, KERNEL_SIZE, padding=((pad, pad), (pad, pad)), feature_group_count=dim,
+        dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.norm = layers.layer_norm(
+        dim, "conv_out", epsilon=norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.mlp = Mlp(dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.gamma = layers.param(
+        rngs, nnx.initializers.constant(layer_scale_init), (dim,), ("conv_out",), param_dtype)
+    # timm uses an identity for rate 0 (the first block always); so do we, without an rng.
+    self.drop_path = (
+        nnx.Dropout(drop_path, broadcast_dims=(1, 2, 3), rngs=rngs) if drop_path > 0 else None)
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """`[batch, height, width, dim]` -> same shape."""
+    y = self.mlp(self.norm(self.conv_dw(x)))
+    y = y * jnp.asarray(self.gamma[...], self.dtype or y.dtype)
+    if self.drop_path is not None:
+      y = self.drop_path(y)
+    return x + y
+
+
+class ConvNeXtStage(nnx.Module):
+  """Optional downsample (LayerNorm + conv 2x2/2), then `depth` blocks."""
+
+  def __init__(
+      self,
+      in_dim: int,
+      dim: int,
+      *,
+      downsample: bool,
+      drop_path: list[float],
+      layer_scale_init: float,
+      norm_eps: float,
+      dtype: Any,
+      param_dtype: Any,
+      rngs: nnx.Rngs,
+  ):
+    dd = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    if downsample:
+      self.downsample = nnx.List([
+          layers.layer_norm(in_dim, "conv_out", epsilon=norm_eps, **dd),
+          layers.conv(in_dim, dim, 2, strides=2, padding="VALID", **dd),
+      ])
+    else:
+      self.downsample = None
+    self.blocks = nnx.List([
+        ConvNeXtBlock(dim, drop_path=rate, layer_scale_init=layer_scale_init,
+                      norm_eps=norm_eps, **dd)
+        for rate in drop_path
+    ])
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if self.downsample is not None:
+      for layer in self.downsample:
+        x = layer(x)
+    for block in self.blocks:
+      x = block(x)
+    return x
+
+
+class ConvNeXt(nnx.Module):
+  """The ConvNeXt trunk: images `[batch, height, width, in_chans]` -> [C2, C3, C4, C5].
+
+  Stage i's output is `[batch, height / s_i, width / s_i, dims[i]]` with s = (4, 8, 16, 32).
+  Height and width must be multiples of 32. Built in training mode (drop path active when
+  `drop_path_rate > 0`), as `nnx.Dropout` is; call `model.eval()` for inference.
+
+  Config fields (`config.model.convnext`): image_size, in_chans, depths, dims,
+  layer_scale_init, drop_path_rate, norm_eps.
+  """
+
+  def __init__(
+      self,
+      cfg: ml_collections.ConfigDict,
+      *,
+      dtype: Any = None,
+      param_dtype: Any = jnp.float32,
+      rngs: nnx.Rngs,
+  ):
+    depths, dims = tuple(cfg.depths), tuple(cfg.dims)
+    if len(depths) != NUM_STAGES or len(dims) != NUM_STAGES:
+      raise ValueError(
+          f"convnext config: depths {depths} and dims {dims} must each have {NUM_STAGES} entries")
+    if cfg.image_size % self.strides[-1]:
+      raise ValueError(
+          f"convnext config: image_size {cfg.image_size} is not a multiple of {self.strides[-1]}")
+    self.in_chans = cfg.in_chans
+    self.depths = depths
+    self._dims = dims
+    dd = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.stem = nnx.List([
+        layers.conv(cfg.in_chans, dims[0], STEM_PATCH, strides=STEM_PATCH, padding="VALID", **dd),
+        layers.layer_norm(dims[0], "conv_out", epsilon=cfg.norm_eps, **dd),
+    ])
+    rates = drop_path_rates(cfg.drop_path_rate, depths)
+    self.stages = nnx.List([
+        ConvNeXtStage(
+            dims[max(i - 1, 0)], dims[i], downsample=i > 0, drop_path=rates[i],
+            layer_scale_init=cfg.layer_scale_init, norm_eps=cfg.norm_eps, **dd)
+        for i in range(NUM_STAGES)
+    ])
+
+  @property
+  def strides(self) -> tuple[int, ...]:
+    """Stride of each stage output relative to the input: (4, 8, 16, 32)."""
+    return tuple(STEM_PATCH * 2**i for i in range(NUM_STAGES))
+
+  @property
+  def dims(self) -> tuple[int, ...]:
+    """Channels of each stage output."""
+    return self._dims
+
+  def __call__(self, x: jax.Array) -> list[jax.Array]:
+    """`[batch, height, width, in_chans]` -> 4 x `[batch, height / s, width / s, dims[i]]`."""
+    if x.ndim != 4 or x.shape[-1] != self.in_chans:
+      raise ValueError(
+          f"ConvNeXt input must be [batch, height, width, {self.in_chans}], got shape {x.shape}")
+    if x.shape[1] % self.strides[-1] or x.shape[2] % self.strides[-1]:
+      raise ValueError(
+          f"ConvNeXt input height and width must be multiples of {self.strides[-1]}, "
+          f"got shape {x.shape}")
+    for layer in self.stem:
+      x = layer(x)
+    features = []
+    for stage in self.stages:
+      x = stage(x)
+      features.append(x)
+    return features
