@@ -92,9 +92,7 @@ class CLIPVisionEmbeddings(nnx.Module):
   def __init__(self, cfg, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
     width = cfg.hidden_size
     self.image_size = cfg.image_size
-    self.patch_size = cfg.patch_size
     self.grid_side = cfg.image_size // cfg.patch_size
-    self.dtype = dtype
     # Initialisers as transformers' CLIPPreTrainedModel._init_weights.
     self.class_embedding = layers.param(
         rngs, nnx.initializers.normal(width**-0.5), (width,), ("embed",), param_dtype
@@ -133,6 +131,7 @@ class CLIPVisionEmbeddings(nnx.Module):
     cls = self.class_embedding[...].astype(patches.dtype)
     cls = jnp.broadcast_to(cls, (batch, 1, patches.shape[-1]))
     positions = self.position_embedding[...]
+    # At the config's grid the resize is the identity, so skipping it matches transformers.
     if grid != (self.grid_side, self.grid_side):
       positions = jnp.concatenate([positions[:1], resize_position_grid(positions[1:], grid)])
     return jnp.concatenate([cls, patches], axis=1) + positions.astype(patches.dtype)
