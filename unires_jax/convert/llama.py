@@ -107,13 +107,11 @@ def _rules(num_layers: int, tied: bool):
         else:
           tree = torch_io.convert_linear(state, name, bias=False)
         out.update(torch_io.flatten_prefixed(path, tree))
-    out.update(
-        torch_io.flatten_prefixed("model/norm", torch_io.convert_norm(state, "model.norm", bias=False))
-    )
+    norm = torch_io.convert_norm(state, "model.norm", bias=False)
+    out.update(torch_io.flatten_prefixed("model/norm", norm))
     if not tied:
-      out.update(
-          torch_io.flatten_prefixed("lm_head", torch_io.convert_linear(state, "lm_head", bias=False))
-      )
+      head = torch_io.convert_linear(state, "lm_head", bias=False)
+      out.update(torch_io.flatten_prefixed("lm_head", head))
     return out
 
   return rules
