@@ -103,7 +103,8 @@ class UniRESPP(nnx.Module):
   """UniRES++ (`config.model_name = "unires_pp"`), built from `config.model`."""
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
-    self.cfg = cfg
+    # Frozen: the config is static graph data, which jit caches on and so must be hashable.
+    cfg = self.cfg = ml_collections.FrozenConfigDict(cfg)
     dtype = layers.parse_dtype(cfg.dtype)
     kw = dict(dtype=dtype, param_dtype=layers.parse_dtype(cfg.param_dtype), rngs=rngs)
     self.special = prompt.SpecialTokens.appended_to(cfg.llm.vocab_size)
