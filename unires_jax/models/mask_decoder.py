@@ -235,7 +235,9 @@ class FFNLayer(nnx.Module):
 
 
 class MaskDecoder(nnx.Module):
-  """Pixel decoder + L masked-attention layers over LLM-provided queries (`config.model.mask_decoder`).
+  """Pixel decoder + L masked-attention layers over queries from the LLM.
+
+  Built from `config.model.mask_decoder`.
 
   Fields: hidden_dim, mask_dim, num_layers, num_heads, ffn_dim, feature_levels (FPN level per
   layer, cycled; 0 is stride 4), cross_attention_impl, use_region_queries, aux_loss, norm_groups.
@@ -256,7 +258,6 @@ class MaskDecoder(nnx.Module):
     self.num_layers = cfg.num_layers
     self.use_region_queries = bool(cfg.use_region_queries)
     self.aux_loss = bool(cfg.aux_loss)
-    self.dtype = dtype
     self.hidden_dim = dim = cfg.hidden_dim
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
@@ -282,7 +283,7 @@ class MaskDecoder(nnx.Module):
     return self.feature_levels[layer % len(self.feature_levels)]
 
   def predict(self, queries: jax.Array, mask_features: jax.Array) -> jax.Array:
-    """Mask logits [b, q, H/4, W/4] (float32) of queries [b, q, dim] on mask_features [b, H/4, W/4, c]."""
+    """Mask logits [b, q, H/4, W/4] (float32) of queries [b, q, dim] on [b, H/4, W/4, mask_dim]."""
     embed = self.mask_embed(self.decoder_norm(queries))
     return jnp.einsum("bqc,bhwc->bqhw", embed, mask_features, preferred_element_type=jnp.float32)
 

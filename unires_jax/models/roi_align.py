@@ -31,8 +31,8 @@ def _check_boxes(boxes: jax.Array) -> None:
   bad = (boxes[..., 2] < boxes[..., 0]) | (boxes[..., 3] < boxes[..., 1])
   if bad.any():
     b, n = (int(i) for i in np.argwhere(bad)[0])
-    raise ValueError(
-        f"boxes[{b}, {n}] = {boxes[b, n].tolist()} has x2 < x1 or y2 < y1; boxes are (x1, y1, x2, y2)")
+    raise ValueError(f"boxes[{b}, {n}] = {boxes[b, n].tolist()} has x2 < x1 or y2 < y1; "
+                     "boxes are (x1, y1, x2, y2)")
 
 
 def _sample_axis(
