@@ -15,12 +15,12 @@ and, for the loss,
   no_target       [batch]                      bool, the expression refers to nothing
 """
 
-import dataclasses
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import flax.struct
 import numpy as np
 from flax import nnx
 
@@ -74,7 +74,7 @@ class NoTargetHead(nnx.Module):
     return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))[..., 0]
 
 
-@dataclasses.dataclass
+@flax.struct.dataclass
 class UniRESOutput:
   """What a forward pass returns.
 
