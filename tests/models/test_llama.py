@@ -147,18 +147,24 @@ def _left_padded_prompts():
   return ids, mask
 
 
-def test_greedy_generation_matches_transformers(gqa):
-  torch_model, model, _ = gqa
-  ids, mask = _left_padded_prompts()
+def _torch_greedy(torch_model, ids, mask, eos_token_id):
+  """transformers' greedy `generate`: the 16 new tokens of each row, pad id 0."""
   with torch.no_grad():
-    want = torch_model.generate(
+    out = torch_model.generate(
         torch.tensor(ids),
         attention_mask=torch.tensor(mask),
         do_sample=False,
         max_new_tokens=16,
-        eos_token_id=None,
+        eos_token_id=eos_token_id,
         pad_token_id=0,
-    )[:, ids.shape[1]:].numpy()
+    )
+  return out[:, ids.shape[1]:].numpy()
+
+
+def test_greedy_generation_matches_transformers(gqa):
+  torch_model, model, _ = gqa
+  ids, mask = _left_padded_prompts()
+  want = _torch_greedy(torch_model, ids, mask, eos_token_id=None)
   assert want.shape == (2, 16)
 
   got = generate(model, jnp.asarray(ids), jnp.asarray(mask), max_new_tokens=16)
@@ -176,15 +182,7 @@ def test_generation_pads_after_eos_like_transformers(gqa):
   ids, mask = _left_padded_prompts()
   free = np.asarray(generate(model, jnp.asarray(ids), jnp.asarray(mask), max_new_tokens=16))
   eos = int(free[0, 3])  # Row 0 ends at step 3 (or earlier if the token came sooner).
-  with torch.no_grad():
-    want = torch_model.generate(
-        torch.tensor(ids),
-        attention_mask=torch.tensor(mask),
-        do_sample=False,
-        max_new_tokens=16,
-        eos_token_id=eos,
-        pad_token_id=0,
-    )[:, ids.shape[1]:].numpy()
+  want = _torch_greedy(torch_model, ids, mask, eos_token_id=eos)
 
   got = np.asarray(
       generate(model, jnp.asarray(ids), jnp.asarray(mask), 16, eos_token_id=eos, pad_token_id=0)
