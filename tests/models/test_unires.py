@@ -121,3 +121,16 @@ def test_sequence_layout(config):
   assert list(ids[15:19]) == [1, 2, 3, special.seg]
   assert list(loss[15:20]) == [0, 0, 1, 1, 0]
   assert attend[19:].sum() == 0
+
+
+def test_bfloat16_compute_keeps_float32_parameters(config):
+  config = config.copy_and_resolve_references()
+  config.model.dtype = "bfloat16"
+  model = models.build_model(config, nnx.Rngs(0))
+  params = jax.tree.leaves(nnx.state(model, nnx.Param))
+  assert {p.dtype for p in params} == {jnp.dtype("float32")}
+  batch = synthetic_batch(config.model, 2, no_target_every=2)
+  out = nnx.jit(lambda m, b: m(b))(model, batch)
+  assert out.logits.dtype == jnp.bfloat16
+  total, parts = compute_loss(out, batch, config.model.loss)
+  assert np.isfinite(total), parts
