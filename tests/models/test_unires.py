@@ -134,3 +134,25 @@ def test_bfloat16_compute_keeps_float32_parameters(config):
   assert out.logits.dtype == jnp.bfloat16
   total, parts = compute_loss(out, batch, config.model.loss)
   assert np.isfinite(total), parts
+
+
+def test_proposals_reach_the_llm_and_absent_slots_do_not(config):
+  """Moving a present object's box changes the outputs; moving an absent slot's box does not."""
+  model = models.build_model(config, nnx.Rngs(0))
+  forward = nnx.jit(lambda m, b: m(b))
+  batch = synthetic_batch(config.model, 1)
+  assert batch["object_valid"][0].tolist() == [True, False, False, False]
+  base = forward(model, batch)
+
+  moved_present = {**batch, "object_boxes": batch["object_boxes"].copy()}
+  moved_present["object_boxes"][0, 0] = [2.0, 3.0, 20.0, 30.0]
+  out = forward(model, moved_present)
+  assert np.abs(np.asarray(out.logits - base.logits)).max() > 1e-4
+  assert np.abs(np.asarray(out.mask_logits - base.mask_logits)).max() > 1e-4
+
+  moved_absent = {**batch, "object_boxes": batch["object_boxes"].copy()}
+  moved_absent["object_boxes"][0, 2] = [2.0, 3.0, 20.0, 30.0]
+  out = forward(model, moved_absent)
+  real = batch["attention_mask"][0].astype(bool)
+  np.testing.assert_allclose(out.logits[0, real], base.logits[0, real], atol=1e-6, rtol=0)
+  np.testing.assert_allclose(out.mask_logits, base.mask_logits, atol=1e-6, rtol=0)

@@ -180,9 +180,8 @@ class UniRESPP(nnx.Module):
     roi = self.cfg.roi
     pooled = []
     for level in roi.levels:
-      stride = self.cfg.convnext.image_size // stages[level].shape[1]
       r = roi_align(stages[level], boxes, output_size=roi.output_size,
-                    spatial_scale=1.0 / stride, sampling_ratio=roi.sampling_ratio,
+                    spatial_scale=1.0 / self.convnext.strides[level], sampling_ratio=roi.sampling_ratio,
                     aligned=roi.aligned)
       pooled.append(jnp.mean(r, axis=(2, 3)))
     return jnp.concatenate(pooled, axis=-1)
