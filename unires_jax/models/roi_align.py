@@ -23,15 +23,23 @@ def _output_hw(output_size: int | Sequence[int]) -> tuple[int, int]:
   return out_h, out_w
 
 
-def _check_boxes(boxes: jax.Array) -> None:
-  """Raises if a concrete box has x2 < x1 or y2 < y1; traced boxes are the caller's to check."""
-  if isinstance(boxes, jax.core.Tracer):
+def check_boxes(boxes: jax.Array, valid: jax.Array | None = None, name: str = "boxes") -> None:
+  """Raises if a concrete box has x2 < x1 or y2 < y1; traced boxes are the caller's to check.
+
+  Args:
+    boxes: [batch, num_boxes, 4] (x1, y1, x2, y2).
+    valid: [batch, num_boxes] bool; boxes marked False (padding slots) are not checked.
+    name: how the error names the array, e.g. "batch['object_boxes']".
+  """
+  if isinstance(boxes, jax.core.Tracer) or isinstance(valid, jax.core.Tracer):
     return
   boxes = np.asarray(boxes)
   bad = (boxes[..., 2] < boxes[..., 0]) | (boxes[..., 3] < boxes[..., 1])
+  if valid is not None:
+    bad &= np.asarray(valid).astype(bool)
   if bad.any():
     b, n = (int(i) for i in np.argwhere(bad)[0])
-    raise ValueError(f"boxes[{b}, {n}] = {boxes[b, n].tolist()} has x2 < x1 or y2 < y1; "
+    raise ValueError(f"{name}[{b}, {n}] = {boxes[b, n].tolist()} has x2 < x1 or y2 < y1; "
                      "boxes are (x1, y1, x2, y2)")
 
 
@@ -97,7 +105,7 @@ def roi_align(
   if boxes.ndim != 3 or boxes.shape[-1] != 4 or boxes.shape[0] != features.shape[0]:
     raise ValueError(
         f"boxes must be [batch={features.shape[0]}, num_boxes, 4], got {boxes.shape}")
-  _check_boxes(boxes)
+  check_boxes(boxes)
   out_h, out_w = _output_hw(output_size)
   batch, height, width, channels = features.shape
   num_boxes = boxes.shape[1]

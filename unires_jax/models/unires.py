@@ -31,6 +31,7 @@ from unires_jax.models.clip_vit import CLIPVisionTransformer
 from unires_jax.models.convnext import ConvNeXt
 from unires_jax.models.llama import LlamaForCausalLM
 from unires_jax.models.mask_decoder import MaskDecoder
+from unires_jax.models.roi_align import check_boxes
 from unires_jax.models.roi_align import roi_align
 
 INPUT_KEYS = (
@@ -163,13 +164,9 @@ class UniRESPP(nnx.Module):
         raise ValueError(
             f"batch['input_ids'] row {bad[0]} holds {have[bad[0]]} {name} tokens (id {token}), "
             f"expected {want}; build sequences with unires_jax.models.prompt.build_sequence")
-    for key in ("object_boxes", "part_boxes"):
-      boxes = np.asarray(batch[key])
-      valid = np.asarray(batch[key.replace("boxes", "valid")]).astype(bool)
-      bad = valid & ((boxes[..., 2] < boxes[..., 0]) | (boxes[..., 3] < boxes[..., 1]))
-      if bad.any():
-        i, j = np.argwhere(bad)[0]
-        raise ValueError(f"batch[{key!r}][{i}, {j}] = {boxes[i, j].tolist()} has x2 < x1 or y2 < y1")
+    for granularity in ("object", "part"):
+      check_boxes(batch[f"{granularity}_boxes"], batch[f"{granularity}_valid"],
+                  name=f"batch['{granularity}_boxes']")
 
   def _region_features(self, stages: list[jax.Array], boxes: jax.Array) -> jax.Array:
     """RoIAlign over the configured ConvNeXt stages, mean-pooled, concatenated.
