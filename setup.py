@@ -13,6 +13,15 @@ TORCH = [
     "safetensors>=0.4",
 ]
 
+# Building TFDS datasets (`tfds build`, the Beam builder of MRES-32M) needs TensorFlow and Beam;
+# reading them back (`tfds.data_source` + Grain) does not.
+BUILD = [
+    "tensorflow-cpu>=2.21",
+    "apache-beam>=2.77",
+    "mlcroissant>=1.1",  # imported by the `tfds build` command line
+    "importlib_resources",  # likewise
+]
+
 setuptools.setup(
     name="unires-jax",
     version="0.1.0",
@@ -29,10 +38,18 @@ setuptools.setup(
         "numpy>=2.0",
         "absl-py>=2.0",
         "safetensors>=0.4",
+        "tensorflow-datasets>=4.9.10",
+        "grain>=0.2.18",
+        "array-record>=0.8",
+        "pillow>=11",
+        "pycocotools>=2.0.8",
+        "transformers>=5.0",
+        "tokenizers>=0.22",
     ],
     extras_require={
+        "build": BUILD,
         "torch": TORCH,
-        "test": TORCH + ["pytest>=8", "pytest-xdist>=3", "hypothesis>=6"],
+        "test": TORCH + BUILD + ["pytest>=8", "pytest-xdist>=3", "hypothesis>=6"],
     },
     entry_points={
         "console_scripts": [

@@ -1,0 +1,1 @@
+"""TFDS builders of the UniRES++ datasets (folder layout found by `tfds build`)."""

@@ -1,0 +1,1 @@
+"""Datasets: raw readers and writers, the TFDS schema, ShapesParts, the Grain input pipeline."""

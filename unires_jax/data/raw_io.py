@@ -1,0 +1,144 @@
+"""Reading raw dataset files with errors that name the file: images, masks, COCO, JSON, pickles."""
+
+import io
+import json
+import os
+import pickle
+from typing import Any, Iterator
+
+import numpy as np
+from PIL import Image
+
+from unires_jax.data.records import RecordError
+
+
+def read_image(path: str, where: str) -> tuple[bytes | np.ndarray, int, int]:
+  """Reads and fully decodes an image file to check it.
+
+  Returns:
+    (image, height, width): the file's bytes when it is an RGB JPEG or PNG (stored as they are),
+    otherwise the `[H, W, 3]` uint8 RGB pixels (grayscale, CMYK, palette, alpha), which the
+    builder stores losslessly.
+
+  Raises:
+    RecordError: the file is missing or does not decode.
+  """
+  try:
+    with open(path, "rb") as f:
+      data = f.read()
+  except FileNotFoundError:
+    raise RecordError(where, f"image file {path} does not exist") from None
+  try:
+    with Image.open(io.BytesIO(data)) as im:
+      im.load()
+      fmt, mode, (width, height) = im.format, im.mode, im.size
+      if fmt in ("JPEG", "PNG") and mode == "RGB":
+        return data, height, width
+      return np.asarray(im.convert("RGB")), height, width
+  except (OSError, SyntaxError, ValueError) as e:
+    raise RecordError(where, f"image file {path} is corrupt or not an image: {e}") from None
+
+
+def read_mask_png(path: str, where: str) -> np.ndarray:
+  """A PNG mask file (0 = outside, nonzero = inside) -> `[H, W]` bool."""
+  try:
+    with Image.open(path) as im:
+      im.load()
+      mask = np.asarray(im)
+  except FileNotFoundError:
+    raise RecordError(where, f"mask file {path} does not exist") from None
+  except (OSError, SyntaxError, ValueError) as e:
+    raise RecordError(where, f"mask file {path} is corrupt or not an image: {e}") from None
+  if mask.ndim == 3:
+    mask = mask[..., 0]
+  return mask != 0
+
+
+def coco_segmentation_to_mask(segmentation: Any, height: int, width: int,
+                              where: str) -> np.ndarray:
+  """A COCO `segmentation` (polygons, uncompressed or compressed RLE) -> `[H, W]` bool."""
+  from pycocotools import mask as mask_utils  # Only the COCO-based builders need it.
+
+  try:
+    if isinstance(segmentation, list):  # Polygons [[x1, y1, x2, y2, ...], ...].
+      polygons = [p for p in segmentation if len(p) >= 6]
+      if not polygons:
+        raise ValueError("no polygon with at least 3 points")
+      rle = mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
+    elif isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), list):
+      rle = mask_utils.frPyObjects(segmentation, height, width)  # Uncompressed RLE.
+    elif isinstance(segmentation, dict) and "counts" in segmentation:
+      counts = segmentation["counts"]
+      rle = {"size": list(segmentation["size"]),
+             "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+    else:
+      raise ValueError(f"unknown segmentation format {type(segmentation).__name__}")
+    if isinstance(rle, dict) and tuple(rle["size"]) != (height, width):
+      raise ValueError(f"RLE size {list(rle['size'])} differs from the image's "
+                       f"{[height, width]} (height, width)")
+    return mask_utils.decode(rle).astype(bool)
+  except (ValueError, TypeError, KeyError) as e:
+    raise RecordError(where, f"bad segmentation: {e}") from None
+
+
+def xywh_to_xyxy(box) -> list[float]:
+  x, y, w, h = (float(v) for v in box)
+  return [x, y, x + w, y + h]
+
+
+def read_json(path: str) -> Any:
+  """Parses a JSON file; a missing or malformed file raises a RecordError naming it."""
+  try:
+    with open(path, "rb") as f:
+      return json.load(f)
+  except FileNotFoundError:
+    raise RecordError(path, "file does not exist") from None
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise RecordError(path, f"malformed JSON: {e}") from None
+
+
+def iter_json_lines(path: str) -> Iterator[tuple[int, Any | RecordError]]:
+  """Yields `(line_number, value)` of a JSON-lines file; a malformed line yields its RecordError.
+
+  Errors are yielded, not raised, so that a skip-bad policy can count them and go on.
+  """
+  with open(path, "rb") as f:
+    for number, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      try:
+        yield number, json.loads(line)
+      except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        yield number, RecordError(f"{path}:{number}", f"malformed JSON line: {e}")
+
+
+class _PlainUnpickler(pickle.Unpickler):
+  """Admits only what pickle builds without imports: dicts, lists, tuples, str, bytes, numbers,
+  bools and None (plus sets); any class or function reference is refused."""
+
+  _ALLOWED = {("builtins", "set"), ("builtins", "frozenset"), ("__builtin__", "set"),
+              ("__builtin__", "frozenset")}
+
+  def find_class(self, module, name):
+    if (module, name) in self._ALLOWED:
+      return super().find_class(module, name)
+    raise pickle.UnpicklingError(
+        f"refusing to load {module}.{name}: only plain containers, strings and numbers are "
+        "allowed")
+
+
+def load_plain_pickle(path: str) -> Any:
+  """Loads a pickle of plain data (the refer toolkit's `refs(*).p`) without running any code.
+
+  Python 2 pickles (as released by the refer toolkit) are read with latin-1 strings.
+
+  Raises:
+    RecordError: missing file, a class or function reference in it, or a truncated pickle.
+  """
+  if not os.path.exists(path):
+    raise RecordError(path, "file does not exist")
+  with open(path, "rb") as f:
+    try:
+      return _PlainUnpickler(f, encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError) as e:
+      raise RecordError(path, f"not a pickle of plain data: {e}") from None
