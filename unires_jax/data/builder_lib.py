@@ -32,6 +32,10 @@ class BuilderConfig(tfds.core.BuilderConfig):
   max_bad_fraction: float = 0.01
 
 
+_POLICY_FIELDS = frozenset({"skip_bad", "max_bad_fraction"})
+_TFDS_CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(tfds.core.BuilderConfig))
+
+
 class Builder(tfds.core.GeneratorBasedBuilder):
   """Base of the UniRES++ builders (abstract: TFDS does not register it)."""
 
@@ -46,6 +50,28 @@ class Builder(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(features=schema.features(), homepage=self.HOMEPAGE)
+
+  def _create_builder_config(self, builder_config, version):
+    """Accepts `--config '{"name": <a registered config>, "skip_bad": true, ...}'`.
+
+    The CLI turns that JSON into a new config object of the registered name, which TFDS refuses
+    ("Cannot name a custom BuilderConfig the same as an available BuilderConfig"). The bad-record
+    policy is carried onto the registered config instead: it changes no data field, since a build
+    either holds every good record or fails, so name and version stay those of the registered one.
+    Any other field that differs from the registered config is still an error.
+    """
+    if isinstance(builder_config, BuilderConfig):
+      registered = self.get_builder_config(builder_config.name, builder_config.version)
+      if registered is not None and registered is not builder_config:
+        differ = [f.name for f in dataclasses.fields(registered)
+                  if f.init and f.name not in _TFDS_CONFIG_FIELDS | _POLICY_FIELDS
+                  and getattr(registered, f.name) != getattr(builder_config, f.name)]
+        if differ:
+          raise ValueError(f"config {builder_config.name!r}: only {sorted(_POLICY_FIELDS)} may "
+                           f"differ from the registered config, not {differ}")
+        policy = {f: getattr(builder_config, f) for f in _POLICY_FIELDS}
+        return dataclasses.replace(super()._create_builder_config(registered, version), **policy)
+    return super()._create_builder_config(builder_config, version)
 
   @property
   def policy(self) -> records.BadRecordPolicy:
