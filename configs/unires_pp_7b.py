@@ -82,4 +82,26 @@ def get_config(arg=None):
   m.max_objects = 16
   m.max_parts = 16
   m.loss = dict(lm=1.0, mask_bce=2.0, mask_dice=0.5, no_target=1.0)
+
+  # The input pipeline (unires_jax/data/pipeline.py). Datasets are TFDS names (with their builder
+  # config) in `data_dir`, built from tfds_builders/; `train` maps a label to a dataset and its
+  # sampling weight (per expression).
+  config.input = ml_collections.ConfigDict()
+  config.input.data_dir = ml_collections.config_dict.placeholder(str)  # None: TFDS's default
+  config.input.train = ml_collections.ConfigDict(dict(
+      mres32m=dict(name="mres32m", split="train", weight=4.0),
+      refcoco=dict(name="ref_coco/refcoco_unc", split="train", weight=1.0),
+      refcocop=dict(name="ref_coco/refcoco+_unc", split="train", weight=1.0),
+      refcocog=dict(name="ref_coco/refcocog_umd", split="train", weight=1.0),
+      grefcoco=dict(name="grefcoco", split="train", weight=1.0),
+  ))
+  config.input.tokenizer = "lmsys/vicuna-7b-v1.5"  # a local directory: nothing is downloaded
+  config.input.template = "Please segment {expression} in this image."
+  config.input.answer = "Sure, it is"  # + [SEG]; the same for every sample (no label leak)
+  config.input.max_prompt_tokens = 48
+  config.input.global_batch_size = 128
+  config.input.shuffle_window = 256  # expressions
+  config.input.num_threads = 8  # decoding threads per process
+  config.input.prefetch_images = 64
+  config.input.seed = 0
   return config

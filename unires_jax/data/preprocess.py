@@ -1,0 +1,196 @@
+"""NumPy preprocessing from a decoded schema example to the model's samples.
+
+An image is prepared once (`prepare_image`: resizes, masks, proposals, tokenized prompts) and then
+expanded into one sample per expression (`expand`), so datasets with many expressions per image
+decode and resize each image once.
+
+Geometry: both views are letterboxed, aspect kept: the longer side is resized to the view's size
+and the image sits in the top-left corner, padded bottom/right with the normalisation mean (0 after
+normalising). A pixel (x, y) of the original image maps to (x * scale, y * scale) with
+`scale = size / max(height, width)`, so boxes are scaled and never shifted.
+"""
+
+import dataclasses
+from typing import Any, Callable
+
+import numpy as np
+from PIL import Image
+
+from unires_jax.models import prompt
+
+# CLIP's normalisation, also used by the CLIP ConvNeXt (open_clip) tower.
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleSpec:
+  """The static shapes of a sample; from `config.model` and `config.input`."""
+
+  low_size: int  # CLIP view (model.vision.image_size)
+  high_size: int  # ConvNeXt view and masks (model.convnext.image_size)
+  num_image_tokens: int
+  max_objects: int
+  max_parts: int
+  max_prompt_tokens: int
+  special: prompt.SpecialTokens
+  vocab_size: int  # base vocabulary; token ids must stay below it
+  template: str  # prompt with "{expression}"
+  answer: str  # answer text; [SEG] is appended as an id
+
+  @property
+  def max_length(self) -> int:
+    return (self.num_image_tokens + 2 + 3 * (self.max_objects + self.max_parts)
+            + self.max_prompt_tokens + 16)
+
+
+def sample_spec(model_cfg, input_cfg) -> SampleSpec:
+  """`SampleSpec` for `config.model` and `config.input`."""
+  if "{expression}" not in input_cfg.template:
+    raise ValueError(f"config.input.template must hold '{{expression}}': {input_cfg.template!r}")
+  grid = model_cfg.vision.image_size // model_cfg.vision.patch_size
+  n_img = grid * grid + (1 if model_cfg.vision.select_feature == "cls_patch" else 0)
+  return SampleSpec(
+      low_size=model_cfg.vision.image_size, high_size=model_cfg.convnext.image_size,
+      num_image_tokens=n_img, max_objects=model_cfg.max_objects, max_parts=model_cfg.max_parts,
+      max_prompt_tokens=input_cfg.max_prompt_tokens,
+      special=prompt.SpecialTokens.appended_to(model_cfg.llm.vocab_size),
+      vocab_size=model_cfg.llm.vocab_size, template=input_cfg.template,
+      answer=input_cfg.answer)
+
+
+def letterbox(image: np.ndarray, size: int, resample: int) -> np.ndarray:
+  """`[H, W, ...]` uint8 -> `[size, size, ...]`: longer side to `size`, top-left, zero padded."""
+  h, w = image.shape[:2]
+  scale = size / max(h, w)
+  nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+  resized = np.asarray(Image.fromarray(image).resize((nw, nh), resample=resample))
+  out = np.zeros((size, size) + image.shape[2:], image.dtype)
+  out[:nh, :nw] = resized
+  return out
+
+
+def normalize(image: np.ndarray, valid_hw: tuple[int, int]) -> np.ndarray:
+  """uint8 `[S, S, 3]` -> CLIP-normalised float32; the padding (outside `valid_hw`) becomes 0."""
+  out = (image.astype(np.float32) / 255.0 - CLIP_MEAN) / CLIP_STD
+  out[valid_hw[0]:] = 0.0
+  out[:, valid_hw[1]:] = 0.0
+  return out
+
+
+def _fixed_boxes(boxes: np.ndarray, scale: float, n: int) -> tuple[np.ndarray, np.ndarray]:
+  """`[k, 4]` -> (`[n, 4]` scaled and zero-padded, `[n]` valid); the first `n` are kept."""
+  boxes = np.asarray(boxes, np.float32).reshape(-1, 4)[:n] * scale
+  out = np.zeros((n, 4), np.float32)
+  out[:len(boxes)] = boxes
+  return out, np.arange(n) < len(boxes)
+
+
+def _text(value: Any) -> str:
+  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def prepare_image(example: dict[str, Any], spec: SampleSpec,
+                  tokenize: Callable[[list[str]], list[list[int]]],
+                  extra: dict[str, Any] | None = None) -> dict[str, Any]:
+  """Everything the samples of one image share.
+
+  Args:
+    example: a decoded schema example (`tfds.data_source` item; see `unires_jax.data.schema`).
+    spec: static shapes.
+    tokenize: texts -> token ids (no special tokens added).
+    extra: per-image values copied into every sample (e.g. the dataset index).
+
+  Returns:
+    a dict with `image_low [low, low, 3]`, `image_high [high, high, 3]` float32,
+    `target_masks [n_targets, high, high]` bool, proposals, and per-expression lists.
+  """
+  image = np.asarray(example["image"])
+  h, w = image.shape[:2]
+  scale = spec.high_size / max(h, w)
+  low_scale = spec.low_size / max(h, w)
+  high = letterbox(image, spec.high_size, Image.BICUBIC)
+  low = letterbox(image, spec.low_size, Image.BICUBIC)
+  targets = example["targets"]
+  masks = [letterbox(np.asarray(m)[..., 0], spec.high_size, Image.NEAREST) != 0
+           for m in targets["mask"]]
+  target_masks = (np.stack(masks) if masks
+                  else np.zeros((0, spec.high_size, spec.high_size), bool))
+  object_boxes, object_valid = _fixed_boxes(example["proposals"]["object_boxes"], scale,
+                                            spec.max_objects)
+  part_boxes, part_valid = _fixed_boxes(example["proposals"]["part_boxes"], scale,
+                                        spec.max_parts)
+  exprs = example["expressions"]
+  texts = [_text(t) for t in exprs["text"]]
+  prompts = tokenize([spec.template.format(expression=t) for t in texts])
+  answer = tokenize([spec.answer])[0] + [spec.special.seg]
+  for text, ids in zip(texts, prompts):
+    if ids and max(ids) >= spec.vocab_size:
+      raise ValueError(f"the tokenizer gave id {max(ids)} for {text!r}, outside the model's base "
+                       f"vocabulary of {spec.vocab_size} (config.model.llm.vocab_size)")
+  return {
+      "image_low": normalize(low, (round(h * low_scale), round(w * low_scale))),
+      "image_high": normalize(high, (round(h * scale), round(w * scale))),
+      "target_masks": target_masks,
+      "object_boxes": object_boxes, "object_valid": object_valid,
+      "part_boxes": part_boxes, "part_valid": part_valid,
+      "num_objects": int(object_valid.sum()), "num_parts": int(part_valid.sum()),
+      "prompts": [ids[:spec.max_prompt_tokens] for ids in prompts],
+      "answer": answer,
+      "target_indices": [np.asarray(t, np.int64) for t in exprs["target_indices"]],
+      "granularity": [int(g) for g in exprs["granularity"]],
+      "no_target": [bool(n) for n in exprs["no_target"]],
+      "expression_id": [int(i) for i in exprs["id"]],
+      "original_size": np.array([h, w], np.int32),
+      "scale": np.float32(scale),
+      "extra": dict(extra or {}),
+  }
+
+
+def expand(prepared: dict[str, Any], spec: SampleSpec) -> list[dict[str, Any]]:
+  """One model sample per expression of a prepared image.
+
+  Each sample holds the batch fields of `unires_jax.models.unires` (`image_low`, `image_high`,
+  `object_boxes [max_objects, 4]`, `object_valid`, `part_boxes`, `part_valid`, `input_ids
+  [max_length]`, `attention_mask`, `loss_mask`, `masks [high, high]` float32 union of the targets,
+  `no_target`) and, for evaluation, `granularity` (index into `schema.GRANULARITIES`),
+  `expression_id`, `original_size [2]` (height, width), `scale`, and `valid` (1; 0 marks padding).
+  The image arrays are shared between the samples of one image, not copied.
+  """
+  samples = []
+  for k, prompt_ids in enumerate(prepared["prompts"]):
+    indices = prepared["target_indices"][k]
+    mask = (prepared["target_masks"][indices].any(axis=0) if len(indices)
+            else np.zeros((spec.high_size, spec.high_size), bool))
+    seq = prompt.build_sequence(
+        prompt_ids, prepared["answer"], special=spec.special,
+        num_image_tokens=spec.num_image_tokens, num_objects=prepared["num_objects"],
+        num_parts=prepared["num_parts"], max_objects=spec.max_objects,
+        max_parts=spec.max_parts, max_length=spec.max_length)
+    samples.append({
+        "image_low": prepared["image_low"], "image_high": prepared["image_high"],
+        "object_boxes": prepared["object_boxes"], "object_valid": prepared["object_valid"],
+        "part_boxes": prepared["part_boxes"], "part_valid": prepared["part_valid"],
+        **seq,
+        "masks": mask.astype(np.float32),
+        "no_target": np.bool_(prepared["no_target"][k]),
+        "granularity": np.int32(prepared["granularity"][k]),
+        "expression_id": np.int64(prepared["expression_id"][k]),
+        "original_size": prepared["original_size"],
+        "scale": prepared["scale"],
+        "valid": np.int32(1),
+        **{key: np.asarray(v) for key, v in prepared["extra"].items()},
+    })
+  return samples
+
+
+def padding_like(sample: dict[str, Any]) -> dict[str, Any]:
+  """A sample of zeros with `valid = 0`, to fill the last evaluation batch to full size.
+
+  Its sequence still holds one [SEG] (copied from `sample`) so the model runs on it unchanged.
+  """
+  pad = {k: np.zeros_like(v) for k, v in sample.items()}
+  for key in ("input_ids", "attention_mask"):
+    pad[key] = sample[key]
+  return pad
+
