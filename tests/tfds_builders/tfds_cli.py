@@ -24,6 +24,7 @@ def build(name: str, manual_dir: str, data_dir: str, *args: str,
          "from tensorflow_datasets.scripts.cli.main import launch_cli; launch_cli()", "build",
          os.path.join(BUILDERS_DIR, name), "--manual_dir", manual_dir, "--data_dir", data_dir,
          *args]
+  os.makedirs(data_dir, exist_ok=True)
   proc = subprocess.run(cmd, capture_output=True, text=True, env=_ENV, cwd=data_dir)
   if check and proc.returncode != 0:
     raise AssertionError(f"tfds build {name} failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
