@@ -26,7 +26,9 @@ setuptools.setup(
     name="unires-jax",
     version="0.1.0",
     description="UniRES++ multi-granularity referring expression segmentation in JAX/Flax",
-    packages=setuptools.find_packages(include=["unires_jax", "unires_jax.*"]),
+    packages=setuptools.find_packages(
+        include=["unires_jax", "unires_jax.*", "tfds_builders", "tfds_builders.*"]),
+    package_data={"tfds_builders": ["*/README.md", "*/CITATIONS.bib"]},
     python_requires=">=3.11",
     install_requires=[
         "jax>=0.10",
