@@ -1,0 +1,105 @@
+"""A small word-level tokenizer trained offline, for the tiny demo model (base vocabulary 128).
+
+Word level suits a tiny closed vocabulary: every word of the training texts is one token, so a
+ShapesParts prompt stays a few tokens long and no seen word becomes `<unk>`. The demo tokenizer:
+
+  texts = [*shapes_parts.vocabulary_texts(), *tokenizer.PROMPT_WORDS]
+  tok = tokenizer.train_tokenizer(texts, vocab_size=128, out_dir="runs/demo/tokenizer")
+
+The model's own special tokens (<img>, [SEG], ...) are rows appended after its base vocabulary
+(`prompt.SpecialTokens.appended_to`), so they are not part of this vocabulary.
+"""
+
+import collections
+import os
+import shutil
+import tempfile
+from typing import Iterable
+
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+import transformers
+
+PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
+SPECIAL_TOKENS = (PAD, UNK, BOS, EOS)  # ids 0, 1, 2, 3
+
+# The words of the pipeline's prompt, answer and no-target answer (config.input.template and
+# .answer: "Please segment {expression} in this image.", "Sure, it is [SEG]").
+PROMPT_WORDS = ("please segment the", "in this image", "sure", "it is", "there is no such target",
+                ".", ",", "?")
+
+
+def _empty_tokenizer(vocab: dict[str, int]) -> Tokenizer:
+  """Word-level model over `vocab`: lowercased, split on whitespace and at punctuation."""
+  tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
+  tok.normalizer = normalizers.Lowercase()
+  tok.pre_tokenizer = pre_tokenizers.Whitespace()  # words \w+ and runs of punctuation
+  return tok
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int,
+                    out_dir: str) -> transformers.PreTrainedTokenizerFast:
+  """Trains a word-level tokenizer on `texts`, saves it to `out_dir` and returns it.
+
+  The vocabulary is `<pad>` (0), `<unk>`, `<s>`, `</s>`, then every distinct word of the texts,
+  most frequent first (ties alphabetical, so the same texts give the same ids). Encoding adds no
+  `<s>`/`</s>`; the pipeline places its own tokens. `out_dir` is replaced whole, through a
+  temporary directory beside it and a rename, so a reader never sees half a tokenizer.
+
+  Raises:
+    ValueError: `vocab_size` is below the 4 special tokens, or the texts hold more distinct words
+      than fit in `vocab_size` (the model's base vocabulary, config.model.llm.vocab_size).
+  """
+  if vocab_size < len(SPECIAL_TOKENS):
+    raise ValueError(f"vocab_size={vocab_size} cannot hold the {len(SPECIAL_TOKENS)} special "
+                     f"tokens {SPECIAL_TOKENS}")
+  splitter = _empty_tokenizer({UNK: 0})  # its normaliser and pre-tokeniser give the words
+  counts = collections.Counter(
+      word for text in texts for word, _ in
+      splitter.pre_tokenizer.pre_tokenize_str(splitter.normalizer.normalize_str(text)))
+  words = [w for w, _ in sorted(counts.items(), key=lambda wc: (-wc[1], wc[0]))
+           if w not in SPECIAL_TOKENS]
+  if len(SPECIAL_TOKENS) + len(words) > vocab_size:
+    raise ValueError(
+        f"the texts hold {len(words)} distinct words; with the {len(SPECIAL_TOKENS)} special "
+        f"tokens that is {len(words) + len(SPECIAL_TOKENS)} > vocab_size={vocab_size} "
+        f"(least frequent: {words[-5:]})")
+  vocab = {token: i for i, token in enumerate((*SPECIAL_TOKENS, *words))}
+  tokenizer = transformers.PreTrainedTokenizerFast(
+      tokenizer_object=_empty_tokenizer(vocab), pad_token=PAD, unk_token=UNK, bos_token=BOS,
+      eos_token=EOS)
+  _save_atomically(tokenizer, out_dir)
+  return tokenizer
+
+
+def _save_atomically(tokenizer: transformers.PreTrainedTokenizerFast, out_dir: str) -> None:
+  """`save_pretrained` into a temporary directory beside `out_dir`, then renamed onto it."""
+  out_dir = os.path.abspath(out_dir)
+  parent, name = os.path.split(out_dir)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(dir=parent, prefix=f".{name}.tmp-")
+  try:
+    tokenizer.save_pretrained(tmp)
+    old = None
+    if os.path.exists(out_dir):
+      old = tempfile.mkdtemp(dir=parent, prefix=f".{name}.old-")
+      os.replace(out_dir, old)  # onto an empty directory, which rename(2) allows
+    try:
+      os.replace(tmp, out_dir)
+    except BaseException:
+      if old:
+        os.replace(old, out_dir)
+      raise
+    if old:
+      shutil.rmtree(old)
+  finally:
+    if os.path.exists(tmp):
+      shutil.rmtree(tmp)
+
+
+def load_tokenizer(path: str) -> transformers.PreTrainedTokenizerBase:
+  """The tokenizer saved in directory `path` (by `train_tokenizer` or any `save_pretrained`)."""
+  if not os.path.isfile(os.path.join(path, "tokenizer.json")) and not os.path.isfile(
+      os.path.join(path, "tokenizer_config.json")):
+    raise FileNotFoundError(f"no tokenizer in {path!r}: expected a directory written by "
+                            "save_pretrained (tokenizer.json, tokenizer_config.json)")
+  return transformers.AutoTokenizer.from_pretrained(path)
