@@ -99,6 +99,9 @@ def get_config(arg=None):
   config.input.template = "Please segment {expression} in this image."
   config.input.answer = "Sure, it is"  # + [SEG]; the same for every sample (no label leak)
   config.input.max_prompt_tokens = 48
+  # Training on a dataset without stored proposals: the targets' boxes, jittered by this fraction.
+  # None: no proposals there. Evaluation always uses the stored proposals only.
+  config.input.target_box_jitter = 0.1
   config.input.global_batch_size = 128
   config.input.shuffle_window = 256  # expressions
   config.input.num_threads = 8  # decoding threads per process

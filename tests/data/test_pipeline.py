@@ -16,7 +16,7 @@ from unires_jax.data import build, pipeline, preprocess, tokenizer
 from unires_jax.data.writers import common, refcocom
 from unires_jax.models.unires import INPUT_KEYS, LOSS_KEYS, compute_loss
 
-SPLITS = {"val": 4, "testA": 2}
+SPLITS = {"val": 4, "testA": 2, "testB": 2}  # testB is written without proposals.
 
 
 def _scenes():
@@ -35,7 +35,8 @@ def data(tmp_path_factory):
   root = tmp_path_factory.mktemp("pipeline")
   scenes = _scenes()
   raw, out = str(root / "raw"), str(root / "tfds")
-  refcocom.write(raw, scenes)
+  refcocom.write(raw, {k: v for k, v in scenes.items() if k != "testB"})
+  refcocom.write(raw, {"testB": scenes["testB"]}, with_proposals=False)
   build.prepare("ref_coco_m", manual_dir=raw, data_dir=out)
   config = _config(out)
   texts = [s for split in scenes.values() for sc in split for r in sc.refs for s in r.sentences]
@@ -213,8 +214,31 @@ def test_processes_share_the_images_without_overlap(data):
 
 
 def test_unknown_split_names_the_available_ones(data):
-  with pytest.raises(ValueError, match=r"unknown split 'testB'.*\['testA', 'val'\]"):
-    _eval(data, split="testB")
+  with pytest.raises(ValueError, match=r"unknown split 'train'.*\['testA', 'testB', 'val'\]"):
+    _eval(data, split="train")
+
+
+def test_without_stored_proposals_training_gets_jittered_target_boxes(data):
+  config = _config(data["out"])
+  spec = preprocess.sample_spec(config.model, config.input)
+  source = pipeline.open_source("ref_coco_m", "testB", data["out"])
+  for index in range(len(source)):
+    example = source[index]
+    assert not len(example["proposals"]["object_boxes"])
+    targets = example["targets"]
+    for kind, granularity in (("object", 0), ("part", 1)):
+      boxes = np.stack(targets["box"])[np.asarray(targets["granularity"]) == granularity]
+      prepared = preprocess.prepare_image(example, spec, data["tokenize"],
+                                          rng=np.random.default_rng(index))
+      got = prepared[f"{kind}_boxes"][prepared[f"{kind}_valid"]]
+      assert len(got) == min(len(boxes), 4)
+      size = np.concatenate([boxes[:, 2:] - boxes[:, :2]] * 2, axis=1)
+      for box in got:  # Each proposal lies within the jitter of one target box.
+        assert np.any(np.all(np.abs(box - boxes) <= 0.1 * size + 1e-4, axis=1))
+    unjittered = preprocess.prepare_image(example, spec, data["tokenize"])
+    assert not unjittered["object_valid"].any() and not unjittered["part_valid"].any()
+  batches = _eval(data, split="testB")
+  assert not any(b["object_valid"].any() for b in batches)
 
 
 def test_unbuilt_dataset_is_a_clear_error(tmp_path, data):

@@ -56,14 +56,15 @@ def hf_tokenize(tokenizer) -> Callable[[list[str]], list[list[int]]]:
   return tokenize
 
 
-class _Prepare(grain.transforms.Map):
-  """Record -> prepared image (see `preprocess.prepare_image`)."""
+class _Prepare(grain.transforms.RandomMap):
+  """Record -> prepared image (see `preprocess.prepare_image`); the rng (seeded by the pipeline
+  seed and the element's position) jitters target-box proposals."""
 
   def __init__(self, spec: preprocess.SampleSpec, tokenize, extra: dict[str, Any]):
     self._spec, self._tokenize, self._extra = spec, tokenize, extra
 
-  def map(self, example):
-    return preprocess.prepare_image(example, self._spec, self._tokenize, self._extra)
+  def random_map(self, example, rng: np.random.Generator):
+    return preprocess.prepare_image(example, self._spec, self._tokenize, self._extra, rng)
 
 
 class _Expand(grain.experimental.FlatMapTransform):
@@ -142,7 +143,7 @@ def train_dataset(config: ml_collections.ConfigDict, tokenize, *,
     ds = (_images(source, shard)
           .shuffle(seed=icfg.seed + i)
           .repeat()
-          .map(_Prepare(spec, tokenize, {"dataset": np.int32(i)}))
+          .random_map(_Prepare(spec, tokenize, {"dataset": np.int32(i)}), seed=icfg.seed + i)
           .to_iter_dataset(_read_options(icfg)))
     ds = grain.experimental.FlatMapIterDataset(ds, _Expand(spec)).map(_compact)
     ds = grain.experimental.WindowShuffleIterDataset(

@@ -37,6 +37,9 @@ class SampleSpec:
   vocab_size: int  # base vocabulary; token ids must stay below it
   template: str  # prompt with "{expression}"
   answer: str  # answer text; [SEG] is appended as an id
+  # Datasets without stored proposals (RefCOCO, gRefCOCO) get the boxes of the image's targets,
+  # each side moved by up to this fraction of the box size, as a detector's would be (training).
+  target_box_jitter: float | None = None
 
   @property
   def max_length(self) -> int:
@@ -56,7 +59,7 @@ def sample_spec(model_cfg, input_cfg) -> SampleSpec:
       max_prompt_tokens=input_cfg.max_prompt_tokens,
       special=prompt.SpecialTokens.appended_to(model_cfg.llm.vocab_size),
       vocab_size=model_cfg.llm.vocab_size, template=input_cfg.template,
-      answer=input_cfg.answer)
+      answer=input_cfg.answer, target_box_jitter=input_cfg.target_box_jitter)
 
 
 def letterbox(image: np.ndarray, size: int, resample: int) -> np.ndarray:
@@ -86,13 +89,37 @@ def _fixed_boxes(boxes: np.ndarray, scale: float, n: int) -> tuple[np.ndarray, n
   return out, np.arange(n) < len(boxes)
 
 
+def proposals_from_targets(targets: dict[str, Any], jitter: float, height: int, width: int,
+                           rng: np.random.Generator) -> dict[str, np.ndarray]:
+  """Object and part proposals from the targets' boxes, jittered, in random order.
+
+  Args:
+    targets: the example's `targets` (`box [n, 4]` x1, y1, x2, y2; `granularity` 0 object, 1 part).
+    jitter: each side moves by up to `jitter * (box width or height)`.
+    height, width: the image size (boxes are clipped to it).
+    rng: the source of the jitter and of the order.
+
+  Returns:
+    {"object_boxes": [n_obj, 4], "part_boxes": [n_part, 4]} float32.
+  """
+  boxes = np.asarray(targets["box"], np.float32).reshape(-1, 4)
+  size = np.concatenate([boxes[:, 2:] - boxes[:, :2]] * 2, axis=1)
+  moved = boxes + rng.uniform(-jitter, jitter, boxes.shape).astype(np.float32) * size
+  moved = np.clip(moved, 0, [width, height, width, height]).astype(np.float32)
+  moved[:, 2:] = np.maximum(moved[:, 2:], moved[:, :2])
+  is_part = np.asarray(targets["granularity"], np.int64).reshape(-1) == 1
+  return {"object_boxes": rng.permutation(moved[~is_part]),
+          "part_boxes": rng.permutation(moved[is_part])}
+
+
 def _text(value: Any) -> str:
   return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
 def prepare_image(example: dict[str, Any], spec: SampleSpec,
                   tokenize: Callable[[list[str]], list[list[int]]],
-                  extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                  extra: dict[str, Any] | None = None,
+                  rng: np.random.Generator | None = None) -> dict[str, Any]:
   """Everything the samples of one image share.
 
   Args:
@@ -100,6 +127,8 @@ def prepare_image(example: dict[str, Any], spec: SampleSpec,
     spec: static shapes.
     tokenize: texts -> token ids (no special tokens added).
     extra: per-image values copied into every sample (e.g. the dataset index).
+    rng: for the target-box proposals of an example without stored proposals; None keeps the
+      example's proposals as they are (evaluation).
 
   Returns:
     a dict with `image_low [low, low, 3]`, `image_high [high, high, 3]` float32,
@@ -116,10 +145,12 @@ def prepare_image(example: dict[str, Any], spec: SampleSpec,
            for m in targets["mask"]]
   target_masks = (np.stack(masks) if masks
                   else np.zeros((0, spec.high_size, spec.high_size), bool))
-  object_boxes, object_valid = _fixed_boxes(example["proposals"]["object_boxes"], scale,
-                                            spec.max_objects)
-  part_boxes, part_valid = _fixed_boxes(example["proposals"]["part_boxes"], scale,
-                                        spec.max_parts)
+  proposals = example["proposals"]
+  stored = len(proposals["object_boxes"]) + len(proposals["part_boxes"])
+  if not stored and rng is not None and spec.target_box_jitter is not None:
+    proposals = proposals_from_targets(targets, spec.target_box_jitter, h, w, rng)
+  object_boxes, object_valid = _fixed_boxes(proposals["object_boxes"], scale, spec.max_objects)
+  part_boxes, part_valid = _fixed_boxes(proposals["part_boxes"], scale, spec.max_parts)
   exprs = example["expressions"]
   texts = [_text(t) for t in exprs["text"]]
   prompts = tokenize([spec.template.format(expression=t) for t in texts])
