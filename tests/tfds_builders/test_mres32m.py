@@ -17,7 +17,7 @@ import pytest
 
 from tests.tfds_builders import tfds_cli
 from tfds_builders.mres32m import mres32m_dataset_builder as builder
-from unires_jax.data import schema
+from unires_jax.data import raw_io, schema
 from unires_jax.data.records import RecordError
 from unires_jax.data.writers import common, mres32m
 
@@ -168,7 +168,7 @@ def test_writer_layout_and_masks(raw):
       for seg in [obj, *obj["parts"]]:
         rle = {"size": seg["mask"]["size"], "counts": seg["mask"]["counts"].encode()}
         np.testing.assert_array_equal(mask_utils.decode(rle), scene.segment(seg["id"]).mask)
-        counts = builder.rle_counts(seg["mask"]["counts"])
+        counts = raw_io.rle_counts(seg["mask"]["counts"])
         # Runs alternate 0/1 in column-major order, starting with zeros.
         flat = scene.segment(seg["id"]).mask.T.reshape(-1)
         np.testing.assert_array_equal(np.repeat(np.arange(len(counts)) % 2, counts), flat)

@@ -177,35 +177,6 @@ def _xyxy(box: Any, where: str, what: str) -> list[float]:
   return raw_io.xywh_to_xyxy(box)
 
 
-def rle_counts(counts: str) -> list[int]:
-  """The run lengths of COCO's compressed RLE string (pycocotools' `rleFrString`).
-
-  pycocotools rejects runs that overflow the mask but decodes runs that fall short of it into
-  uninitialised memory, so the builder checks the runs itself before decoding.
-
-  Raises:
-    ValueError: the string ends inside a number, or a run is negative.
-  """
-  runs, pos = [], 0
-  while pos < len(counts):
-    value, shift, more = 0, 0, True
-    while more:
-      if pos >= len(counts):
-        raise ValueError("the counts string ends inside a number")
-      c = ord(counts[pos]) - 48
-      value |= (c & 0x1F) << shift
-      more = bool(c & 0x20)
-      pos, shift = pos + 1, shift + 5
-      if not more and c & 0x10:
-        value |= -1 << shift  # Sign-extend.
-    if len(runs) > 2:
-      value += runs[-2]  # Runs after the second are stored as differences.
-    if value < 0:
-      raise ValueError(f"run {len(runs)} has negative length {value}")
-    runs.append(value)
-  return runs
-
-
 def _mask(segment: dict, height: int, width: int, where: str, what: str) -> np.ndarray:
   """A segment's `mask` (compressed RLE of the image's size) -> `[H, W]` bool."""
   rle = _field(segment, "mask", dict, where, what)
@@ -214,7 +185,7 @@ def _mask(segment: dict, height: int, width: int, where: str, what: str) -> np.n
     raise RecordError(where, f"{what}: mask is {{'size': [h, w], 'counts': str}} (COCO compressed "
                       f"RLE), got keys {sorted(rle)}")
   try:
-    total = sum(rle_counts(counts))
+    total = sum(raw_io.rle_counts(counts))
   except ValueError as e:
     raise RecordError(where, f"{what}: bad RLE counts: {e}") from None
   if total != np.prod(size):

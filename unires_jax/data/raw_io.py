@@ -54,6 +54,35 @@ def read_mask_png(path: str, where: str) -> np.ndarray:
   return mask != 0
 
 
+def rle_counts(counts: str) -> list[int]:
+  """The run lengths of COCO's compressed RLE string (pycocotools' `rleFrString`).
+
+  pycocotools rejects runs that overflow the mask but decodes runs that fall short of it into
+  uninitialised memory, so readers check the runs before decoding.
+
+  Raises:
+    ValueError: the string ends inside a number, or a run is negative.
+  """
+  runs, pos = [], 0
+  while pos < len(counts):
+    value, shift, more = 0, 0, True
+    while more:
+      if pos >= len(counts):
+        raise ValueError("the counts string ends inside a number")
+      c = ord(counts[pos]) - 48
+      value |= (c & 0x1F) << shift
+      more = bool(c & 0x20)
+      pos, shift = pos + 1, shift + 5
+      if not more and c & 0x10:
+        value |= -1 << shift  # Sign-extend.
+    if len(runs) > 2:
+      value += runs[-2]  # Runs after the second are stored as differences.
+    if value < 0:
+      raise ValueError(f"run {len(runs)} has negative length {value}")
+    runs.append(value)
+  return runs
+
+
 def coco_segmentation_to_mask(segmentation: Any, height: int, width: int,
                               where: str) -> np.ndarray:
   """A COCO `segmentation` (polygons, uncompressed or compressed RLE) -> `[H, W]` bool."""
@@ -76,6 +105,12 @@ def coco_segmentation_to_mask(segmentation: Any, height: int, width: int,
     if isinstance(rle, dict) and tuple(rle["size"]) != (height, width):
       raise ValueError(f"RLE size {list(rle['size'])} differs from the image's "
                        f"{[height, width]} (height, width)")
+    if isinstance(segmentation, dict):
+      counts = segmentation["counts"]
+      runs = counts if isinstance(counts, list) else rle_counts(
+          counts.decode("ascii") if isinstance(counts, bytes) else counts)
+      if sum(runs) != height * width:
+        raise ValueError(f"RLE runs cover {sum(runs)} pixels, the image {height * width}")
     return mask_utils.decode(rle).astype(bool)
   except (ValueError, TypeError, KeyError) as e:
     raise RecordError(where, f"bad segmentation: {e}") from None

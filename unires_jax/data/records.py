@@ -14,7 +14,10 @@ class RecordError(ValueError):
 
   def __init__(self, where: str, message: str):
     super().__init__(f"{where}: {message}")
-    self.where = where
+    self.where, self.message = where, message
+
+  def __reduce__(self):  # Picklable, e.g. between Beam workers.
+    return type(self), (self.where, self.message)
 
 
 class TooManyBadRecords(RuntimeError):
