@@ -13,7 +13,7 @@ from PIL import Image
 from unires_jax import models
 from unires_jax.config_lib import REPO_ROOT, load_config
 from unires_jax.data import build, pipeline, preprocess, tokenizer
-from unires_jax.data.writers import common, refcocom
+from unires_jax.data.writers import common, refcoco, refcocom
 from unires_jax.models.unires import INPUT_KEYS, LOSS_KEYS, compute_loss
 
 SPLITS = {"val": 4, "testA": 2, "testB": 2}  # testB is written without proposals.
@@ -239,6 +239,24 @@ def test_without_stored_proposals_training_gets_jittered_target_boxes(data):
     assert not unjittered["object_valid"].any() and not unjittered["part_valid"].any()
   batches = _eval(data, split="testB")
   assert not any(b["object_valid"].any() for b in batches)
+
+
+def test_reads_our_ref_coco_where_tfds_registers_its_own(tmp_path, data):
+  # TFDS ships a `ref_coco` of another schema; the pipeline finds our folder on disk instead.
+  rng = np.random.default_rng(7)
+  scenes = [common.random_scene(rng, 900 + i, with_parts=False, first_segment_id=100 * (i + 1),
+                                first_ref_id=10 * i, first_sent_id=100 * i) for i in range(5)]
+  refcoco.write(str(tmp_path / "raw"), "refcoco", {"unc": {
+      "train": scenes[:2], "val": scenes[2:3], "testA": scenes[3:4], "testB": scenes[4:]}})
+  build.prepare("ref_coco", config="refcoco_unc", manual_dir=str(tmp_path / "raw"),
+                data_dir=str(tmp_path / "tfds"))
+  source = pipeline.open_source("ref_coco/refcoco_unc", "train", str(tmp_path / "tfds"))
+  assert len(source) == 2
+  assert len(pipeline.open_source("ref_coco/refcoco_unc:1.0.0", "train", str(tmp_path / "tfds")))
+  assert len(pipeline.open_source("ref_coco", "train", str(tmp_path / "tfds"))) == 2  # Only config.
+  (tmp_path / "tfds" / "ref_coco" / "refcocog_umd" / "1.0.0").mkdir(parents=True)
+  with pytest.raises(ValueError, match=r"configs \['refcoco_unc', 'refcocog_umd'\]: name one"):
+    pipeline.open_source("ref_coco", "train", str(tmp_path / "tfds"))
 
 
 def test_unbuilt_dataset_is_a_clear_error(tmp_path, data):

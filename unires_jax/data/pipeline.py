@@ -18,6 +18,7 @@ Every stage is deterministic under `config.input.seed`, and the iterator's `get_
 """
 
 import dataclasses
+import os
 from typing import Any, Callable
 
 import grain
@@ -28,19 +29,45 @@ import numpy as np
 from unires_jax.data import preprocess
 
 
-def open_source(name: str, split: str, data_dir: str | None):
-  """`tfds.data_source(name, split)`, with errors that name the dataset, split and folder."""
+def _version_key(name: str) -> tuple[int, ...] | None:
+  parts = name.split(".")
+  return tuple(map(int, parts)) if len(parts) == 3 and all(p.isdigit() for p in parts) else None
+
+
+def dataset_dir(name: str, data_dir: str | None) -> str:
+  """The folder of a built dataset: `data_dir/<name>[/<config>]/<version>`.
+
+  `name` is "ref_coco_m", "ref_coco/refcoco_unc" or either with ":1.0.0"; without a version the
+  newest is taken, without a config the only one. The folder is found on disk rather than
+  through TFDS's registry, where TFDS's own `ref_coco` would shadow ours.
+  """
   import tensorflow_datasets as tfds
 
-  try:
-    builder = tfds.builder(name, data_dir=data_dir)
-  except Exception as e:  # TFDS raises several types for an unknown/unbuilt dataset.
+  name, _, version = name.partition(":")
+  root = os.path.join(os.path.expanduser(data_dir or tfds.core.constants.DATA_DIR), name)
+  if not os.path.isdir(root):
     raise FileNotFoundError(
-        f"dataset {name!r} is not built in data_dir={data_dir!r}: build it with "
-        f"`tfds build tfds_builders/{name.split('/')[0]} --manual_dir RAW --data_dir DIR` "
-        f"({type(e).__name__}: {e})") from None
-  if not builder.is_prepared():
-    raise FileNotFoundError(f"dataset {name!r} is not built in {builder.data_dir}")
+        f"dataset {name!r} is not built in {os.path.dirname(root)}: build it with "
+        f"`tfds build tfds_builders/{name.split('/')[0]} --manual_dir RAW --data_dir DIR`")
+  entries = sorted(d for d in os.listdir(root) if not d.startswith("."))
+  versions = [d for d in entries if _version_key(d) and "incomplete" not in d]
+  if not versions:
+    configs = [d for d in entries if os.path.isdir(os.path.join(root, d))]
+    if len(configs) != 1:
+      raise ValueError(f"dataset {name!r} has the configs {configs}: name one, e.g. "
+                       f"{name}/{configs[0] if configs else '<config>'}")
+    return dataset_dir(f"{name}/{configs[0]}" + (f":{version}" if version else ""), data_dir)
+  if version and version not in versions:
+    raise FileNotFoundError(f"dataset {name!r} has no version {version} in {root}; it has "
+                            f"{versions}")
+  return os.path.join(root, version or max(versions, key=_version_key))
+
+
+def open_source(name: str, split: str, data_dir: str | None):
+  """`tfds` random-access source of a built dataset's split (see `dataset_dir` for `name`)."""
+  import tensorflow_datasets as tfds
+
+  builder = tfds.builder_from_directory(dataset_dir(name, data_dir))
   splits = sorted(builder.info.splits)
   if split not in splits:
     raise ValueError(f"unknown split {split!r} of dataset {name!r}; it has {splits}")
