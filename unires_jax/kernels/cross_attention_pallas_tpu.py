@@ -1,0 +1,284 @@
+"""TPU (Mosaic) kernels of the masked cross-attention: forward, dq, and dk/dv.
+
+Grid (batch, query tiles, key tiles) with the key tiles innermost and sequential: the running max,
+sum and output of the online softmax live in VMEM scratch across key tiles, so only one
+[block_q, block_k] tile of logits and of scores exists at a time. All heads are handled in one
+program (a static loop) because the mask is shared by the heads: each logits tile is read from HBM
+once, not once per head.
+
+Tile skipping: the pre-pass flags each (query tile, key tile) with any allowed key. A tile without
+one is skipped by `pl.when`, and its index maps point at the last block that was fetched, so the
+pipeline issues no DMA for it either (it only copies when a block index changes).
+
+Layouts follow the TPU tiling ((8, 128) for the last two dims of a block): per-query vectors are
+stored lane-replicated as [.., queries, 128], per-key vectors sublane-replicated as [.., 8, keys],
+block_q is a multiple of 16 (bfloat16 packing) and block_k of 128.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from unires_jax.kernels import cross_attention_tile as tile
+
+LANES = 128
+SUBLANES = 8
+
+
+def fetch_plan(flags: jax.Array) -> jax.Array:
+  """Which block to fetch at each step of the last axis so that skipped steps fetch nothing new.
+
+  Args:
+    flags: [..., steps] int32, nonzero where the step's tile is computed.
+
+  Returns:
+    [..., steps] int32: the step itself where flagged, else the last flagged step before it, or
+    the first flagged step when there is none before (so that block is in place when it is
+    needed); 0 for rows without any flagged step.
+  """
+  steps = jnp.arange(flags.shape[-1], dtype=jnp.int32)
+  flagged = flags != 0
+  last = jax.lax.cummax(jnp.where(flagged, steps, -1), axis=flags.ndim - 1)
+  first = jnp.argmax(flagged, axis=-1).astype(jnp.int32)[..., None]
+  return jnp.where(last >= 0, last, first)
+
+
+def _lanes(x: jax.Array) -> jax.Array:
+  """[b, ..., n] per-query vector -> [b, ..., n, LANES] lane-replicated."""
+  return jnp.broadcast_to(x[..., None], (*x.shape, LANES))
+
+
+def _column(ref, h=None) -> jax.Array:
+  """Lane-replicated [block_q, LANES] ref (or head h of [heads, block_q, LANES]) -> [block_q, 1]."""
+  x = ref[...] if h is None else ref[h]
+  return x[:, :1]
+
+
+def _tile_mask(logits_ref, threshold_ref, valid_ref) -> jax.Array:
+  """[block_q, block_k] bool from the logits tile, the per-query thresholds and the key flags."""
+  logits = logits_ref[...]
+  # Broadcast the int32 key flags first and compare after: bool vectors are best not broadcast.
+  valid = jnp.broadcast_to(valid_ref[:1, :], logits.shape) != 0
+  return tile.allowed(logits, _column(threshold_ref), valid)
+
+
+def _forward_kernel(flags_ref, fetch_ref, q_ref, k_ref, v_ref, logits_ref, threshold_ref,
+                    valid_ref, o_ref, lse_ref, m_ref, l_ref, acc_ref, *, scale, num_q, num_k):
+  b, i, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  del fetch_ref  # used by the index maps only
+
+  @pl.when(j == 0)
+  def _init():
+    m_ref[...] = jnp.full(m_ref.shape, -jnp.inf, jnp.float32)
+    l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
+    acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+
+  @pl.when(flags_ref[(b * num_q + i) * num_k + j] != 0)
+  def _accumulate():
+    mask = _tile_mask(logits_ref, threshold_ref, valid_ref)
+    for h in range(q_ref.shape[0]):
+      s = tile.scores(q_ref[h], k_ref[h], scale)
+      m, l, acc = tile.online_softmax_step(
+          s, mask, _column(m_ref, h), _column(l_ref, h), acc_ref[h], v_ref[h])
+      m_ref[h] = jnp.broadcast_to(m, m_ref.shape[1:])
+      l_ref[h] = jnp.broadcast_to(l, l_ref.shape[1:])
+      acc_ref[h] = acc
+
+  @pl.when(j == num_k - 1)
+  def _store():
+    for h in range(q_ref.shape[0]):
+      o, lse = tile.finalize(_column(m_ref, h), _column(l_ref, h), acc_ref[h])
+      o_ref[h] = o.astype(o_ref.dtype)
+      lse_ref[h] = jnp.broadcast_to(lse, lse_ref.shape[1:])
+
+
+def _dq_kernel(flags_ref, fetch_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, logits_ref,
+               threshold_ref, valid_ref, dq_ref, acc_ref, *, scale, num_q, num_k):
+  b, i, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  del fetch_ref
+
+  @pl.when(j == 0)
+  def _init():
+    acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+
+  @pl.when(flags_ref[(b * num_q + i) * num_k + j] != 0)
+  def _accumulate():
+    mask = _tile_mask(logits_ref, threshold_ref, valid_ref)
+    for h in range(q_ref.shape[0]):
+      k = k_ref[h]
+      s = tile.scores(q_ref[h], k, scale)
+      p = tile.probabilities(s, mask, _column(lse_ref, h))
+      dp = tile.dot_nt(do_ref[h], v_ref[h])
+      ds = tile.score_grad(p, dp, _column(delta_ref, h))
+      acc_ref[h] += scale * jax.lax.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
+
+  @pl.when(j == num_k - 1)
+  def _store():
+    dq_ref[...] = acc_ref[...].astype(dq_ref.dtype)
+
+
+def _dkv_kernel(flags_ref, fetch_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, logits_ref,
+                threshold_ref, valid_ref, dk_ref, dv_ref, dk_acc_ref, dv_acc_ref, *, scale, num_q,
+                num_k):
+  b, j, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  del fetch_ref
+
+  @pl.when(i == 0)
+  def _init():
+    dk_acc_ref[...] = jnp.zeros(dk_acc_ref.shape, jnp.float32)
+    dv_acc_ref[...] = jnp.zeros(dv_acc_ref.shape, jnp.float32)
+
+  @pl.when(flags_ref[(b * num_q + i) * num_k + j] != 0)
+  def _accumulate():
+    mask = _tile_mask(logits_ref, threshold_ref, valid_ref)
+    for h in range(q_ref.shape[0]):
+      q, do = q_ref[h], do_ref[h]
+      s = tile.scores(q, k_ref[h], scale)
+      p = tile.probabilities(s, mask, _column(lse_ref, h))
+      dv_acc_ref[h] += jax.lax.dot(p.T.astype(do.dtype), do, preferred_element_type=jnp.float32)
+      dp = tile.dot_nt(do, v_ref[h])
+      ds = tile.score_grad(p, dp, _column(delta_ref, h))
+      dk_acc_ref[h] += scale * jax.lax.dot(ds.T.astype(q.dtype), q,
+                                           preferred_element_type=jnp.float32)
+
+  @pl.when(i == num_q - 1)
+  def _store():
+    dk_ref[...] = dk_acc_ref[...].astype(dk_ref.dtype)
+    dv_ref[...] = dv_acc_ref[...].astype(dv_ref.dtype)
+
+
+def _key_valid_rows(key_valid: jax.Array) -> jax.Array:
+  """[b, keys] bool -> [b, SUBLANES, keys] int32 (a full (8, 128) tile per key block)."""
+  return jnp.broadcast_to(key_valid.astype(jnp.int32)[:, None, :],
+                          (key_valid.shape[0], SUBLANES, key_valid.shape[1]))
+
+
+def _call(kernel, grid, in_specs, out_specs, out_shape, scratch, flags, fetch, args, *,
+          interpret, name):
+  """pallas_call with (flags, fetch) as flattened scalar-prefetch operands in SMEM."""
+  return pl.pallas_call(
+      kernel,
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=2, grid=grid, in_specs=in_specs, out_specs=out_specs,
+          scratch_shapes=scratch),
+      out_shape=out_shape,
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=("parallel", "parallel", "arbitrary")),
+      interpret=interpret,
+      name=name,
+  )(flags.reshape(-1), fetch.reshape(-1), *args)
+
+
+def forward(q, k, v, logits, threshold, key_valid, flags, *, scale, block_q, block_k, interpret):
+  """Masked attention on block-padded inputs.
+
+  Args:
+    q: [batch, heads, queries, head_dim], queries a multiple of block_q.
+    k, v: [batch, heads, keys, head_dim], keys a multiple of block_k.
+    logits: [batch, queries, keys] float32 mask logits.
+    threshold: [batch, queries] float32 per-query threshold (see `cross_attention_tile.allowed`).
+    key_valid: [batch, keys] bool.
+    flags: [batch, queries // block_q, keys // block_k] int32, nonzero where the tile has an
+      allowed key.
+
+  Returns:
+    (out [batch, heads, queries, head_dim] in q's dtype, logsumexp [batch, heads, queries] f32).
+  """
+  batch, heads, num_queries, head_dim = q.shape
+  num_q, num_k = flags.shape[1:]
+  fetch = fetch_plan(flags)
+
+  def q_map(b, i, j, flags_ref, fetch_ref):
+    return b, 0, i, 0
+
+  def kv_map(b, i, j, flags_ref, fetch_ref):
+    return b, 0, fetch_ref[(b * num_q + i) * num_k + j], 0
+
+  def logits_map(b, i, j, flags_ref, fetch_ref):
+    return b, i, fetch_ref[(b * num_q + i) * num_k + j]
+
+  def valid_map(b, i, j, flags_ref, fetch_ref):
+    return b, 0, fetch_ref[(b * num_q + i) * num_k + j]
+
+  q_spec = pl.BlockSpec((None, heads, block_q, head_dim), q_map)
+  kv_spec = pl.BlockSpec((None, heads, block_k, head_dim), kv_map)
+  column_spec = pl.BlockSpec((None, heads, block_q, LANES), q_map)
+  in_specs = [
+      q_spec, kv_spec, kv_spec,
+      pl.BlockSpec((None, block_q, block_k), logits_map),
+      pl.BlockSpec((None, block_q, LANES), lambda b, i, j, *_: (b, i, 0)),
+      pl.BlockSpec((None, SUBLANES, block_k), valid_map),
+  ]
+  out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype),
+               jax.ShapeDtypeStruct((batch, heads, num_queries, LANES), jnp.float32)]
+  scratch = [pltpu.VMEM((heads, block_q, LANES), jnp.float32),
+             pltpu.VMEM((heads, block_q, LANES), jnp.float32),
+             pltpu.VMEM((heads, block_q, head_dim), jnp.float32)]
+  kernel = functools.partial(_forward_kernel, scale=scale, num_q=num_q, num_k=num_k)
+  out, lse = _call(
+      kernel, (batch, num_q, num_k), in_specs, [q_spec, column_spec], out_shape, scratch, flags,
+      fetch, (q, k, v, logits, _lanes(threshold), _key_valid_rows(key_valid)),
+      interpret=interpret, name="masked_cross_attention_fwd")
+  return out, lse[..., 0]
+
+
+def backward(q, k, v, logits, threshold, key_valid, flags, do, lse, delta, *, scale, block_q,
+             block_k, interpret):
+  """(dq, dk, dv) of `forward`; do like q, lse and delta [batch, heads, queries] float32."""
+  batch, heads, num_queries, head_dim = q.shape
+  num_keys = k.shape[2]
+  num_q, num_k = flags.shape[1:]
+  lanes = dict(lse=_lanes(lse), delta=_lanes(delta),
+               threshold=_lanes(threshold), valid=_key_valid_rows(key_valid))
+
+  # dq: like the forward, key tiles innermost.
+  fetch_k = fetch_plan(flags)
+
+  def at_k(b, i, j, fetch_ref):
+    return fetch_ref[(b * num_q + i) * num_k + j]
+
+  q_spec = pl.BlockSpec((None, heads, block_q, head_dim), lambda b, i, j, *_: (b, 0, i, 0))
+  column_spec = pl.BlockSpec((None, heads, block_q, LANES), lambda b, i, j, *_: (b, 0, i, 0))
+  kv_spec = pl.BlockSpec((None, heads, block_k, head_dim),
+                         lambda b, i, j, _, fe: (b, 0, at_k(b, i, j, fe), 0))
+  in_specs = [
+      q_spec, kv_spec, kv_spec, q_spec, column_spec, column_spec,
+      pl.BlockSpec((None, block_q, block_k), lambda b, i, j, _, fe: (b, i, at_k(b, i, j, fe))),
+      pl.BlockSpec((None, block_q, LANES), lambda b, i, j, *_: (b, i, 0)),
+      pl.BlockSpec((None, SUBLANES, block_k), lambda b, i, j, _, fe: (b, 0, at_k(b, i, j, fe))),
+  ]
+  args = (q, k, v, do, lanes["lse"], lanes["delta"], logits, lanes["threshold"], lanes["valid"])
+  dq = _call(
+      functools.partial(_dq_kernel, scale=scale, num_q=num_q, num_k=num_k),
+      (batch, num_q, num_k), in_specs, q_spec, jax.ShapeDtypeStruct(q.shape, q.dtype),
+      [pltpu.VMEM((heads, block_q, head_dim), jnp.float32)], flags, fetch_k, args,
+      interpret=interpret, name="masked_cross_attention_dq")
+
+  # dk, dv: query tiles innermost; the fetch plan runs along the query axis.
+  fetch_q = fetch_plan(flags.transpose(0, 2, 1))
+
+  def at_q(b, j, i, fetch_ref):
+    return fetch_ref[(b * num_k + j) * num_q + i]
+
+  q_spec = pl.BlockSpec((None, heads, block_q, head_dim),
+                        lambda b, j, i, _, fe: (b, 0, at_q(b, j, i, fe), 0))
+  column_spec = pl.BlockSpec((None, heads, block_q, LANES),
+                             lambda b, j, i, _, fe: (b, 0, at_q(b, j, i, fe), 0))
+  kv_spec = pl.BlockSpec((None, heads, block_k, head_dim), lambda b, j, i, *_: (b, 0, j, 0))
+  in_specs = [
+      q_spec, kv_spec, kv_spec, q_spec, column_spec, column_spec,
+      pl.BlockSpec((None, block_q, block_k), lambda b, j, i, _, fe: (b, at_q(b, j, i, fe), j)),
+      pl.BlockSpec((None, block_q, LANES), lambda b, j, i, _, fe: (b, at_q(b, j, i, fe), 0)),
+      pl.BlockSpec((None, SUBLANES, block_k), lambda b, j, i, *_: (b, 0, j)),
+  ]
+  kv_shapes = [jax.ShapeDtypeStruct((batch, heads, num_keys, head_dim), x.dtype) for x in (k, v)]
+  # The kernel reads flags as [batch, query tiles, key tiles] whatever the grid order.
+  dk, dv = _call(
+      functools.partial(_dkv_kernel, scale=scale, num_q=num_q, num_k=num_k),
+      (batch, num_k, num_q), in_specs, [kv_spec, kv_spec], kv_shapes,
+      [pltpu.VMEM((heads, block_k, head_dim), jnp.float32)] * 2, flags, fetch_q, args,
+      interpret=interpret, name="masked_cross_attention_dkv")
+  return dq, dk, dv
