@@ -133,6 +133,6 @@ def test_entry_point_is_the_reference(impl):
 
 
 def test_entry_point_rejects_unknown_impl():
-  with pytest.raises(ValueError, match="'xla', 'auto'"):
+  with pytest.raises(ValueError, match="'xla', 'pallas', 'auto'"):
     cross_attention.fine_grained_cross_attention(
-        *map(jnp.asarray, _inputs(8)), impl="pallas")
+        *map(jnp.asarray, _inputs(8)), impl="cuda")
