@@ -185,3 +185,15 @@ def test_malformed_annotation_file_names_it(tmp_path):
   (raw / "annotations" / "val.json").write_text("[{\"img_name\": ")
   with pytest.raises(records.RecordError, match="val.json: malformed JSON"):
     _prepare(raw, tmp_path / "out")
+
+
+def test_tfrecord_build_reads_with_tfds_load(tmp_path):
+  # ArrayRecord is the default (random access for Grain); tf.data users build TFRecord instead.
+  raw, scenes = _raw(tmp_path)
+  builder = ref_coco_m.Builder(data_dir=str(tmp_path / "out"), file_format="tfrecord")
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(raw)))
+  examples = list(tfds.load("ref_coco_m", split="val", data_dir=str(tmp_path / "out")))
+  assert len(examples) == len(scenes)
+  sentences = {s for scene in scenes for ref in scene.refs for s in ref.sentences}
+  assert {t.decode() for ex in examples for t in ex["expressions"]["text"].numpy()} == sentences
+  assert all(ex["targets"]["mask"].shape[1:] == (48, 64, 1) for ex in examples)

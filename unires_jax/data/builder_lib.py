@@ -45,8 +45,11 @@ class Builder(tfds.core.GeneratorBasedBuilder):
   HOMEPAGE: str = ""
 
   def __init__(self, *, file_format=None, **kwargs):
-    # ArrayRecord unless asked otherwise: Grain reads it with random access.
-    super().__init__(file_format=file_format or "array_record", **kwargs)
+    super().__init__(file_format=file_format, **kwargs)
+    # ArrayRecord unless asked otherwise (Grain reads it with random access); a dataset already
+    # built keeps the format it was built in.
+    if file_format is None and not self.is_prepared():
+      self.info.set_file_format("array_record", override=True)
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(features=schema.features(), homepage=self.HOMEPAGE)
