@@ -128,6 +128,23 @@ def test_skipped_tiles_are_never_read(backend):
     _assert_close(g, w, 1e-4)
 
 
+@pytest.mark.parametrize("backend", cap.BACKENDS)
+def test_nan_logits_follow_the_reference(backend):
+  """A NaN logit allows nothing in a row with allowed keys, and changes nothing in an empty row
+  (which takes every valid key, as the reference does)."""
+  q, k, v, logits, key_valid, do = _inputs(np.random.default_rng(4), 1, 2, 8, 64, 16, block_k=32)
+  logits[0, 1, 3] = np.nan  # query 1: other keys allowed
+  logits[0, 2] = -1.0
+  logits[0, 2, 40] = np.nan  # query 2: empty mask
+  got, got_grads = _value_and_vjp(lambda *a: cap.masked_cross_attention_pallas(
+      *a, backend=backend, interpret=True, block_q=8, block_k=32))(q, k, v, logits, key_valid, do)
+  want, want_grads = _value_and_vjp(cross_attention_ref.masked_cross_attention_ref)(
+      q, k, v, logits, key_valid, do)
+  _assert_close(got, want, 1e-5)
+  for g, w in zip(got_grads, want_grads):
+    _assert_close(g, w, 1e-4)
+
+
 def test_no_valid_key_gives_zeros_and_finite_grads():
   q, k, v, logits, key_valid, do = _inputs(np.random.default_rng(3), 2, 2, 5, 40, 8, block_k=16)
   key_valid[0] = False

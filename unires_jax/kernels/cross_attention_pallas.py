@@ -136,8 +136,9 @@ def plan(logits, key_valid, num_queries, block_q, block_k):
   batch, padded_q, padded_k = logits.shape
   num_k_tiles = padded_k // block_k
   valid = key_valid.reshape(batch, 1, num_k_tiles, block_k)
-  tile_max = jnp.max(jnp.where(valid, logits.reshape(batch, padded_q, num_k_tiles, block_k),
-                               -jnp.inf), axis=-1)                    # [b, q, key tiles]
+  tiled = logits.reshape(batch, padded_q, num_k_tiles, block_k)
+  # A NaN logit allows nothing (NaN >= 0 is false in the reference); keep it out of the max.
+  tile_max = jnp.max(jnp.where(valid & ~jnp.isnan(tiled), tiled, -jnp.inf), axis=-1)  # [b, q, kt]
   tile_has_valid = jnp.any(valid, axis=-1)                            # [b, 1, key tiles]
   has_allowed = jnp.max(tile_max, axis=-1) >= 0                       # [b, q]
   real = jnp.arange(padded_q) < num_queries

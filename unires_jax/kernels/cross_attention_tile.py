@@ -26,9 +26,10 @@ def allowed(logits: jax.Array, threshold: jax.Array, key_valid: jax.Array) -> ja
     key_valid: [block_q, block_k] bool (or broadcastable), False for padding keys.
 
   Returns:
-    [block_q, block_k] bool.
+    [block_q, block_k] bool. An empty-mask query takes every valid key whatever its logit (a NaN
+    logit included), as the reference does.
   """
-  return jnp.logical_and(logits >= threshold, key_valid)
+  return jnp.logical_and(jnp.logical_or(logits >= threshold, threshold == -jnp.inf), key_valid)
 
 
 def scores(q: jax.Array, k: jax.Array, scale: float) -> jax.Array:
