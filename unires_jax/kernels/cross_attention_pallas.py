@@ -29,6 +29,7 @@ from jax.experimental import pallas as pl
 
 from unires_jax.kernels import cross_attention_pallas_gpu as gpu
 from unires_jax.kernels import cross_attention_pallas_tpu as tpu
+from unires_jax.kernels import cross_attention_ref
 
 BACKENDS = ("tpu", "gpu")
 
@@ -184,19 +185,6 @@ def _pad_to(x: jax.Array, shape: tuple[int, ...], value=0) -> jax.Array:
   return jnp.pad(x, [(0, s - d) for d, s in zip(x.shape, shape)], constant_values=value)
 
 
-def _check_shapes(q, k, v, mask_logits, key_valid):
-  batch, heads, num_q, head_dim = q.shape
-  num_k = k.shape[2]
-  if k.shape != (batch, heads, num_k, head_dim) or v.shape != k.shape:
-    raise ValueError(f"k and v must be [batch, heads, keys, head_dim] matching q {q.shape}, "
-                     f"got {k.shape} and {v.shape}")
-  if mask_logits.shape != (batch, num_q, num_k):
-    raise ValueError(f"mask_logits must be [batch, queries, keys] = {(batch, num_q, num_k)}, "
-                     f"got {mask_logits.shape}")
-  if key_valid is not None and key_valid.shape != (batch, num_k):
-    raise ValueError(f"key_valid must be [batch, keys] = {(batch, num_k)}, got {key_valid.shape}")
-
-
 def _check_blocks(backend, block_q, block_k):
   """Hardware tiling rules (interpret mode has none, so tests may use small blocks)."""
   if backend == "tpu" and (block_q % 16 or block_k % 128):
@@ -238,7 +226,7 @@ def masked_cross_attention_pallas(
   Returns:
     [batch, heads, queries, head_dim] in q's dtype.
   """
-  _check_shapes(q, k, v, mask_logits, key_valid)
+  cross_attention_ref.check_shapes(q, k, v, mask_logits, key_valid)
   backend = backend or platform_backend()
   if backend not in BACKENDS:
     raise ValueError(f"unknown Pallas backend {backend!r}; options: {BACKENDS}")

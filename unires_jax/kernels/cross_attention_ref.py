@@ -23,6 +23,20 @@ def allowed_keys(mask_logits: jax.Array, key_valid: jax.Array | None = None) -> 
   return jnp.where(empty, valid, allowed)
 
 
+def check_shapes(q, k, v, mask_logits, key_valid) -> None:
+  """Raises a ValueError naming the argument whose shape does not fit `q [b, h, Q, D]`."""
+  batch, heads, num_q, head_dim = q.shape
+  num_k = k.shape[2]
+  if k.shape != (batch, heads, num_k, head_dim) or v.shape != k.shape:
+    raise ValueError(f"k and v must be [batch, heads, keys, head_dim] matching q {q.shape}, "
+                     f"got {k.shape} and {v.shape}")
+  if mask_logits.shape != (batch, num_q, num_k):
+    raise ValueError(f"mask_logits must be [batch, queries, keys] = {(batch, num_q, num_k)}, "
+                     f"got {mask_logits.shape}")
+  if key_valid is not None and key_valid.shape != (batch, num_k):
+    raise ValueError(f"key_valid must be [batch, keys] = {(batch, num_k)}, got {key_valid.shape}")
+
+
 def masked_cross_attention_ref(
     q: jax.Array,
     k: jax.Array,
@@ -57,14 +71,8 @@ def masked_cross_attention_ref(
   Returns:
     [batch, heads, queries, head_dim] in q's dtype.
   """
-  batch, _, num_q, head_dim = q.shape
-  num_k = k.shape[2]
-  if mask_logits.shape != (batch, num_q, num_k):
-    raise ValueError(
-        f"mask_logits must be [batch, queries, keys] = {(batch, num_q, num_k)}, "
-        f"got {mask_logits.shape}")
-  if key_valid is not None and key_valid.shape != (batch, num_k):
-    raise ValueError(f"key_valid must be [batch, keys] = {(batch, num_k)}, got {key_valid.shape}")
+  check_shapes(q, k, v, mask_logits, key_valid)
+  head_dim = q.shape[-1]
   if scale is None:
     scale = head_dim**-0.5
   allowed = jax.lax.stop_gradient(allowed_keys(mask_logits, key_valid))[:, None]  # [b, 1, q, k]
