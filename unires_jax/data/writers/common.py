@@ -5,13 +5,12 @@ released datasets, so that the builders are tested on real files, never on mocke
 """
 
 import dataclasses
-import io
 import os
 import tempfile
 from typing import Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 
 @dataclasses.dataclass
@@ -142,12 +141,6 @@ def random_scene(rng: np.random.Generator, image_id: int, *, height: int = 48, w
                refs, object_proposals=boxes[~is_part], part_proposals=boxes[is_part])
 
 
-def jpeg_bytes(pixels: np.ndarray, quality: int = 95) -> bytes:
-  buf = io.BytesIO()
-  Image.fromarray(pixels).save(buf, format="JPEG", quality=quality)
-  return buf.getvalue()
-
-
 def corrupt_file(path: str) -> None:
   """Truncates a file to its first bytes (a corrupt JPEG/PNG for the bad-input tests)."""
   with open(path, "rb") as f:
@@ -155,9 +148,3 @@ def corrupt_file(path: str) -> None:
   with open(path, "wb") as f:
     f.write(head)
 
-
-def draw_polygon(mask_shape: tuple[int, int], polygon: Sequence[float]) -> np.ndarray:
-  """A polygon rasterised by PIL (used by procedurally drawn scenes)."""
-  canvas = Image.new("L", (mask_shape[1], mask_shape[0]), 0)
-  ImageDraw.Draw(canvas).polygon(list(map(float, polygon)), fill=1)
-  return np.asarray(canvas, bool)
