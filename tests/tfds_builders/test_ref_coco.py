@@ -13,6 +13,7 @@ import tensorflow_datasets as tfds
 
 from tests.tfds_builders import coco_raw, tfds_cli
 from tfds_builders.ref_coco import ref_coco_dataset_builder as ref_coco
+from unires_jax.data import raw_io
 from unires_jax.data.records import RecordError
 from unires_jax.data.writers import common, refcoco
 
@@ -59,8 +60,7 @@ def built(raw, tmp_path_factory):
 
 
 def _raw_files(root, dataset, split_by):
-  with open(os.path.join(root, dataset, f"refs({split_by}).p"), "rb") as f:
-    refs = pickle.load(f)  # Our own test file; the builder reads it with the restricted loader.
+  refs = raw_io.load_plain_pickle(os.path.join(root, dataset, f"refs({split_by}).p"))
   with open(os.path.join(root, dataset, "instances.json")) as f:
     return refs, json.load(f)
 
@@ -110,8 +110,7 @@ class _RunsCode:
 
 def _rewrite_refs(root, change):
   path = os.path.join(root, "refcoco", "refs(unc).p")
-  with open(path, "rb") as f:
-    refs = pickle.load(f)
+  refs = raw_io.load_plain_pickle(path)
   with open(path, "wb") as f:
     pickle.dump(change(refs), f, protocol=2)
 
