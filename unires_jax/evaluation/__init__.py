@@ -1,0 +1,1 @@
+"""Evaluation of referring expression segmentation: metrics and trivial baselines."""
