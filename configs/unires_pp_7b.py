@@ -82,6 +82,50 @@ def get_config(arg=None):
   m.max_objects = 16
   m.max_parts = 16
   m.loss = dict(lm=1.0, mask_bce=2.0, mask_dice=0.5, no_target=1.0)
+  # Rematerialisation of the transformer layers (CLIP ViT and LLaMA) in the backward pass:
+  # "none", "full" (recompute everything) or "dots" (keep matmul outputs without batch dims).
+  m.remat = "none"
+
+  # The device mesh (unires_jax/parallel): one size per axis, one of them may be -1 (the rest).
+  # Batches are split over data x fsdp; parameters follow the rules table in
+  # unires_jax/parallel/rules.py (fsdp shards the embed dimension, tensor the mlp/heads/vocab one).
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+
+  # AdamW with linear warmup then cosine decay to `end_lr_fraction * learning_rate`.
+  config.optimizer = ml_collections.ConfigDict()
+  config.optimizer.learning_rate = 2e-5
+  config.optimizer.warmup_steps = 500
+  config.optimizer.end_lr_fraction = 0.0
+  config.optimizer.b1 = 0.9
+  config.optimizer.b2 = 0.95
+  config.optimizer.eps = 1e-8
+  config.optimizer.weight_decay = 0.0
+  config.optimizer.grad_clip_norm = 1.0
+  # Learning-rate multiplier per module: keys are parameter path prefixes ("vision",
+  # "llm/model/embed_tokens"), the longest matching prefix wins, 1.0 elsewhere; 0.0 freezes (no
+  # optimizer state is kept). Stage 1 freezes both vision encoders.
+  config.optimizer.lr_multipliers = ml_collections.ConfigDict(dict(vision=0.0, convnext=0.0))
+
+  config.train = ml_collections.ConfigDict()
+  config.train.num_steps = 20_000
+  config.train.accum_steps = 1  # micro-batches per step (the global batch is split into them)
+  config.train.seed = 0  # parameter initialisation
+  config.train.log_every = 50
+  config.train.checkpoint_every = 1000
+  config.train.keep_checkpoints = 3
+  config.train.async_checkpointing = True
+  config.train.max_nonfinite_in_row = 20  # skipped steps in a row before training stops
+  config.train.image_summary_every = 1000  # predicted masks over the input, in TensorBoard
+  config.train.eval_every = 0  # 0: evaluate only at the end
+
+  # Evaluation (unires-eval, and during training): label -> dataset and split.
+  config.eval = ml_collections.ConfigDict()
+  config.eval.datasets = ml_collections.ConfigDict(dict(
+      refcocom_val=dict(name="ref_coco_m", split="val"),
+      grefcoco_val=dict(name="grefcoco", split="val"),
+  ))
+  config.eval.batch_size = 64  # global
+  config.eval.no_target_threshold = 0.5  # sigmoid(no-target logit) above it: predict nothing
 
   # The input pipeline (unires_jax/data/pipeline.py). Datasets are TFDS names (with their builder
   # config) in `data_dir`, built from tfds_builders/; `train` maps a label to a dataset and its

@@ -187,10 +187,16 @@ class CLIPEncoderLayer(nnx.Module):
     return x + self.mlp(self.layer_norm2(x))
 
 
+def _call_layer(layer, x):
+  return layer(x)
+
+
 class CLIPEncoder(nnx.Module):
   """The stack of encoder layers (its own module so parameter paths read `encoder/layers/i`)."""
 
-  def __init__(self, cfg, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(self, cfg, *, dtype=None, param_dtype=jnp.float32, remat: str = "none",
+               rngs: nnx.Rngs):
+    self.remat = remat  # rematerialises each layer in the backward pass
     self.layers = nnx.List([
         CLIPEncoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         for _ in range(cfg.num_layers)
@@ -199,8 +205,9 @@ class CLIPEncoder(nnx.Module):
   def __call__(self, x: jax.Array) -> tuple[jax.Array, ...]:
     """[batch, tokens, width] -> the input and every layer's output, each [batch, tokens, width]."""
     hidden_states = [x]
+    call = layers.remat(_call_layer, self.remat)
     for layer in self.layers:
-      hidden_states.append(layer(hidden_states[-1]))
+      hidden_states.append(call(layer, hidden_states[-1]))
     return tuple(hidden_states)
 
 
@@ -212,7 +219,8 @@ class CLIPVisionTransformer(nnx.Module):
   interpolate_pos_encoding (default for `__call__`).
   """
 
-  def __init__(self, cfg, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(self, cfg, *, dtype=None, param_dtype=jnp.float32, remat: str = "none",
+               rngs: nnx.Rngs):
     if cfg.select_feature not in SELECT_FEATURES:
       raise ValueError(
           f"select_feature must be one of {SELECT_FEATURES}, got {cfg.select_feature!r}"
@@ -229,7 +237,7 @@ class CLIPVisionTransformer(nnx.Module):
     norm = lambda: layers.layer_norm(cfg.hidden_size, "embed", epsilon=cfg.layer_norm_eps, **kw)
     # transformers' spelling "pre_layrnorm" keeps the parameter paths convertible by name.
     self.pre_layrnorm = norm()
-    self.encoder = CLIPEncoder(cfg, **kw)
+    self.encoder = CLIPEncoder(cfg, remat=remat, **kw)
     self.post_layernorm = norm()
 
   @property

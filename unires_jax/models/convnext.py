@@ -40,14 +40,18 @@ def drop_path_rates(drop_path_rate: float, depths: tuple[int, ...]) -> list[list
 
 
 class Mlp(nnx.Module):
-  """fc1 -> exact GELU -> fc2 on `[..., channels]`."""
+  """fc1 -> exact GELU -> fc2 on `[..., channels]`.
+
+  The channels are named `embed` here (the tower's residual width, as in a transformer MLP), not
+  `conv_out`, so that the two dimensions of a kernel map to different mesh axes.
+  """
 
   def __init__(self, dim: int, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
     hidden = MLP_RATIO * dim
     self.fc1 = layers.linear(
-        dim, hidden, ("conv_out", "mlp"), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        dim, hidden, ("embed", "mlp"), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.fc2 = layers.linear(
-        hidden, dim, ("mlp", "conv_out"), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        hidden, dim, ("mlp", "embed"), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.fc2(layers.gelu_exact(self.fc1(x)))

@@ -166,6 +166,21 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
   return ACTIVATIONS[name]
 
 
+REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
+    "full": None,  # save nothing: recompute the whole layer in the backward pass
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def remat(fn: Callable[..., Any], policy: str) -> Callable[..., Any]:
+  """`fn(module, *args)` rematerialised under `config.model.remat` ("none", "full", "dots")."""
+  if policy == "none":
+    return fn
+  if policy not in REMAT_POLICIES:
+    raise ValueError(f"unknown remat policy {policy!r}; known: none, {', '.join(REMAT_POLICIES)}")
+  return nnx.remat(fn, policy=REMAT_POLICIES[policy])
+
+
 def parse_dtype(name: Any) -> Any:
   """Config dtype string ('float32', 'bfloat16', ...) -> jnp dtype; None stays None."""
   if name is None or not isinstance(name, str):

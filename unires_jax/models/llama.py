@@ -195,12 +195,17 @@ class LlamaDecoderLayer(nnx.Module):
     return x + self.mlp(self.post_attention_layernorm(x)), kv
 
 
+def _call_layer(layer, *args):
+  return layer(*args)
+
+
 class LlamaModel(nnx.Module):
   """Token embeddings, decoder layers and the final norm (transformers' `model.`)."""
 
   def __init__(self, cfg: LlamaConfig, *, vocab_size: int, dtype=None, param_dtype=jnp.float32,
-               rngs: nnx.Rngs):
+               remat: str = "none", rngs: nnx.Rngs):
     e = cfg.hidden_size
+    self.remat = remat  # rematerialises each decoder layer in training (no cache)
     self.embed_tokens = nnx.Embed(
         vocab_size,
         e,
@@ -247,9 +252,10 @@ class LlamaModel(nnx.Module):
 
     x = inputs_embeds
     keys, values = [], []
+    call = _call_layer if cache is not None else layers.remat(_call_layer, self.remat)
     for i, layer in enumerate(self.layers):
       kv = None if cache is None else (cache.keys[i], cache.values[i])
-      x, kv = layer(x, positions, mask, kv, start)
+      x, kv = call(layer, x, positions, mask, kv, start)
       if kv is not None:
         keys.append(kv[0])
         values.append(kv[1])
@@ -271,6 +277,7 @@ class LlamaForCausalLM(nnx.Module):
       vocab_size: int | None = None,
       dtype: Any = None,
       param_dtype: Any = jnp.float32,
+      remat: str = "none",
       rngs: nnx.Rngs,
   ):
     self.config = read_llm_config(cfg)
@@ -278,8 +285,8 @@ class LlamaForCausalLM(nnx.Module):
     self.tie_word_embeddings = bool(self.config.tie_word_embeddings)
     self.dtype = dtype
     self.model = LlamaModel(
-        self.config, vocab_size=self.vocab_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs
-    )
+        self.config, vocab_size=self.vocab_size, dtype=dtype, param_dtype=param_dtype,
+        remat=remat, rngs=rngs)
     if not self.tie_word_embeddings:
       self.lm_head = layers.linear(
           self.config.hidden_size,

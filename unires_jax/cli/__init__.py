@@ -1,0 +1,1 @@
+"""Command-line programs: unires-train, unires-eval, unires-demo."""

@@ -1,0 +1,33 @@
+"""Flags and start-up shared by the command-line programs."""
+
+import logging
+
+import jax
+from absl import flags
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, TensorBoard, eval.")
+flags.DEFINE_bool("distributed", False,
+                  "Call jax.distributed.initialize() with auto-detection (Cloud TPU, SLURM, ...).")
+flags.DEFINE_string("coordinator_address", None,
+                    "host:port of process 0, for an explicit multi-process run (e.g. CPU hosts).")
+flags.DEFINE_integer("num_processes", None, "Processes of an explicit multi-process run.")
+flags.DEFINE_integer("process_id", None, "This process's index in an explicit run.")
+flags.DEFINE_bool("progress", True, "Show a progress bar.")
+
+
+def start() -> None:
+  """Logging, then `jax.distributed.initialize` when the flags ask for it."""
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+  for noisy in ("absl", "jax", "orbax", "tensorflow", "grain"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+  if FLAGS.coordinator_address:
+    missing = [f for f in ("num_processes", "process_id") if getattr(FLAGS, f) is None]
+    if missing:
+      raise flags.ValidationError(f"--coordinator_address needs --{missing[0]}")
+    if jax.default_backend() == "cpu":
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  elif FLAGS.distributed:
+    jax.distributed.initialize()

@@ -1,0 +1,1 @@
+"""Training: optimizer, sharded train state, the jitted train step, checkpoints, the loop."""

@@ -1,0 +1,93 @@
+"""The train state, created sharded on the mesh.
+
+Parameters are created where they live: the init runs under `jax.jit` with the shardings the
+rules give as `out_shardings`, so no host ever holds a full copy of the model.
+"""
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from unires_jax import parallel
+from unires_jax.models.unires import UniRESPP
+from unires_jax.train import optimizer as optimizer_lib
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a training run carries from step to step (a pytree; checkpointed whole).
+
+  step:              int32 [] train steps taken (skipped non-finite steps included)
+  params:            nnx.State of the model's parameters (float32 master weights)
+  opt_state:         optimizer state of the trainable parameters
+  nonfinite_in_row:  int32 [] steps skipped in a row for a non-finite loss or gradient
+  nonfinite_total:   int32 [] steps skipped in all
+  """
+
+  step: jax.Array
+  params: nnx.State
+  opt_state: optax.OptState
+  nonfinite_in_row: jax.Array
+  nonfinite_total: jax.Array
+
+
+def build_model(model_cfg: ml_collections.ConfigDict, seed: int) -> UniRESPP:
+  """The model named by `config.model_name` (one registry entry for now)."""
+  return UniRESPP(model_cfg, rngs=nnx.Rngs(params=seed))
+
+
+MODELS = {"unires_pp": build_model}
+
+
+def model_builder(config: ml_collections.ConfigDict):
+  if config.model_name not in MODELS:
+    raise ValueError(f"unknown config.model_name {config.model_name!r}; known: {sorted(MODELS)}")
+  return MODELS[config.model_name]
+
+
+def graphdef_and_abstract_params(config: ml_collections.ConfigDict) -> tuple[nnx.GraphDef, Any]:
+  """The model's static graph and its parameters as ShapeDtypeStructs (nothing allocated)."""
+  build = model_builder(config)
+  model = nnx.eval_shape(lambda: build(config.model, config.train.seed))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  if jax.tree_util.tree_leaves(rest):
+    raise ValueError("the model holds non-parameter state, which the train state does not carry")
+  return graphdef, params
+
+
+class StateFactory:
+  """Builds the optimizer, the abstract state and the sharded state of a config on a mesh."""
+
+  def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh):
+    self.config, self.mesh = config, mesh
+    self.graphdef, abstract_params = graphdef_and_abstract_params(config)
+    multipliers = dict(config.optimizer.lr_multipliers)
+    optimizer_lib.check_multipliers(abstract_params, multipliers)
+    trainable, _ = optimizer_lib.split_trainable(abstract_params, multipliers)
+    self.tx = optimizer_lib.make_optimizer(config.optimizer, config.train.num_steps, trainable)
+    self.abstract = jax.eval_shape(self._init)
+    self.shardings = parallel.state_shardings(self.abstract, mesh)
+
+  def _init(self) -> TrainState:
+    model = model_builder(self.config)(self.config.model, self.config.train.seed)
+    params = nnx.state(model, nnx.Param)
+    trainable, _ = optimizer_lib.split_trainable(params, dict(self.config.optimizer.lr_multipliers))
+    zero = jnp.zeros((), jnp.int32)
+    return TrainState(step=zero, params=params, opt_state=self.tx.init(trainable),
+                      nonfinite_in_row=zero, nonfinite_total=zero)
+
+  def create(self) -> TrainState:
+    """A freshly initialised state, every array created directly with its sharding."""
+    return jax.jit(self._init, out_shardings=self.shardings)()
+
+  def abstract_sharded(self) -> TrainState:
+    """The state as ShapeDtypeStructs carrying this mesh's shardings (an Orbax restore target)."""
+    return jax.tree_util.tree_map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        self.abstract, self.shardings)

@@ -1,0 +1,138 @@
+"""The jitted train step and prediction function, with explicit in/out shardings.
+
+One step: split the global batch into `config.train.accum_steps` micro-batches, sum their
+gradients in a `lax.scan` (memory holds one micro-batch of activations) and average, clip, update
+with AdamW. A non-finite loss or gradient norm keeps the old parameters and optimizer state and
+is counted. The state is donated: its buffers are reused for the new state.
+
+With accumulation, the loss is the mean of the micro-batches' losses, each normalised within
+its micro-batch (as every accumulating trainer does); it equals the full-batch loss when the
+micro-batches hold equal numbers of answer tokens and mask targets.
+"""
+
+from typing import Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from unires_jax import parallel
+from unires_jax.models.unires import INPUT_KEYS, LOSS_KEYS, compute_loss
+from unires_jax.train import optimizer as optimizer_lib
+from unires_jax.train.state import StateFactory, TrainState
+
+Batch = Mapping[str, jax.Array]
+MODEL_KEYS = INPUT_KEYS + LOSS_KEYS
+
+
+def model_fields(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+  """The fields the model and its loss read (a pipeline batch also carries bookkeeping)."""
+  missing = [k for k in MODEL_KEYS if k not in batch]
+  if missing:
+    raise ValueError(f"batch is missing field {missing[0]!r} (needs {MODEL_KEYS})")
+  return {k: batch[k] for k in MODEL_KEYS}
+
+
+def _micro_batches(batch: Batch, accum_steps: int) -> Batch:
+  """`[batch, ...]` -> `[accum_steps, batch / accum_steps, ...]`. Micro-batch j holds rows
+  j, j + accum_steps, ...: every device keeps its own rows, nothing moves between devices."""
+  out = {}
+  for key, value in batch.items():
+    b = value.shape[0]
+    if b % accum_steps:
+      raise ValueError(f"batch[{key!r}] has {b} rows, not divisible by "
+                       f"config.train.accum_steps={accum_steps}")
+    out[key] = jnp.moveaxis(value.reshape(b // accum_steps, accum_steps, *value.shape[1:]), 1, 0)
+  return out
+
+
+def _adam_count(opt_state) -> jax.Array:
+  """Updates applied so far: the count of the first Adam state (all trainable groups agree)."""
+  for s in jax.tree_util.tree_leaves(
+      opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState)):
+    if isinstance(s, optax.ScaleByAdamState):
+      return s.count
+  return jnp.zeros((), jnp.int32)
+
+
+def make_train_step(factory: StateFactory) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+  """`(state, batch) -> (state, metrics)`, jitted on `factory.mesh` with the state donated.
+
+  `batch` holds `MODEL_KEYS` as global arrays sharded over `data` x `fsdp`
+  (`parallel.shard_batch` of `model_fields(...)`). Metrics (replicated scalars): `loss`, its
+  parts, `grad_norm`, `learning_rate` (multiplier 1), `finite` (1 when the update was applied),
+  `nonfinite_in_row`, `nonfinite_total`.
+  """
+  config, graphdef, tx = factory.config, factory.graphdef, factory.tx
+  multipliers = dict(config.optimizer.lr_multipliers)
+  accum_steps = int(config.train.accum_steps)
+  if accum_steps < 1:
+    raise ValueError(f"config.train.accum_steps must be >= 1, got {accum_steps}")
+  schedule = optimizer_lib.learning_rate_schedule(config.optimizer, config.train.num_steps)
+  aux_loss = bool(config.model.mask_decoder.aux_loss)
+
+  def loss_fn(trainable, frozen, batch):
+    model = nnx.merge(graphdef, trainable, frozen)
+    return compute_loss(model(batch), batch, config.model.loss, aux_loss=aux_loss)
+
+  def gradients(trainable, frozen, batch):
+    (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, frozen, batch)
+    return loss, parts, grads
+
+  def accumulated(trainable, frozen, batch):
+    micro = _micro_batches(batch, accum_steps)
+    shapes = jax.eval_shape(gradients, trainable, frozen,
+                            jax.tree_util.tree_map(lambda x: x[0], micro))
+    zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+    def body(carry, one):
+      return jax.tree_util.tree_map(jnp.add, carry, gradients(trainable, frozen, one)), None
+
+    sums, _ = jax.lax.scan(body, zeros, micro)
+    return jax.tree_util.tree_map(lambda x: x / accum_steps, sums)
+
+  def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+    trainable, frozen = optimizer_lib.split_trainable(state.params, multipliers)
+    compute = gradients if accum_steps == 1 else accumulated
+    loss, parts, grads = compute(trainable, frozen, batch)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    learning_rate = schedule(_adam_count(state.opt_state))
+    updates, opt_state = tx.update(grads, state.opt_state, trainable)
+    new = (optax.apply_updates(trainable, updates), opt_state)
+    trainable, opt_state = jax.tree_util.tree_map(
+        lambda n, o: jnp.where(finite, n, o), new, (trainable, state.opt_state))
+    in_row = jnp.where(finite, 0, state.nonfinite_in_row + 1)
+    state = TrainState(
+        step=state.step + 1, params=nnx.merge_state(trainable, frozen), opt_state=opt_state,
+        nonfinite_in_row=in_row,
+        nonfinite_total=state.nonfinite_total + 1 - finite.astype(jnp.int32))
+    metrics = {"loss": loss, **parts, "grad_norm": grad_norm,
+               "learning_rate": learning_rate,
+               "finite": finite.astype(jnp.int32), "nonfinite_in_row": in_row,
+               "nonfinite_total": state.nonfinite_total}
+    return state, metrics
+
+  replicated = NamedSharding(factory.mesh, PartitionSpec())
+  return jax.jit(step, in_shardings=(factory.shardings, parallel.batch_sharding(factory.mesh)),
+                 out_shardings=(factory.shardings, replicated), donate_argnums=(0,))
+
+
+def make_predict(factory: StateFactory) -> Callable[[nnx.State, Batch], dict[str, jax.Array]]:
+  """`(params, batch) -> {"mask_logits": [batch, s_high, s_high], "no_target_logits": [batch]}`.
+
+  `batch` holds `INPUT_KEYS`. Mask logits are upsampled (bilinear) from the decoder's 1/4
+  resolution to the letterboxed high-resolution view; outputs are sharded over the batch.
+  """
+  graphdef, size = factory.graphdef, factory.config.model.convnext.image_size
+
+  def predict(params, batch):
+    out = nnx.merge(graphdef, params)(batch)
+    logits = jax.image.resize(out.mask_logits.astype(jnp.float32),
+                              (out.mask_logits.shape[0], size, size), "bilinear")
+    return {"mask_logits": logits, "no_target_logits": out.no_target_logits.astype(jnp.float32)}
+
+  rows = parallel.batch_sharding(factory.mesh)
+  return jax.jit(predict, in_shardings=(factory.shardings.params, rows), out_shardings=rows)
