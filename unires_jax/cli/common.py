@@ -26,8 +26,9 @@ def start() -> None:
     missing = [f for f in ("num_processes", "process_id") if getattr(FLAGS, f) is None]
     if missing:
       raise flags.ValidationError(f"--coordinator_address needs --{missing[0]}")
-    if jax.default_backend() == "cpu":
-      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # Cross-process collectives of the CPU client (other backends ignore the option). Not
+    # `if jax.default_backend() == "cpu"`: that starts the backend, and `initialize` must come first.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   elif FLAGS.distributed:
     jax.distributed.initialize()
