@@ -213,7 +213,7 @@ def test_logical_axes():
   block = "stages/1/blocks/0"
   assert names[f"{block}/conv_dw/kernel"] == ("conv_window", "conv_window", "conv_in", "conv_out")
   assert params[f"{block}/conv_dw/kernel"].shape == (7, 7, 1, 32)
-  assert names[f"{block}/mlp/fc1/kernel"] == ("conv_out", "mlp")
+  assert names[f"{block}/mlp/fc1/kernel"] == ("embed", "mlp")
   assert names[f"{block}/gamma"] == ("conv_out",)
   assert names["stages/1/downsample/0/scale"] == ("conv_out",)
 

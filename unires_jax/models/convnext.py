@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from unires_jax import parallel
 from unires_jax.models import layers
 
 STEM_PATCH = 4
@@ -93,7 +94,11 @@ class ConvNeXtBlock(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """`[batch, height, width, dim]` -> same shape."""
-    y = self.mlp(self.norm(self.conv_dw(x)))
+    # The depthwise conv runs per device on its rows: XLA's partitioner (jaxlib 0.10.2) doubles
+    # its kernel gradient when the batch is split over two mesh axes.
+    graphdef, conv_params = nnx.split(self.conv_dw)
+    y = parallel.batch_local(lambda x, p: nnx.merge(graphdef, p)(x), x, conv_params)
+    y = self.mlp(self.norm(y))
     y = y * jnp.asarray(self.gamma[...], self.dtype or y.dtype)
     if self.drop_path is not None:
       y = self.drop_path(y)

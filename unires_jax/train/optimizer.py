@@ -74,7 +74,7 @@ def make_optimizer(opt_cfg: ml_collections.ConfigDict, num_steps: int,
   labels_of = lambda params: jax.tree_util.tree_map_with_path(
       lambda path, v: v.replace(repr(lr_multiplier(path_str(path), multipliers))), params,
       is_leaf=lambda x: isinstance(x, nnx.Variable))
-  labels = {v.value for _, v in _variables(labels_of(trainable))}
+  labels = {v.get_value() for _, v in _variables(labels_of(trainable))}
 
   def adamw(mult: float) -> optax.GradientTransformation:
     return optax.adamw(

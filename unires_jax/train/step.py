@@ -97,7 +97,7 @@ def make_train_step(factory: StateFactory) -> Callable[[TrainState, Batch], tupl
     trainable, frozen = optimizer_lib.split_trainable(state.params, multipliers)
     compute = gradients if accum_steps == 1 else accumulated
     loss, parts, grads = compute(trainable, frozen, batch)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     learning_rate = schedule(_adam_count(state.opt_state))
     updates, opt_state = tx.update(grads, state.opt_state, trainable)
@@ -116,8 +116,19 @@ def make_train_step(factory: StateFactory) -> Callable[[TrainState, Batch], tupl
     return state, metrics
 
   replicated = NamedSharding(factory.mesh, PartitionSpec())
-  return jax.jit(step, in_shardings=(factory.shardings, parallel.batch_sharding(factory.mesh)),
-                 out_shardings=(factory.shardings, replicated), donate_argnums=(0,))
+  return _on_mesh(factory.mesh, jax.jit(
+      step, in_shardings=(factory.shardings, parallel.batch_sharding(factory.mesh)),
+      out_shardings=(factory.shardings, replicated), donate_argnums=(0,)))
+
+
+def _on_mesh(mesh, jitted):
+  """`jitted`, traced under `mesh` (the models' per-device sections read it)."""
+
+  def call(*args):
+    with jax.set_mesh(mesh):
+      return jitted(*args)
+
+  return call
 
 
 def make_predict(factory: StateFactory) -> Callable[[nnx.State, Batch], dict[str, jax.Array]]:
@@ -135,4 +146,5 @@ def make_predict(factory: StateFactory) -> Callable[[nnx.State, Batch], dict[str
     return {"mask_logits": logits, "no_target_logits": out.no_target_logits.astype(jnp.float32)}
 
   rows = parallel.batch_sharding(factory.mesh)
-  return jax.jit(predict, in_shardings=(factory.shardings.params, rows), out_shardings=rows)
+  return _on_mesh(factory.mesh, jax.jit(
+      predict, in_shardings=(factory.shardings.params, rows), out_shardings=rows))

@@ -1,0 +1,83 @@
+"""The mesh from the config and the logical-to-mesh rules table, on the full-size model."""
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from unires_jax import parallel
+from unires_jax.config_lib import load_config
+from unires_jax.parallel import mesh as mesh_lib
+from unires_jax.train.state import graphdef_and_abstract_params
+
+
+def _mesh(data, fsdp, tensor):
+  return parallel.make_mesh(dict(data=data, fsdp=fsdp, tensor=tensor))
+
+
+def test_mesh_shape_resolves_one_free_axis():
+  assert mesh_lib.mesh_shape(dict(data=-1, fsdp=2, tensor=2), 8) == (2, 2, 2)
+  assert mesh_lib.mesh_shape(dict(data=1, fsdp=-1, tensor=1), 8) == (1, 8, 1)
+  assert _mesh(-1, 4, 2).shape == {"data": 1, "fsdp": 4, "tensor": 2}
+
+
+@pytest.mark.parametrize("cfg, message", [
+    (dict(data=-1, fsdp=-1, tensor=1), "one may be -1"),
+    (dict(data=3, fsdp=1, tensor=1), "needs 3 devices"),
+    (dict(data=-1, fsdp=3, tensor=1), "does not divide 8"),
+    (dict(data=2, pipeline=2), "unknown axes"),
+    (dict(data=0, fsdp=-1), "sizes must be positive"),
+])
+def test_mesh_shape_errors(cfg, message):
+  with pytest.raises(ValueError, match=message):
+    mesh_lib.mesh_shape(cfg, 8)
+
+
+def test_logical_to_mesh():
+  mesh = _mesh(2, 2, 2)
+  assert parallel.logical_to_mesh(("embed", "mlp"), (64, 128), mesh) == P("fsdp", "tensor")
+  assert parallel.logical_to_mesh(("vocab", "embed"), (138, 64), mesh) == P("tensor", "fsdp")
+  # A size the mesh axis does not divide stays replicated.
+  assert parallel.logical_to_mesh(("embed", "mlp"), (3, 16), mesh) == P(None, "tensor")
+  assert parallel.logical_to_mesh(("mlp", None), (64, 1), mesh) == P("tensor", None)
+  # Convolution channels stay replicated (see the rules module's docstring).
+  assert parallel.logical_to_mesh(
+      ("conv_window", "conv_window", "conv_in", "conv_out"), (7, 7, 16, 16), mesh
+  ) == P(None, None, None, None)
+
+
+def test_logical_to_mesh_errors():
+  mesh = _mesh(2, 2, 2)
+  with pytest.raises(ValueError, match="'heads' and 'mlp' both map to mesh axis 'tensor'"):
+    parallel.logical_to_mesh(("heads", "mlp"), (8, 8), mesh, where="w")
+  with pytest.raises(ValueError, match="logical axis 'bogus' has no rule"):
+    parallel.logical_to_mesh(("bogus",), (8,), mesh)
+  with pytest.raises(ValueError, match="2 axis names"):
+    parallel.logical_to_mesh(("embed", "mlp"), (8,), mesh)
+
+
+def _param_specs(config, mesh):
+  _, params = graphdef_and_abstract_params(config)
+  shardings = parallel.state_shardings(params, mesh)
+  leaves = jax.tree_util.tree_leaves_with_path(
+      shardings, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  shapes = jax.tree_util.tree_leaves(params)
+  return {parallel.path_str(p): (v.get_value().spec, s.shape) for (p, v), s in zip(leaves, shapes)}
+
+
+def test_full_model_follows_the_rules():
+  """Every parameter of the 7B model resolves without conflict; the big ones shard both ways."""
+  specs = _param_specs(load_config("configs/unires_pp_7b.py"), _mesh(2, 2, 2))
+  assert len(specs) > 1000
+  both = {path for path, (spec, _) in specs.items() if "fsdp" in spec and "tensor" in spec}
+  for path in ("llm/model/layers/0/self_attn/q_proj/kernel",
+               "llm/model/layers/31/mlp/down_proj/kernel", "llm/model/embed_tokens/embedding",
+               "llm/lm_head/kernel", "vision/encoder/layers/0/mlp/fc1/kernel",
+               "convnext/stages/2/blocks/0/mlp/fc1/kernel", "image_projector/layers/0/kernel"):
+    assert path in both, (path, specs[path])
+  # Almost all parameter bytes are sharded on both axes.
+  size = lambda shape: int(np.prod(shape))
+  total = sum(size(shape) for _, shape in specs.values())
+  sharded = sum(size(specs[p][1]) for p in both)
+  assert sharded / total > 0.99
