@@ -33,9 +33,13 @@ class Checkpointer:
     if save_every < 1 or keep < 1:
       raise ValueError(f"checkpoint_every={save_every} and keep_checkpoints={keep} must be >= 1")
     self.directory = os.path.abspath(directory)
+    policies = ocp.checkpoint_managers
     options = ocp.CheckpointManagerOptions(
-        save_interval_steps=save_every, max_to_keep=keep, create=True,
-        enable_async_checkpointing=async_save)
+        max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+        # Multiples of `save_every` and preemption (Orbax's default also saves a run's first
+        # step, which costs a save for nothing).
+        save_decision_policy=policies.AnySavePolicy([
+            policies.FixedIntervalPolicy(save_every), policies.PreemptionCheckpointingPolicy()]))
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_names=("state", "data"))
 

@@ -6,11 +6,18 @@ Only process 0 writes; on other processes the writer does nothing.
 """
 
 import json
+import math
 import os
+import re
 from typing import Mapping
 
 import jax
 import numpy as np
+
+
+def _tb_name(name: str) -> str:
+  """TensorBoard tags hold letters, digits and `_.-/` only: "Pr@0.5" -> "Pr_at_0.5"."""
+  return re.sub(r"[^A-Za-z0-9_.\-/]", "_", name.replace("@", "_at_"))
 
 
 class MetricWriter:
@@ -32,14 +39,15 @@ class MetricWriter:
     self._jsonl.write(json.dumps(record) + "\n")
     self._jsonl.flush()
     for key, value in values.items():
-      self._tb.add_scalar(prefix + key, float(value), int(step))
+      if math.isfinite(float(value)):  # NaN: a metric without samples (e.g. N-acc)
+        self._tb.add_scalar(_tb_name(prefix + key), float(value), int(step))
 
   def images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
     """`name -> [height, width, 3]` uint8."""
     if not self._active:
       return
     for name, image in images.items():
-      self._tb.add_image(name, np.asarray(image, np.uint8), int(step), dataformats="HWC")
+      self._tb.add_image(_tb_name(name), np.asarray(image, np.uint8), int(step), dataformats="HWC")
     self._tb.flush()
 
   def close(self) -> None:

@@ -30,9 +30,14 @@ class PreemptionGuard:
       signal.signal(signal.SIGTERM, self._previous)
       self._previous = None
 
-  def requested(self) -> bool:
-    """Whether any process got SIGTERM (a collective: every process must call it together)."""
+  def requested(self, step: int) -> bool:
+    """Whether any process got SIGTERM (a collective: every process calls it at every step).
+
+    With `jax.distributed`, JAX installs its own SIGTERM handler and agrees on a step to stop at
+    (`reached_preemption_sync_point`); both signals count.
+    """
     local = self._event.is_set()
     if jax.process_count() == 1:
       return local
-    return bool(np.any(multihost_utils.process_allgather(np.array(local))))
+    anyone = bool(np.any(multihost_utils.process_allgather(np.array(local))))
+    return anyone or multihost_utils.reached_preemption_sync_point(step)

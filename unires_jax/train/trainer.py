@@ -95,7 +95,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, show_progress: boo
         if tcfg.eval_every and done % tcfg.eval_every == 0 and done < tcfg.num_steps:
           eval_results = evaluate_all(config, state.params, predict, mesh, tokenize, workdir,
                                       done, writer)
-        if guard.requested():
+        if guard.requested(done):
           if not saved:
             checkpoints.save(done, state, data, force=True)
           preempted = True
