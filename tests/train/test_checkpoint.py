@@ -1,0 +1,86 @@
+"""Orbax checkpoints: saved on one mesh, restored on another, training goes on the same."""
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from unires_jax import parallel
+from unires_jax.config_lib import load_config
+from unires_jax.models.synthetic import synthetic_batch
+from unires_jax.train import step as step_lib
+from unires_jax.train.checkpoint import Checkpointer, restore_params
+from unires_jax.train.state import StateFactory
+
+
+def _config():
+  config = load_config("configs/tiny.py")
+  config.train.num_steps = 10
+  config.optimizer.update(learning_rate=1e-3, warmup_steps=1)
+  return config  # stage 1: the vision towers are frozen
+
+
+def _batch(config, mesh, seed):
+  return parallel.shard_batch(step_lib.model_fields(
+      synthetic_batch(config.model, 8, seed=seed, no_target_every=3)), mesh)
+
+
+def _flat(tree):
+  return {parallel.path_str(p): v.get_value() for p, v in jax.tree_util.tree_leaves_with_path(
+      tree, is_leaf=lambda x: isinstance(x, nnx.Variable))}
+
+
+@pytest.mark.slow
+def test_restore_onto_another_mesh(tmp_path):
+  config = _config()
+  data_mesh = parallel.make_mesh(dict(data=8, fsdp=1, tensor=1))
+  factory = StateFactory(config, data_mesh)
+  step = step_lib.make_train_step(factory)
+  state = factory.create()
+  for seed in (0, 1):
+    state, _ = step(state, _batch(config, data_mesh, seed))
+  checkpoints = Checkpointer(str(tmp_path / "ckpt"), save_every=2, keep=2)
+  assert checkpoints.save(2, state, None)
+  checkpoints.wait_until_finished()
+  saved = {k: np.asarray(v) for k, v in _flat(state.params).items()}
+  _, metrics = step(state, _batch(config, data_mesh, 2))
+
+  model_mesh = parallel.make_mesh(dict(data=1, fsdp=4, tensor=2))
+  factory2 = StateFactory(config, model_mesh)
+  restored = Checkpointer(str(tmp_path / "ckpt"), save_every=2, keep=2).restore(
+      factory2.abstract_sharded(), None)
+  assert int(restored.step) == 2
+  expected = _flat(factory2.shardings.params)
+  for path, array in _flat(restored.params).items():
+    assert array.sharding.is_equivalent_to(expected[path], array.ndim), path
+    np.testing.assert_array_equal(np.asarray(array), saved[path], err_msg=path)
+  assert any("tensor" in s.spec and "fsdp" in s.spec for s in expected.values())
+
+  _, metrics2 = step_lib.make_train_step(factory2)(restored, _batch(config, model_mesh, 2))
+  # The same step on another layout: float32 sums in another order, nothing else.
+  np.testing.assert_allclose(float(metrics2["loss"]), float(metrics["loss"]), rtol=1e-5)
+  np.testing.assert_allclose(float(metrics2["grad_norm"]), float(metrics["grad_norm"]),
+                             rtol=1e-5)
+
+  params, at = restore_params(str(tmp_path / "ckpt"), factory2.abstract_sharded())
+  assert at == 2 and all(np.array_equal(np.asarray(v), saved[k])
+                         for k, v in _flat(params).items())
+
+
+@pytest.mark.slow
+def test_keeps_the_newest_and_saves_on_the_interval(tmp_path):
+  config = _config()
+  mesh = parallel.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
+  state = StateFactory(config, mesh).create()
+  checkpoints = Checkpointer(str(tmp_path), save_every=2, keep=2)
+  saved = [checkpoints.save(s, state, None) for s in (1, 2, 3, 4, 6)]
+  checkpoints.wait_until_finished()
+  assert saved == [False, True, False, True, True]
+  assert checkpoints.all_steps() == [4, 6] and checkpoints.latest_step() == 6
+  assert checkpoints.save(7, state, None, force=True)
+  checkpoints.wait_until_finished()
+  assert checkpoints.latest_step() == 7
+  with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    Checkpointer(str(tmp_path / "empty"), save_every=1, keep=1).restore(state, None)
+  with pytest.raises(ValueError, match="must be >= 1"):
+    Checkpointer(str(tmp_path), save_every=0, keep=1)
