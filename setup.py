@@ -47,6 +47,8 @@ setuptools.setup(
         "pycocotools>=2.0.8",
         "transformers>=5.0",
         "tokenizers>=0.22",
+        "tensorboardX>=2.6",
+        "tqdm>=4.60",
     ],
     extras_require={
         "build": BUILD,
@@ -56,6 +58,9 @@ setuptools.setup(
     entry_points={
         "console_scripts": [
             "unires-summary=unires_jax.models.summary:run",
+            "unires-train=unires_jax.cli.train:run",
+            "unires-eval=unires_jax.cli.eval:run",
+            "unires-demo=unires_jax.cli.demo:run",
         ],
     },
 )
