@@ -14,8 +14,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from unires_jax import parallel
-from unires_jax.models.unires import UniRESPP
+from unires_jax import models, parallel
 from unires_jax.train import optimizer as optimizer_lib
 
 
@@ -37,24 +36,13 @@ class TrainState:
   nonfinite_total: jax.Array
 
 
-def build_model(model_cfg: ml_collections.ConfigDict, seed: int) -> UniRESPP:
-  """The model named by `config.model_name` (one registry entry for now)."""
-  return UniRESPP(model_cfg, rngs=nnx.Rngs(params=seed))
-
-
-MODELS = {"unires_pp": build_model}
-
-
-def model_builder(config: ml_collections.ConfigDict):
-  if config.model_name not in MODELS:
-    raise ValueError(f"unknown config.model_name {config.model_name!r}; known: {sorted(MODELS)}")
-  return MODELS[config.model_name]
+def _build(config: ml_collections.ConfigDict) -> nnx.Module:
+  return models.build_model(config, nnx.Rngs(params=config.train.seed))
 
 
 def graphdef_and_abstract_params(config: ml_collections.ConfigDict) -> tuple[nnx.GraphDef, Any]:
   """The model's static graph and its parameters as ShapeDtypeStructs (nothing allocated)."""
-  build = model_builder(config)
-  model = nnx.eval_shape(lambda: build(config.model, config.train.seed))
+  model = nnx.eval_shape(lambda: _build(config))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   if jax.tree_util.tree_leaves(rest):
     raise ValueError("the model holds non-parameter state, which the train state does not carry")
@@ -75,7 +63,7 @@ class StateFactory:
     self.shardings = parallel.state_shardings(self.abstract, mesh)
 
   def _init(self) -> TrainState:
-    model = model_builder(self.config)(self.config.model, self.config.train.seed)
+    model = _build(self.config)
     params = nnx.state(model, nnx.Param)
     trainable, _ = optimizer_lib.split_trainable(params, dict(self.config.optimizer.lr_multipliers))
     zero = jnp.zeros((), jnp.int32)
