@@ -14,11 +14,13 @@ from unires_jax.train.state import StateFactory
 
 RTOL = 1e-5  # the acceptance bound
 # Adam's first step moves each parameter by about lr * sign(gradient). Where a gradient is at
-# float32 rounding level (the key projections' biases: softmax ignores a per-query constant, so
-# their gradient is exactly 0 in exact arithmetic), the sign is rounding noise and the two runs
-# may step in opposite directions. Those entries are checked through the gradient instead: the
-# whole gradient agrees within RTOL, and parameters agree wherever |g| > RESOLVED * rms(g).
+# float32 rounding level the sign is rounding noise and the two runs may step in opposite
+# directions. That holds for whole tensors, the key projections' biases (softmax ignores a
+# per-query constant, so their gradient is exactly 0 in exact arithmetic): both runs must agree
+# that it is ~0. Elsewhere parameters agree wherever |g| > RESOLVED * rms(g of the tensor).
 RESOLVED = 1e-3
+ZERO_GRADIENT = "k_proj/bias"
+ZERO = 1e-7  # |g| of a zero-gradient tensor, relative to the whole gradient's norm
 
 
 def _config():
@@ -81,6 +83,9 @@ def test_sharded_step_equals_unsharded_and_follows_rules():
   assert ref.keys() == got.keys() and len(ref) == len(g_ref)
   for path, b in ref.items():
     g = g_ref[path]
+    if path.endswith(ZERO_GRADIENT):
+      assert max(np.linalg.norm(g), np.linalg.norm(g_got[path])) <= ZERO * norm, path
+      continue
     resolved = np.abs(g) > RESOLVED * np.sqrt(np.mean(g * g))
     scale = np.maximum(np.abs(b), np.sqrt(np.mean(b * b)))
     worst = np.max((np.abs(got[path] - b) / scale)[resolved], initial=0.0)

@@ -128,6 +128,11 @@ def _on_mesh(mesh, jitted):
     with jax.set_mesh(mesh):
       return jitted(*args)
 
+  def lower(*args):
+    with jax.set_mesh(mesh):
+      return jitted.lower(*args)
+
+  call.lower = lower  # AOT use (cost analysis, benchmarks), as on the jitted function
   return call
 
 
