@@ -3,7 +3,8 @@
 import logging
 
 import jax
-from absl import flags
+from absl import app, flags
+from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
 
@@ -17,8 +18,17 @@ flags.DEFINE_integer("process_id", None, "This process's index in an explicit ru
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
 
 
-def start() -> None:
-  """Logging, then `jax.distributed.initialize` when the flags ask for it."""
+def define_config(default: str | None = None):
+  """The `--config=configs/x.py[:arg]` flag (with `--config.a.b=value` overrides)."""
+  return config_flags.DEFINE_config_file("config", default, "Config file (configs/*.py).",
+                                         lock_config=False)
+
+
+def start(argv) -> None:
+  """Rejects stray arguments, sets up logging, then calls `jax.distributed.initialize` when the
+  flags ask for it."""
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
   for noisy in ("absl", "jax", "orbax", "tensorflow", "grain"):
     logging.getLogger(noisy).setLevel(logging.WARNING)

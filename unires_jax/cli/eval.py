@@ -7,23 +7,20 @@ Evaluates DIR's latest (or `--step`) checkpoint on `config.eval.datasets`, on th
 import os
 
 from absl import app, flags
-from ml_collections import config_flags
 
 from unires_jax.cli import common
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
-                                          lock_config=False)
+_CONFIG = common.define_config()
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv) -> int:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  common.start()
+  common.start(argv)
   from unires_jax import parallel
   from unires_jax.evaluation import evaluator
-  from unires_jax.train import checkpoint, step as step_lib, trainer
+  from unires_jax.train import checkpoint, trainer
+  from unires_jax.train import step as step_lib
   from unires_jax.train.state import StateFactory
 
   config = _CONFIG.value

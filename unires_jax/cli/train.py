@@ -6,19 +6,15 @@ builds its data first and reports against the trivial baselines at the end.
 """
 
 from absl import app, flags
-from ml_collections import config_flags
 
 from unires_jax.cli import common
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
-                                          lock_config=False)
+_CONFIG = common.define_config()
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv) -> int:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  common.start()
+  common.start(argv)
   config = _CONFIG.value
   if "demo" in config:
     from unires_jax import demo
