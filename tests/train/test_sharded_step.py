@@ -17,8 +17,15 @@ RTOL = 1e-5  # the acceptance bound
 # float32 rounding level the sign is rounding noise and the two runs may step in opposite
 # directions. That holds for whole tensors, the key projections' biases (softmax ignores a
 # per-query constant, so their gradient is exactly 0 in exact arithmetic): both runs must agree
-# that it is ~0. Elsewhere parameters agree wherever |g| > RESOLVED * rms(g of the tensor).
+# that it is ~0. Elsewhere parameters agree wherever the gradient is resolved,
+# |g| > RESOLVED * rms(g of the tensor), and Adam's update is well-conditioned: its first update is
+# lr * g / (|g| + eps), whose relative change is eps / (|g| + eps) times the gradient's, so where
+# |g| is within CONDITIONED * eps of zero a rounding-level gradient difference moves the parameter
+# by more than 1e-5 (measured: entries differ by up to 2e-7 in g, whose norm is 1 after clipping,
+# so |g| must exceed ~1.4e-5). Those entries are compared as gradients (the whole-gradient check);
+# about two thirds of all entries are compared as parameters (66% measured with this config).
 RESOLVED = 1e-3
+CONDITIONED = 1e3
 ZERO_GRADIENT = "k_proj/bias"
 ZERO = 1e-7  # |g| of a zero-gradient tensor, relative to the whole gradient's norm
 
@@ -81,15 +88,19 @@ def test_sharded_step_equals_unsharded_and_follows_rules():
 
   ref, got = _flat(ref_state.params), _flat(state.params)
   assert ref.keys() == got.keys() and len(ref) == len(g_ref)
+  checked = total = 0
   for path, b in ref.items():
     g = g_ref[path]
     if path.endswith(ZERO_GRADIENT):
       assert max(np.linalg.norm(g), np.linalg.norm(g_got[path])) <= ZERO * norm, path
       continue
-    resolved = np.abs(g) > RESOLVED * np.sqrt(np.mean(g * g))
+    resolved = ((np.abs(g) > RESOLVED * np.sqrt(np.mean(g * g)))
+                & (np.abs(g) > CONDITIONED * config.optimizer.eps))
     scale = np.maximum(np.abs(b), np.sqrt(np.mean(b * b)))
     worst = np.max((np.abs(got[path] - b) / scale)[resolved], initial=0.0)
     assert worst <= RTOL, f"{path}: relative difference {worst:.2e} > {RTOL}"
+    checked, total = checked + resolved.sum(), total + resolved.size
+  assert checked >= 0.6 * total, f"only {checked} of {total} parameters compared"
 
   # Every parameter is sharded as the rules say, each device holding just its block.
   arrays = {parallel.path_str(p): v.get_value() for p, v in jax.tree_util.tree_leaves_with_path(
