@@ -14,9 +14,11 @@ from unires_jax.config_lib import REPO_ROOT
 @pytest.mark.slow
 def test_demo_learns(tmp_path):
   workdir = tmp_path / "demo"
+  # As the README runs it: one CPU device, not the 8 that tests/conftest.py emulates.
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   run = subprocess.run(
       [sys.executable, "-m", "unires_jax.cli.demo", f"--workdir={workdir}", "--progress=false"],
-      cwd=REPO_ROOT, capture_output=True, text=True, timeout=45 * 60, check=False)
+      cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=45 * 60, check=False)
   assert run.returncode == 0, f"stdout:\n{run.stdout[-4000:]}\nstderr:\n{run.stderr[-4000:]}"
   assert "passed: mIoU >=" in run.stdout and "baseline: largest_proposal" in run.stdout
   with open(workdir / "eval" / "ref_coco_m_val.json", encoding="utf-8") as f:
