@@ -33,16 +33,17 @@ def get_config(arg=None):
   m.max_objects = 6  # ShapesParts: up to 4 objects + 2 distractor proposals
   m.max_parts = 16  # up to 4 x 3 parts + 2 distractors
   m.loss.no_target = 2.0
+  m.loss.region = 1.0
 
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-  config.optimizer.update(learning_rate=2e-3, warmup_steps=100, end_lr_fraction=0.0, b1=0.9,
+  config.optimizer.update(learning_rate=2e-3, warmup_steps=250, end_lr_fraction=0.0, b1=0.9,
                           b2=0.95, eps=1e-8, weight_decay=0.05, grad_clip_norm=1.0)
   config.optimizer.lr_multipliers = ml_collections.ConfigDict()  # everything trains
 
-  config.train.update(num_steps=1600, log_every=50, checkpoint_every=400, keep_checkpoints=2,
-                      image_summary_every=400, eval_every=0)
+  config.train.update(num_steps=4000, log_every=100, checkpoint_every=1000, keep_checkpoints=2,
+                      image_summary_every=1000, eval_every=0)
   # The longest ShapesParts prompt is 19 words; 24 slots instead of 48 shorten every sequence.
-  config.input.update(global_batch_size=32, shuffle_window=256, num_threads=2,
+  config.input.update(global_batch_size=16, shuffle_window=256, num_threads=2,
                       prefetch_images=16, max_prompt_tokens=24)
   config.input.train = ml_collections.ConfigDict(
       {"shapes_parts": dict(name="ref_coco_m", split="train", weight=1.0)})

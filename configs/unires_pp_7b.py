@@ -81,7 +81,10 @@ def get_config(arg=None):
   )
   m.max_objects = 16
   m.max_parts = 16
-  m.loss = dict(lm=1.0, mask_bce=2.0, mask_dice=0.5, no_target=1.0)
+  # `region`: which proposal the expression selects, or none (losses.region_selection_ce); a
+  # proposal is selected when the target mask covers `region_min_coverage` of its box.
+  m.loss = dict(lm=1.0, mask_bce=2.0, mask_dice=0.5, no_target=1.0, region=1.0,
+                region_min_coverage=0.25)
   # Rematerialisation of the transformer layers (CLIP ViT and LLaMA) in the backward pass:
   # "none", "full" (recompute everything) or "dots" (keep matmul outputs without batch dims).
   m.remat = "none"

@@ -41,7 +41,11 @@ def test_forward_shapes_and_finite_loss(config):
   assert out.mask_logits.shape == (2, s // 4, s // 4)
   assert len(out.aux_mask_logits) == config.model.mask_decoder.num_layers
   assert out.no_target_logits.shape == (2,)
-  assert set(parts) == {"lm", "mask_bce", "mask_dice", "aux_mask", "no_target"}
+  regions = config.model.max_objects + config.model.max_parts
+  assert out.region_logits.shape == (2, regions)
+  valid = np.concatenate([batch["object_valid"], batch["part_valid"]], axis=1)
+  assert np.all(np.asarray(out.region_logits)[~valid] <= -1e3)  # padded proposals never match
+  assert set(parts) == {"lm", "mask_bce", "mask_dice", "aux_mask", "no_target", "region"}
   for name, value in parts.items():
     assert np.isfinite(value), name
   assert np.isfinite(total)

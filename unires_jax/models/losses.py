@@ -1,4 +1,5 @@
-"""UniRES++ losses: LM cross-entropy on answer tokens, mask BCE + Dice, no-target BCE."""
+"""UniRES++ losses: LM cross-entropy on answer tokens, mask BCE + Dice, no-target BCE, and which
+proposal the expression selects (or none)."""
 
 import jax
 import jax.numpy as jnp
@@ -60,3 +61,59 @@ def no_target_bce(no_target_logits: jax.Array, no_target: jax.Array) -> jax.Arra
   """Sigmoid BCE of the no-target score `[batch]` against the flag `[batch]`."""
   return jnp.mean(optax.sigmoid_binary_cross_entropy(
       no_target_logits.astype(jnp.float32), no_target.astype(jnp.float32)))
+
+
+def region_targets(masks: jax.Array, boxes: jax.Array, valid: jax.Array,
+                   min_coverage: float) -> jax.Array:
+  """Which proposals the expression refers to: the target mask covers `min_coverage` of the box.
+
+  Args:
+    masks: `[batch, height, width]` target masks in {0, 1}, in the boxes' pixel frame.
+    boxes: `[batch, regions, 4]` x1, y1, x2, y2 pixels; a pixel belongs to a box when its centre
+      lies in `[x1, x2) x [y1, y2)`.
+    valid: `[batch, regions]` bool, proposal present.
+    min_coverage: fraction of the box's pixels that must be target pixels.
+
+  Returns:
+    `[batch, regions]` float32 in {0, 1}; 0 for invalid proposals and for boxes without a pixel.
+  """
+  h, w = masks.shape[1:]
+  ys = jnp.arange(h, dtype=jnp.float32) + 0.5
+  xs = jnp.arange(w, dtype=jnp.float32) + 0.5
+  boxes = boxes.astype(jnp.float32)
+  in_y = ((ys >= boxes[..., 1:2]) & (ys < boxes[..., 3:4])).astype(jnp.float32)  # [b, r, h]
+  in_x = ((xs >= boxes[..., 0:1]) & (xs < boxes[..., 2:3])).astype(jnp.float32)  # [b, r, w]
+  covered = jnp.einsum("brh,brw,bhw->br", in_y, in_x, masks.astype(jnp.float32))
+  area = jnp.sum(in_y, -1) * jnp.sum(in_x, -1)
+  hit = (area > 0) & (covered >= min_coverage * area) & valid.astype(bool)
+  return hit.astype(jnp.float32)
+
+
+def region_selection_ce(match_logits: jax.Array, no_target_logits: jax.Array,
+                        targets: jax.Array, no_target: jax.Array) -> jax.Array:
+  """Cross-entropy of "which proposal, or none" (`models.no_target` defines the logits).
+
+  The classes are the proposals and a null class whose logit is
+  `no_target_logit + logsumexp(match_logits)`. The target distribution is uniform over the
+  proposals of `targets`, or all on the null class for a no-target expression; expressions with
+  a target but no proposal marked in `targets` do not count.
+
+  Args:
+    match_logits: `[batch, regions]` (very negative for padded proposals).
+    no_target_logits: `[batch]`.
+    targets: `[batch, regions]` in {0, 1}, from `region_targets`.
+    no_target: `[batch]` bool.
+
+  Returns:
+    Scalar mean over the expressions that count (0 when none does).
+  """
+  match_logits = match_logits.astype(jnp.float32)
+  none = no_target.astype(jnp.float32)
+  null = no_target_logits.astype(jnp.float32) + jax.nn.logsumexp(match_logits, axis=-1)
+  logits = jnp.concatenate([match_logits, null[:, None]], axis=-1)
+  dist = jnp.concatenate([targets * (1.0 - none)[:, None], none[:, None]], axis=-1)
+  mass = jnp.sum(dist, axis=-1)
+  dist = dist / jnp.maximum(mass, 1.0)[:, None]
+  counts = (mass > 0).astype(jnp.float32)
+  ce = -jnp.sum(dist * jax.nn.log_softmax(logits, axis=-1), axis=-1)
+  return jnp.sum(ce * counts) / jnp.maximum(jnp.sum(counts), 1.0)

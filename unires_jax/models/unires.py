@@ -31,6 +31,7 @@ from unires_jax.models.clip_vit import CLIPVisionTransformer
 from unires_jax.models.convnext import ConvNeXt
 from unires_jax.models.llama import LlamaForCausalLM
 from unires_jax.models.mask_decoder import MaskDecoder
+from unires_jax.models.no_target import NoTargetHead
 from unires_jax.models.roi_align import check_boxes
 from unires_jax.models.roi_align import roi_align
 
@@ -61,20 +62,6 @@ class Projector(nnx.Module):
     return x
 
 
-class NoTargetHead(nnx.Module):
-  """MLP([SEG] hidden state) -> logit that the expression refers to nothing."""
-
-  def __init__(self, in_features: int, hidden: int, *, dtype: Any = None,
-               param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
-    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.fc1 = layers.linear(in_features, hidden, ("embed", "mlp"), **kw)
-    self.fc2 = layers.linear(hidden, 1, ("mlp", None), **kw)
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """`[batch, in_features]` -> `[batch]`."""
-    return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))[..., 0]
-
-
 @flax.struct.dataclass
 class UniRESOutput:
   """What a forward pass returns.
@@ -83,12 +70,15 @@ class UniRESOutput:
   mask_logits:      [batch, s_high/4, s_high/4]  final prediction of the [SEG] query
   aux_mask_logits:  list of earlier decoder predictions, same shape (deep supervision)
   no_target_logits: [batch]
+  region_logits:    [batch, max_objects + max_parts]  how well each proposal matches the
+                    expression (models.no_target), very negative for padded proposals
   """
 
   logits: jax.Array
   mask_logits: jax.Array
   aux_mask_logits: list[jax.Array]
   no_target_logits: jax.Array
+  region_logits: jax.Array
 
 
 def _gather_tokens(x: jax.Array, is_slot: jax.Array, count: int) -> jax.Array:
@@ -217,11 +207,14 @@ class UniRESPP(nnx.Module):
         [batch["object_valid"], batch["part_valid"]], axis=1).astype(bool)
 
     decoded = self.mask_decoder(stages, seg_states, region_states, region_valid)
+    no_target_logits, region_logits = self.no_target_head(
+        seg_states[:, 0], jnp.concatenate([object_tokens, part_tokens], axis=1), region_valid)
     return UniRESOutput(
         logits=logits,
         mask_logits=decoded.mask_logits[:, 0],
         aux_mask_logits=[m[:, 0] for m in decoded.aux_mask_logits],
-        no_target_logits=self.no_target_head(seg_states[:, 0]),
+        no_target_logits=no_target_logits,
+        region_logits=region_logits,
     )
 
 
@@ -229,10 +222,12 @@ def compute_loss(
     outputs: UniRESOutput, batch: Mapping[str, jax.Array], weights: ml_collections.ConfigDict,
     aux_loss: bool = True,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Total loss and its parts (`lm`, `mask_bce`, `mask_dice`, `aux_mask`, `no_target`).
+  """Total loss and its parts (`lm`, `mask_bce`, `mask_dice`, `aux_mask`, `no_target`, `region`).
 
   The mask losses cover samples that have a target; no-target samples train the no-target head
   only. `aux_mask` is the BCE + Dice of the decoder's earlier predictions, summed over layers.
+  `region` is `losses.region_selection_ce`: the proposals whose box the target mask covers by at
+  least `weights.region_min_coverage` are the ones the expression selects.
   """
   missing = [k for k in LOSS_KEYS if k not in batch]
   if missing:
@@ -248,7 +243,13 @@ def compute_loss(
       aux = aux + weights.mask_bce * bce + weights.mask_dice * dice
   parts["aux_mask"] = aux
   parts["no_target"] = losses.no_target_bce(outputs.no_target_logits, batch["no_target"])
+  targets = losses.region_targets(
+      batch["masks"], jnp.concatenate([batch["object_boxes"], batch["part_boxes"]], axis=1),
+      jnp.concatenate([batch["object_valid"], batch["part_valid"]], axis=1),
+      weights.region_min_coverage)
+  parts["region"] = losses.region_selection_ce(
+      outputs.region_logits, outputs.no_target_logits, targets, batch["no_target"])
   total = (weights.lm * parts["lm"] + weights.mask_bce * parts["mask_bce"]
            + weights.mask_dice * parts["mask_dice"] + parts["aux_mask"]
-           + weights.no_target * parts["no_target"])
+           + weights.no_target * parts["no_target"] + weights.region * parts["region"])
   return total, parts

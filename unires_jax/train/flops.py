@@ -154,6 +154,18 @@ def _attention(c: _Counter, path: str, names: tuple[str, str, str, str], batch: 
   return c.linear(f"{path}/{names[3]}", batch * nq, q_width, width, out)
 
 
+def _no_target_head(c: _Counter, m: ml_collections.ConfigDict, batch: int, grad_text: bool,
+                    grad_regions: bool) -> None:
+  """models.no_target: the text prior and the match MLP over every proposal."""
+  width, hidden, regions = m.llm.hidden_size, m.no_target_hidden, m.max_objects + m.max_parts
+  prior = c.linear("no_target_head/fc1", batch, width, hidden, grad_text)
+  c.linear("no_target_head/fc2", batch, hidden, 1, prior)
+  query = c.linear("no_target_head/query", batch, width, hidden, grad_text)
+  region = c.linear("no_target_head/region", batch * regions, width, hidden, grad_regions)
+  match = c.linear("no_target_head/match_fc1", batch * regions, hidden, hidden, query or region)
+  c.linear("no_target_head/match_fc2", batch * regions, hidden, 1, match)
+
+
 def _clip(c: _Counter, cfg: ml_collections.ConfigDict, batch: int) -> bool:
   """The CLIP ViT layers up to `select_layer`; returns the features' gradient flag."""
   side = cfg.image_size // cfg.patch_size
@@ -307,6 +319,5 @@ def count_flops(config: ml_collections.ConfigDict, batch_size: int, seq_len: int
                      width, pooled)
   hidden = _llm(c, m.llm, batch_size, seq_len, image or objects or parts)
   _mask_decoder(c, m, batch_size, stages, hidden)
-  hid = c.linear("no_target_head/fc1", batch_size, width, m.no_target_hidden, hidden)
-  c.linear("no_target_head/fc2", batch_size, m.no_target_hidden, 1, hid)
+  _no_target_head(c, m, batch_size, hidden, objects or parts)
   return FlopCount(tuple(c.terms))

@@ -1,0 +1,61 @@
+"""The region losses on crafted cases, against values computed by hand."""
+
+import math
+
+import numpy as np
+import pytest
+
+from unires_jax.models import losses
+
+
+def test_region_targets_marks_boxes_the_mask_covers():
+  mask = np.zeros((1, 8, 8), np.float32)
+  mask[0, 0:4, 0:4] = 1  # the target: the top-left 4x4 square
+  boxes = np.array([[
+      [0, 0, 4, 4],      # the target's box: covered 16/16
+      [0, 0, 8, 8],      # the whole image: 16/64 = 1/4
+      [2, 2, 6, 6],      # overlaps a corner: 4/16 = 1/4
+      [2.6, 2.6, 6, 6],  # pixel centres 3.5 .. 5.5: 1/9 covered
+      [4, 4, 8, 8],      # outside the target
+      [1, 1, 1.2, 1.2],  # no pixel centre inside
+      [0, 0, 4, 4],      # covered, but not a valid proposal
+  ]], np.float32)
+  valid = np.array([[True] * 6 + [False]])
+  got = losses.region_targets(mask, boxes, valid, min_coverage=0.25)
+  np.testing.assert_array_equal(np.asarray(got), [[1, 1, 1, 0, 0, 0, 0]])
+  got = losses.region_targets(mask, boxes, valid, min_coverage=0.5)
+  np.testing.assert_array_equal(np.asarray(got), [[1, 0, 0, 0, 0, 0, 0]])
+
+
+def test_region_selection_ce_by_hand():
+  match = np.array([[1.0, -1.0, -1e4], [0.5, 2.0, 0.0], [3.0, 0.0, 0.0]], np.float32)
+  no_target_logits = np.array([0.2, -1.0, 1.0], np.float32)
+  targets = np.array([[1, 0, 0], [1, 1, 0], [0, 0, 0]], np.float32)
+  no_target = np.array([False, False, True])
+
+  def log_probs(row):  # classes: the proposals, then null
+    lse = math.log(sum(math.exp(v) for v in match[row]))
+    logits = list(match[row]) + [no_target_logits[row] + lse]
+    z = math.log(sum(math.exp(v) for v in logits))
+    return [v - z for v in logits]
+
+  want = np.mean([-log_probs(0)[0],
+                  -(log_probs(1)[0] + log_probs(1)[1]) / 2,
+                  -log_probs(2)[3]])
+  got = losses.region_selection_ce(match, no_target_logits, targets, no_target)
+  assert float(got) == pytest.approx(want, rel=1e-6)
+  # The null class's log-odds against all proposals together is the no-target logit.
+  lp = log_probs(1)
+  assert lp[3] - math.log(sum(math.exp(v) for v in lp[:3])) == pytest.approx(-1.0, abs=1e-6)
+
+
+def test_region_selection_ce_skips_targets_without_a_marked_proposal():
+  match = np.zeros((2, 2), np.float32)
+  no_target_logits = np.zeros(2, np.float32)
+  targets = np.array([[0, 0], [0, 1]], np.float32)
+  no_target = np.array([False, False])
+  got = losses.region_selection_ce(match, no_target_logits, targets, no_target)
+  # Row 1 only: logits (0, 0, null = log 2), so the marked proposal has probability 1/4.
+  assert float(got) == pytest.approx(math.log(4), rel=1e-6)
+  assert float(losses.region_selection_ce(
+      match, no_target_logits, np.zeros_like(targets), no_target)) == 0.0
