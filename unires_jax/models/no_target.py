@@ -15,7 +15,8 @@ with `null = no_target_logit + logsumexp_r match_r`, so that
 that way, and `losses.no_target_bce` on `no_target_logit` as before.
 
 A plain MLP of the [SEG] state (the design's first version) learns only the language prior on
-ShapesParts: its score did not move when the images of a batch were swapped (README, demo).
+ShapesParts: its score was the same for a phrasing whether or not the image held the referent
+(README, demo status).
 """
 
 from typing import Any
