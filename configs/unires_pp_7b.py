@@ -83,8 +83,10 @@ def get_config(arg=None):
   m.max_parts = 16
   # `region`: which proposal the expression selects, or none (losses.region_selection_ce); a
   # proposal is selected when the target mask covers `region_min_coverage` of its box.
+  # `no_target_prior`: the share of no-target expressions in the training mixture; the no-target
+  # losses correct for it (losses.prior_adjusted_logits), 0.5 = no correction.
   m.loss = dict(lm=1.0, mask_bce=2.0, mask_dice=0.5, no_target=1.0, region=1.0,
-                region_min_coverage=0.25)
+                region_min_coverage=0.25, no_target_prior=0.5)
   # Rematerialisation of the transformer layers (CLIP ViT and LLaMA) in the backward pass:
   # "none", "full" (recompute everything) or "dots" (keep matmul outputs without batch dims).
   m.remat = "none"

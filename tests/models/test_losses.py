@@ -2,6 +2,8 @@
 
 import math
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -59,3 +61,27 @@ def test_region_selection_ce_skips_targets_without_a_marked_proposal():
   assert float(got) == pytest.approx(math.log(4), rel=1e-6)
   assert float(losses.region_selection_ce(
       match, no_target_logits, np.zeros_like(targets), no_target)) == 0.0
+
+
+def test_prior_adjustment_moves_the_optimum_to_balanced_classes():
+  # 1 of 8 expressions has no target. Without the adjustment the constant logit that minimises
+  # the BCE is the data's log-odds, log(1/7); with it the model's own logit is 0 (p = 0.5).
+  labels = np.array([1, 0, 0, 0, 0, 0, 0, 0], bool)
+
+  def grad_at(logit, prior):
+    loss = lambda x: losses.no_target_bce(
+        losses.prior_adjusted_logits(jnp.full((8,), x), prior), labels)
+    return float(jax.grad(loss)(jnp.float32(logit)))
+
+  assert abs(grad_at(math.log(1 / 7), 0.5)) < 1e-6
+  assert abs(grad_at(0.0, 0.5)) > 0.1
+  assert abs(grad_at(0.0, 1 / 8)) < 1e-6
+  np.testing.assert_allclose(
+      np.asarray(losses.prior_adjusted_logits(jnp.array([-1.0, 2.0]), 0.2)),
+      [-1.0 - math.log(4), 2.0 - math.log(4)], rtol=1e-6)
+
+
+@pytest.mark.parametrize("prior", [0.0, 1.0, -0.1, 1.5])
+def test_prior_outside_the_open_interval_is_rejected(prior):
+  with pytest.raises(ValueError, match="loss.no_target_prior"):
+    losses.prior_adjusted_logits(jnp.zeros((2,)), prior)

@@ -51,6 +51,25 @@ def test_forward_shapes_and_finite_loss(config):
   assert np.isfinite(total)
 
 
+def test_no_target_losses_see_the_prior_adjusted_logit(config):
+  """Both no-target parts (`no_target`, `region`) use logit + log(prior / (1 - prior))."""
+  model = models.build_model(config, nnx.Rngs(0))
+  batch = synthetic_batch(config.model, 4, no_target_every=2)
+  out = model(batch)
+  weights = config.model.loss.copy_and_resolve_references()
+  weights.no_target_prior = 0.2
+  _, adjusted = compute_loss(out, batch, weights)
+  weights.no_target_prior = 0.5
+  _, plain = compute_loss(out, batch, weights)
+  shifted = out.replace(no_target_logits=out.no_target_logits + np.log(0.25))
+  _, by_hand = compute_loss(shifted, batch, weights)
+  for name in ("no_target", "region"):
+    np.testing.assert_allclose(adjusted[name], by_hand[name], rtol=1e-6, err_msg=name)
+    assert abs(float(adjusted[name]) - float(plain[name])) > 1e-3, name
+  for name in ("lm", "mask_bce", "mask_dice", "aux_mask"):
+    assert float(adjusted[name]) == float(plain[name]), name
+
+
 def _mask_iou(mask_logits, gt):
   pred = np.asarray(jax.image.resize(mask_logits, gt.shape, "bilinear")) > 0
   gt = gt > 0.5

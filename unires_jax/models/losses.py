@@ -3,6 +3,7 @@ proposal the expression selects (or none)."""
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 
@@ -61,6 +62,28 @@ def no_target_bce(no_target_logits: jax.Array, no_target: jax.Array) -> jax.Arra
   """Sigmoid BCE of the no-target score `[batch]` against the flag `[batch]`."""
   return jnp.mean(optax.sigmoid_binary_cross_entropy(
       no_target_logits.astype(jnp.float32), no_target.astype(jnp.float32)))
+
+
+def prior_adjusted_logits(no_target_logits: jax.Array, prior: float) -> jax.Array:
+  """The no-target logits the training losses see: `logits + log(prior / (1 - prior))`.
+
+  Logit adjustment (Menon et al., "Long-tail learning via logit adjustment", ICLR 2021): when
+  no-target expressions make up the share `prior` of the training data, a loss minimised by the
+  adjusted logit `log P_train(none) - log P_train(target)` leaves the model's own logit at
+  `log P(none | x) - log P(target | x)` under balanced classes. Thresholding it at 0 (p = 0.5)
+  then weighs a missed no-target and a wrongly rejected expression alike, instead of favouring
+  whichever class the data holds more of. `prior = 0.5` changes nothing.
+
+  Args:
+    no_target_logits: `[batch]`.
+    prior: share of no-target expressions in the training data, in (0, 1).
+
+  Returns:
+    `[batch]` float32.
+  """
+  if not 0.0 < prior < 1.0:
+    raise ValueError(f"loss.no_target_prior must lie in (0, 1), got {prior}")
+  return no_target_logits.astype(jnp.float32) + float(np.log(prior / (1.0 - prior)))
 
 
 def region_targets(masks: jax.Array, boxes: jax.Array, valid: jax.Array,

@@ -228,10 +228,16 @@ def compute_loss(
   only. `aux_mask` is the BCE + Dice of the decoder's earlier predictions, summed over layers.
   `region` is `losses.region_selection_ce`: the proposals whose box the target mask covers by at
   least `weights.region_min_coverage` are the ones the expression selects.
+
+  Both no-target losses see the logit shifted by the training prior
+  (`losses.prior_adjusted_logits` with `weights.no_target_prior`), so the model's own
+  `no_target_logits` estimate the log-odds under balanced classes.
   """
   missing = [k for k in LOSS_KEYS if k not in batch]
   if missing:
     raise ValueError(f"batch is missing loss field {missing[0]!r} (needs {LOSS_KEYS})")
+  no_target_logits = losses.prior_adjusted_logits(
+      outputs.no_target_logits, weights.no_target_prior)
   has_target = 1.0 - batch["no_target"].astype(jnp.float32)
   parts = {"lm": losses.lm_cross_entropy(outputs.logits, batch["input_ids"], batch["loss_mask"])}
   parts["mask_bce"], parts["mask_dice"] = losses.mask_bce_dice(
@@ -242,13 +248,13 @@ def compute_loss(
       bce, dice = losses.mask_bce_dice(logits, batch["masks"], has_target)
       aux = aux + weights.mask_bce * bce + weights.mask_dice * dice
   parts["aux_mask"] = aux
-  parts["no_target"] = losses.no_target_bce(outputs.no_target_logits, batch["no_target"])
+  parts["no_target"] = losses.no_target_bce(no_target_logits, batch["no_target"])
   targets = losses.region_targets(
       batch["masks"], jnp.concatenate([batch["object_boxes"], batch["part_boxes"]], axis=1),
       jnp.concatenate([batch["object_valid"], batch["part_valid"]], axis=1),
       weights.region_min_coverage)
   parts["region"] = losses.region_selection_ce(
-      outputs.region_logits, outputs.no_target_logits, targets, batch["no_target"])
+      outputs.region_logits, no_target_logits, targets, batch["no_target"])
   total = (weights.lm * parts["lm"] + weights.mask_bce * parts["mask_bce"]
            + weights.mask_dice * parts["mask_dice"] + parts["aux_mask"]
            + weights.no_target * parts["no_target"] + weights.region * parts["region"])
