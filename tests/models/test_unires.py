@@ -17,7 +17,7 @@ from unires_jax.convert import convnext
 from unires_jax.convert import llama
 from unires_jax.models import prompt
 from unires_jax.models.synthetic import synthetic_batch
-from unires_jax.models.unires import compute_loss
+from unires_jax.models.unires import UniRESOutput, compute_loss
 
 
 @pytest.fixture(scope="module")
@@ -53,9 +53,18 @@ def test_forward_shapes_and_finite_loss(config):
 
 def test_no_target_losses_see_the_prior_adjusted_logit(config):
   """Both no-target parts (`no_target`, `region`) use logit + log(prior / (1 - prior))."""
-  model = models.build_model(config, nnx.Rngs(0))
   batch = synthetic_batch(config.model, 4, no_target_every=2)
-  out = model(batch)
+  b, t = batch["input_ids"].shape
+  side = config.model.convnext.image_size // 4
+  regions = config.model.max_objects + config.model.max_parts
+  rng = np.random.default_rng(0)
+  vocab = config.model.llm.vocab_size + prompt.num_special_tokens()
+  out = UniRESOutput(  # random outputs of the model's shapes: only the loss is under test
+      logits=jnp.asarray(rng.normal(size=(b, t, vocab)), jnp.float32),
+      mask_logits=jnp.asarray(rng.normal(size=(b, side, side)), jnp.float32),
+      aux_mask_logits=[jnp.asarray(rng.normal(size=(b, side, side)), jnp.float32)],
+      no_target_logits=jnp.asarray(rng.normal(size=(b,)), jnp.float32),
+      region_logits=jnp.asarray(rng.normal(size=(b, regions)), jnp.float32))
   weights = config.model.loss.copy_and_resolve_references()
   weights.no_target_prior = 0.2
   _, adjusted = compute_loss(out, batch, weights)
