@@ -53,6 +53,7 @@ setuptools.setup(
     extras_require={
         "build": BUILD,
         "torch": TORCH,
+        "xm": ["xmanager>=0.8"],  # launch/launch.py --executor=xm
         "test": TORCH + BUILD + ["pytest>=8", "pytest-xdist>=3", "hypothesis>=6"],
     },
     entry_points={

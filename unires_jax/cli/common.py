@@ -13,7 +13,9 @@ flags.DEFINE_bool("distributed", False,
                   "Call jax.distributed.initialize() with auto-detection (Cloud TPU, SLURM, ...).")
 flags.DEFINE_string("coordinator_address", None,
                     "host:port of process 0, for an explicit multi-process run (e.g. CPU hosts).")
-flags.DEFINE_integer("num_processes", None, "Processes of an explicit multi-process run.")
+flags.DEFINE_integer("num_processes", None,
+                     "Processes of an explicit multi-process run; with --distributed, the number "
+                     "auto-detection must find.")
 flags.DEFINE_integer("process_id", None, "This process's index in an explicit run.")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
 
@@ -42,3 +44,6 @@ def start(argv) -> None:
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   elif FLAGS.distributed:
     jax.distributed.initialize()
+    if FLAGS.num_processes is not None and jax.process_count() != FLAGS.num_processes:
+      raise RuntimeError(f"--num_processes={FLAGS.num_processes}, but jax.distributed found "
+                         f"{jax.process_count()} processes")
