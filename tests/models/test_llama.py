@@ -9,11 +9,13 @@ import pytest
 import torch
 import transformers
 from flax import nnx
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from unires_jax import config_lib
 from unires_jax.convert import torch_io
-from unires_jax.convert.llama import check_llm_config, llm_config_from_hf, load_llama
+from unires_jax.convert.llama import (check_llm_config, llm_config_from_hf, load_llama,
+                                      save_llama)
 from unires_jax.models.generate import generate
 from unires_jax.models.llama import LlamaForCausalLM
 
@@ -349,3 +351,35 @@ def test_full_config_parameter_count_equals_vicuna_7b():
 
   assert all(isinstance(p, jax.ShapeDtypeStruct) for p in params)
   assert sum(int(np.prod(p.shape)) for p in params) == want
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_export_loads_in_transformers_and_round_trips(tmp_path, tied):
+  cfg = llm_config_from_hf(
+      _hf_config(num_key_value_heads=2, tie_word_embeddings=tied).to_dict())
+  model = LlamaForCausalLM(cfg, rngs=nnx.Rngs(1))
+  out = tmp_path / "llm"
+  save_llama(model, str(out))
+  torch_model = transformers.LlamaForCausalLM.from_pretrained(out).eval()
+  ids = np.random.default_rng(0).integers(0, VOCAB, (2, 12))
+  np.testing.assert_allclose(
+      _torch_logits(torch_model, ids), np.asarray(_run(model, ids)[0]), atol=ATOL)
+  back = LlamaForCausalLM(cfg, rngs=nnx.Rngs(2))  # other initial values, overwritten by the import
+  load_llama(back, str(out))
+  imported = dict(torch_io.iter_params(back))
+  for path, var in torch_io.iter_params(model):
+    np.testing.assert_array_equal(np.asarray(imported[path][...]), np.asarray(var[...]),
+                                  err_msg=path)
+
+
+def test_export_refuses_an_existing_directory_and_leaves_no_partial_output(tmp_path):
+  model = LlamaForCausalLM(llm_config_from_hf(_hf_config().to_dict()), rngs=nnx.Rngs(0))
+  existing = tmp_path / "existing"
+  existing.mkdir()
+  (existing / "keep.txt").write_text("mine")
+  with pytest.raises(FileExistsError, match="already exists"):
+    save_llama(model, str(existing))
+  assert os.listdir(existing) == ["keep.txt"]
+  with pytest.raises(SafetensorError, match="object"):  # a failure halfway through the write
+    torch_io.write_model_dir(str(tmp_path / "broken"), {}, {"w": np.array([object()])})
+  assert sorted(os.listdir(tmp_path)) == ["existing"]

@@ -1,4 +1,5 @@
-"""Importing a `transformers` LLaMA directory (e.g. lmsys/vicuna-7b-v1.5) into `LlamaForCausalLM`.
+"""Importing a `transformers` LLaMA directory (e.g. lmsys/vicuna-7b-v1.5) into `LlamaForCausalLM`,
+and exporting one back (`save_llama`) that `transformers.LlamaForCausalLM.from_pretrained` loads.
 
 Weights may be single or sharded, safetensors or `.bin`. Checkpoints with tied embeddings have
 no `lm_head.weight`. A model built with a larger `vocab_size` than the checkpoint's (UniRES++'s
@@ -157,3 +158,40 @@ def load_llama(module: LlamaForCausalLM, model_dir: str) -> None:
       # A tied checkpoint may still store lm_head.weight (a copy of the embeddings).
       allow_unused=lambda n: n.endswith(_UNUSED_SUFFIXES) or (tied and n == "lm_head.weight"),
   )
+
+
+def hf_config(module: LlamaForCausalLM) -> dict[str, Any]:
+  """The config.json of `module` as a transformers LlamaForCausalLM (its whole vocabulary, added
+  rows included)."""
+  cfg = module.config
+  return {
+      "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+      "vocab_size": module.vocab_size, "hidden_size": cfg.hidden_size,
+      "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_layers,
+      "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
+      "head_dim": cfg.head_dim, "rms_norm_eps": cfg.rms_norm_eps,
+      "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+      "max_position_embeddings": cfg.max_position_embeddings,
+      "tie_word_embeddings": bool(cfg.tie_word_embeddings), "hidden_act": "silu",
+      "attention_bias": False, "mlp_bias": False,
+  }
+
+
+def export_state(module: LlamaForCausalLM) -> dict[str, np.ndarray]:
+  """`module`'s parameters under transformers' names: the inverse of the import rules."""
+  ours = {path: np.asarray(var[...]) for path, var in torch_io.iter_params(module)}
+  out = {"model.embed_tokens.weight": ours["model/embed_tokens/embedding"],
+         "model.norm.weight": ours["model/norm/scale"]}
+  for i in range(module.config.num_layers):
+    for theirs, path in _LAYER_RULES:
+      path = f"model/layers/{i}/{path}"
+      out[f"model.layers.{i}.{theirs}.weight"] = (
+          ours[f"{path}/scale"] if theirs.endswith("layernorm") else ours[f"{path}/kernel"].T)
+  if not module.tie_word_embeddings:
+    out["lm_head.weight"] = ours["lm_head/kernel"].T
+  return out
+
+
+def save_llama(module: LlamaForCausalLM, out_dir: str) -> None:
+  """Writes `module` as a new transformers model directory (config.json + model.safetensors)."""
+  torch_io.write_model_dir(out_dir, hf_config(module), export_state(module))

@@ -1,4 +1,5 @@
-"""Reading PyTorch weights from disk and writing them into NNX modules.
+"""Reading PyTorch weights from disk and writing them into NNX modules, and writing model
+directories that PyTorch libraries load (`write_model_dir`).
 
 Sources users have on disk:
   * a `transformers` model directory: `config.json` plus `model.safetensors`, a sharded
@@ -11,6 +12,8 @@ Tensors come back as NumPy arrays (bfloat16 through `ml_dtypes`).
 
 import json
 import os
+import shutil
+import tempfile
 from typing import Callable, Iterator, Mapping
 
 import jax.numpy as jnp
@@ -246,3 +249,29 @@ def convert_all(
         "the checkpoint does not match this architecture"
     )
   assign_params(module, values, source)
+
+
+def write_model_dir(out_dir: str, config: Mapping, tensors: Mapping[str, np.ndarray]) -> None:
+  """Writes `config.json` and `model.safetensors` into a new directory `out_dir`, atomically.
+
+  Everything is written into a sibling temporary directory first and renamed at the end, so a
+  failure (or a kill) leaves no partial `out_dir`. An existing `out_dir` is refused, never
+  overwritten.
+  """
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+
+  out_dir = os.path.abspath(out_dir)
+  if os.path.exists(out_dir):
+    raise FileExistsError(f"{out_dir} already exists; choose a new output directory")
+  parent = os.path.dirname(out_dir)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.partial-", dir=parent)
+  try:
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()},
+              os.path.join(tmp, SAFETENSORS_SINGLE), metadata={"format": "pt"})
+    with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
+      json.dump(dict(config), f, indent=2, sort_keys=True)
+    os.rename(tmp, out_dir)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
