@@ -32,8 +32,8 @@ def run(exp: experiment_lib.Experiment, tpu: tpu_lib.TpuType, *, dry_run: bool) 
             f"{experiment_lib.shell_join(exp.pod_train_flags(trial, tpu.hosts))}")
     return
   xm, xm_local = _xmanager()
-  experiment_lib.write_records(
-      exp, {t.name: experiment_lib.shell_join(exp.pod_train_flags(t, tpu.hosts)) for t in exp.trials})
+  experiment_lib.write_records(exp, {
+      t.name: experiment_lib.shell_join(exp.pod_train_flags(t, tpu.hosts)) for t in exp.trials})
   requirements = xm.JobRequirements(
       {getattr(xm.ResourceType, resource): tpu.size // units_per_chip})
   with xm_local.create_experiment(experiment_title=exp.workdir) as experiment:

@@ -235,3 +235,18 @@ def test_full_config_parameter_count_matches_clip_vit_l14_336():
   count = sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
   assert count == expected
   assert abstract.num_feature_tokens == 576
+
+
+def test_export_loads_in_transformers_and_round_trips(ours, hf_model, tmp_path):
+  cfg = _tiny_cfg()
+  out = tmp_path / "vision_tower"
+  convert_clip.save_clip_vision(ours, cfg, str(out))
+  exported = transformers.CLIPVisionModel.from_pretrained(out).eval()
+  assert exported.config.hidden_act == hf_model.config.hidden_act
+  ref, mine = _run_both(exported, ours, 32, 32, interpolate=False, jit=True)
+  _assert_parity(ref, mine, num_layers=3)
+  back = _loaded(str(out))
+  imported = dict(torch_io.iter_params(back))
+  for path, var in torch_io.iter_params(ours):
+    np.testing.assert_array_equal(np.asarray(imported[path][...]), np.asarray(var[...]),
+                                  err_msg=path)

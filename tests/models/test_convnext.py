@@ -1,10 +1,13 @@
-"""ConvNeXt E_h: parity with timm, open_clip nesting, drop path, errors, full-size shapes."""
+"""ConvNeXt E_h: parity with timm, open_clip nesting, drop path, errors, full size, export."""
+
+import json
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+import safetensors
 import safetensors.torch
 import timm
 import torch
@@ -15,6 +18,8 @@ from unires_jax.convert import torch_io
 from unires_jax.convert.convnext import check_convnext_config
 from unires_jax.convert.convnext import convnext_config_from_state
 from unires_jax.convert.convnext import load_convnext
+from unires_jax.convert.convnext import save_convnext
+from unires_jax.convert.convnext import timm_spec
 from unires_jax.models.convnext import ConvNeXt
 from unires_jax.models.convnext import drop_path_rates
 
@@ -231,3 +236,33 @@ def test_full_config_matches_timm_convnext_large():
   assert ours == expected
   assert abstract.dims == tuple(i["num_chs"] for i in reference.feature_info.get_dicts())
   assert abstract.strides == tuple(i["reduction"] for i in reference.feature_info.get_dicts())
+
+
+def test_export_loads_in_timm_and_round_trips(tmp_path):
+  cfg = _cfg()
+  ours = _ours(cfg)
+  out = tmp_path / "high_res_encoder"
+  save_convnext(ours, str(out))
+  spec = json.loads((out / "config.json").read_text())
+  with safetensors.safe_open(out / "model.safetensors", framework="pt") as f:
+    assert json.loads(f.metadata()["model_args"]) == spec["model_args"]
+  theirs = timm.create_model(spec["timm_model"], pretrained=False, num_classes=0,
+                             **spec["model_args"]).eval()
+  result = theirs.load_state_dict(safetensors.torch.load_file(out / "model.safetensors"),
+                                  strict=False)
+  assert not result.unexpected_keys
+  assert sorted(result.missing_keys) == ["head.norm.bias", "head.norm.weight"]  # the classifier
+  x = _image(cfg)
+  _assert_features_close([np.asarray(f) for f in ours(x)], _timm_features(theirs, x))
+  back = ConvNeXt(cfg, rngs=nnx.Rngs(params=7, dropout=2))
+  load_convnext(back, str(out / "model.safetensors"))
+  imported = dict(torch_io.iter_params(back))
+  for path, var in torch_io.iter_params(ours):
+    np.testing.assert_array_equal(np.asarray(imported[path][...]), np.asarray(var[...]),
+                                  err_msg=path)
+
+
+def test_known_sizes_export_under_their_timm_names():
+  large = ConvNeXt(_cfg(depths=(3, 3, 27, 3), dims=(192, 384, 768, 1536)), rngs=nnx.Rngs(0))
+  assert timm_spec(large)["timm_model"] == "convnext_large"
+  assert timm_spec(_ours(_cfg()))["timm_model"] == "convnext_tiny"  # with its own depths / dims

@@ -1,4 +1,5 @@
-"""Importing a `transformers` CLIP vision tower into `models.clip_vit.CLIPVisionTransformer`.
+"""Importing a `transformers` CLIP vision tower into `models.clip_vit.CLIPVisionTransformer`,
+and exporting one back (`save_clip_vision`) that `transformers.CLIPVisionModel` loads.
 
 Accepted directories: a `CLIPVisionModel` or a full `CLIPModel` (the released
 openai/clip-vit-large-patch14-336 is one), as `save_pretrained` writes them. Vision tensors are
@@ -150,3 +151,39 @@ def load_clip_vision(module, model_dir: str, cfg: Mapping[str, Any] | None = Non
       source=model_dir,
       allow_unused=_is_allowed_unused,
   )
+
+
+def hf_vision_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
+  """`model.vision` -> the config.json of a transformers CLIPVisionModel."""
+  to_hf = {ours: theirs for theirs, ours in _ACTIVATIONS.items() if theirs != "gelu_new"}
+  out = {theirs: cfg[ours] for ours, theirs in _FIELDS.items()}
+  out["hidden_act"] = to_hf[cfg["hidden_act"]]
+  return {"architectures": ["CLIPVisionModel"], "model_type": "clip_vision_model", **out}
+
+
+def export_state(module) -> dict[str, np.ndarray]:
+  """A `CLIPVisionTransformer`'s parameters under CLIPVisionModel's names (`vision_model.`)."""
+  ours = {path: np.asarray(var[...]) for path, var in torch_io.iter_params(module)}
+  out = {
+      "embeddings.class_embedding": ours["embeddings/class_embedding"],
+      "embeddings.position_embedding.weight": ours["embeddings/position_embedding"],
+      "embeddings.patch_embedding.weight":
+          ours["embeddings/patch_embedding/kernel"].transpose(3, 2, 0, 1),
+  }
+  norms = [(n, n) for n in ("pre_layrnorm", "post_layernorm")]
+  linears = []
+  for i in range(len(module.encoder.layers)):
+    for theirs, path, convert in _LAYER_RULES:
+      pair = (f"encoder.layers.{i}.{theirs}", f"encoder/layers/{i}/{path}")
+      (norms if convert is torch_io.convert_norm else linears).append(pair)
+  for theirs, path in norms:
+    out[f"{theirs}.weight"], out[f"{theirs}.bias"] = ours[f"{path}/scale"], ours[f"{path}/bias"]
+  for theirs, path in linears:
+    out[f"{theirs}.weight"], out[f"{theirs}.bias"] = ours[f"{path}/kernel"].T, ours[f"{path}/bias"]
+  return {VISION_PREFIX + k: v for k, v in out.items()}
+
+
+def save_clip_vision(module, cfg: Mapping[str, Any], out_dir: str) -> None:
+  """Writes `module` (built from `cfg` = `model.vision`) as a new transformers CLIPVisionModel
+  directory (config.json + model.safetensors)."""
+  torch_io.write_model_dir(out_dir, hf_vision_config(cfg), export_state(module))

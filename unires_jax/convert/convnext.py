@@ -1,4 +1,5 @@
-"""timm / open_clip ConvNeXt state dicts -> `unires_jax.models.convnext.ConvNeXt`.
+"""timm / open_clip ConvNeXt state dicts -> `unires_jax.models.convnext.ConvNeXt`, and back
+(`save_convnext`: a timm state dict that `timm.create_model` loads).
 
 Layouts read:
   * timm's own names: `stem.0.weight`, `stages.1.downsample.1.weight`,
@@ -17,6 +18,7 @@ Rules (timm name -> our parameter path):
   stages.i.blocks.j.gamma       [C]   -> stages/i/blocks/j/gamma
 """
 
+import json
 import re
 from typing import Mapping
 
@@ -157,3 +159,52 @@ def load_convnext(
     return explicit or name.startswith(OPEN_CLIP_OTHER)
 
   torch_io.convert_all(_rules(module.depths, prefix), tensors, module, source, allow_unused)
+
+
+# timm model names by (depths, dims); others are written as convnext_tiny with their own args.
+TIMM_NAMES = {
+    ((3, 3, 9, 3), (96, 192, 384, 768)): "convnext_tiny",
+    ((3, 3, 27, 3), (96, 192, 384, 768)): "convnext_small",
+    ((3, 3, 27, 3), (128, 256, 512, 1024)): "convnext_base",
+    ((3, 3, 27, 3), (192, 384, 768, 1536)): "convnext_large",
+    ((3, 3, 27, 3), (256, 512, 1024, 2048)): "convnext_xlarge",
+}
+
+
+def timm_spec(module: ConvNeXt) -> dict[str, object]:
+  """How PyTorch users rebuild `module` in timm:
+  `timm.create_model(spec["timm_model"], num_classes=0, **spec["model_args"])`."""
+  depths, dims = tuple(module.depths), tuple(module.dims)
+  return {"timm_model": TIMM_NAMES.get((depths, dims), "convnext_tiny"),
+          "model_args": {"in_chans": module.in_chans, "depths": list(depths),
+                         "dims": list(dims)}}
+
+
+def export_state(module: ConvNeXt) -> dict[str, np.ndarray]:
+  """`module`'s parameters under timm's names: the inverse of the table above. timm's
+  classifier head (`head.norm`, `head.fc`) has no counterpart and is not written."""
+  ours = {path: np.asarray(var[...]) for path, var in torch_io.iter_params(module)}
+  out = {}
+  for path, value in ours.items():
+    parent, leaf = path.rsplit("/", 1)
+    theirs = parent.replace("/", ".")
+    if leaf == "gamma":
+      out[f"{theirs}.gamma"] = value
+    elif leaf == "scale":
+      out[f"{theirs}.weight"] = value
+    elif leaf == "bias":
+      out[f"{theirs}.bias"] = value
+    elif value.ndim == 4:  # conv [kh, kw, in/g, out] -> [out, in/g, kh, kw]
+      out[f"{theirs}.weight"] = value.transpose(3, 2, 0, 1)
+    else:  # linear [in, out] -> [out, in]
+      out[f"{theirs}.weight"] = value.T
+  return out
+
+
+def save_convnext(module: ConvNeXt, out_dir: str) -> None:
+  """Writes `module` as a new directory: `model.safetensors` (timm names, the `timm_spec` in its
+  metadata) and `config.json` (the same spec)."""
+  spec = timm_spec(module)
+  torch_io.write_model_dir(out_dir, spec, export_state(module),
+                           metadata={k: json.dumps(v) for k, v in spec.items()})
+

@@ -251,8 +251,10 @@ def convert_all(
   assign_params(module, values, source)
 
 
-def write_model_dir(out_dir: str, config: Mapping, tensors: Mapping[str, np.ndarray]) -> None:
-  """Writes `config.json` and `model.safetensors` into a new directory `out_dir`, atomically.
+def write_model_dir(out_dir: str, config: Mapping, tensors: Mapping[str, np.ndarray],
+                    metadata: Mapping[str, str] | None = None) -> None:
+  """Writes `config.json` and `model.safetensors` (with `metadata` besides `format: pt`) into a
+  new directory `out_dir`, atomically.
 
   Everything is written into a sibling temporary directory first and renamed at the end, so a
   failure (or a kill) leaves no partial `out_dir`. An existing `out_dir` is refused, never
@@ -268,7 +270,7 @@ def write_model_dir(out_dir: str, config: Mapping, tensors: Mapping[str, np.ndar
   tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.partial-", dir=parent)
   try:
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()},
-              os.path.join(tmp, SAFETENSORS_SINGLE), metadata={"format": "pt"})
+              os.path.join(tmp, SAFETENSORS_SINGLE), metadata={**(metadata or {}), "format": "pt"})
     with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
       json.dump(dict(config), f, indent=2, sort_keys=True)
     os.rename(tmp, out_dir)
