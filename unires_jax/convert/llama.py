@@ -144,9 +144,15 @@ def _keep_extra_rows(module: LlamaForCausalLM, rules, source: str):
 
 
 def load_llama(module: LlamaForCausalLM, model_dir: str) -> None:
-  """Reads `model_dir` (config.json + weights) into `module`, checking the config first."""
+  """Reads `model_dir` (config.json + weights) into `module`, checking the config first.
+
+  The checkpoint's vocabulary is the config's (rows beyond it keep the module's values) or the
+  module's whole one (a `save_llama` export of a model with added tokens)."""
   hf = torch_io.read_config_json(model_dir)
-  check_llm_config(module.config._asdict(), hf)
+  expected = module.config._asdict()
+  if hf.get("vocab_size") == module.vocab_size:  # an export of this model: added rows included
+    expected["vocab_size"] = module.vocab_size
+  check_llm_config(expected, hf)
   tensors = torch_io.read_state_dir(model_dir)
   tied = module.tie_word_embeddings
   rules = _keep_extra_rows(module, _rules(module.config.num_layers, tied), model_dir)
