@@ -55,7 +55,7 @@ class Experiment:
             "executor": self.executor}
 
   def trial_dir(self, trial: Trial) -> str:
-    return _join(self.workdir, trial.name)
+    return f"{self.workdir}/{trial.name}"
 
   def pod_train_flags(self, trial: Trial, hosts: int) -> list[str]:
     """unires-train's flags on each of `hosts` TPU workers: `jax.distributed.initialize()` finds
@@ -186,10 +186,6 @@ def _flag_value(value: Any) -> str:
 
 def _jsonable(value: Any) -> Any:
   return json.loads(json.dumps(value, default=repr))
-
-
-def _join(root: str, name: str) -> str:
-  return f"{root}/{name}"
 
 
 def _write_atomic(path: epath.Path, text: str) -> None:

@@ -2,9 +2,9 @@
 (coordinator on loopback), so the multi-host path runs for real without a pod.
 
 Every process runs `unires-train` on `--local_devices` emulated CPU devices (other XLA_FLAGS of
-the environment pass through); process i's output
-goes to `<trial>/logs/process_<i>.log` and, prefixed, to this terminal. A trial fails as soon as
-one of its processes does (the others are stopped); the trials run one after another.
+the environment pass through); process i's output goes to `<trial>/logs/process_<i>.log` and,
+prefixed, to this terminal. A trial fails as soon as one of its processes does (the others are
+stopped); the trials run one after another.
 """
 
 import os
