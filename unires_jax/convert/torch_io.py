@@ -10,6 +10,7 @@ Pickled files are read only with `torch.load(weights_only=True)`, which refuses 
 Tensors come back as NumPy arrays (bfloat16 through `ml_dtypes`).
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -251,17 +252,11 @@ def convert_all(
   assign_params(module, values, source)
 
 
-def write_model_dir(out_dir: str, config: Mapping, tensors: Mapping[str, np.ndarray],
-                    metadata: Mapping[str, str] | None = None) -> None:
-  """Writes `config.json` and `model.safetensors` (with `metadata` besides `format: pt`) into a
-  new directory `out_dir`, atomically.
-
-  Everything is written into a sibling temporary directory first and renamed at the end, so a
-  failure (or a kill) leaves no partial `out_dir`. An existing `out_dir` is refused, never
-  overwritten.
-  """
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-
+@contextlib.contextmanager
+def new_directory(out_dir: str) -> Iterator[str]:
+  """Yields a temporary sibling of `out_dir` to write into, renamed to `out_dir` when the block
+  ends; on an error (or a kill) nothing is left at `out_dir`. An existing `out_dir` is refused,
+  never overwritten."""
   out_dir = os.path.abspath(out_dir)
   if os.path.exists(out_dir):
     raise FileExistsError(f"{out_dir} already exists; choose a new output directory")
@@ -269,11 +264,21 @@ def write_model_dir(out_dir: str, config: Mapping, tensors: Mapping[str, np.ndar
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.partial-", dir=parent)
   try:
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()},
-              os.path.join(tmp, SAFETENSORS_SINGLE), metadata={**(metadata or {}), "format": "pt"})
-    with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
-      json.dump(dict(config), f, indent=2, sort_keys=True)
+    yield tmp
     os.rename(tmp, out_dir)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+
+
+def write_model_dir(out_dir: str, config: Mapping, tensors: Mapping[str, np.ndarray],
+                    metadata: Mapping[str, str] | None = None) -> None:
+  """Writes `config.json` and `model.safetensors` (with `metadata` besides `format: pt`) into a
+  new directory `out_dir` (`new_directory`)."""
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+
+  with new_directory(out_dir) as tmp:
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()},
+              os.path.join(tmp, SAFETENSORS_SINGLE), metadata={**(metadata or {}), "format": "pt"})
+    with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
+      json.dump(dict(config), f, indent=2, sort_keys=True)

@@ -13,8 +13,6 @@ is not written yet.
 """
 
 import os
-import shutil
-import tempfile
 
 import ml_collections
 import numpy as np
@@ -37,13 +35,7 @@ def export_pytorch(model: nnx.Module, model_config: ml_collections.ConfigDict,
   """Writes `model` (built from `model_config` = `config.model`) as a new directory `out_dir`."""
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
 
-  out_dir = os.path.abspath(out_dir)
-  if os.path.exists(out_dir):
-    raise FileExistsError(f"{out_dir} already exists; choose a new output directory")
-  os.makedirs(os.path.dirname(out_dir), exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.partial-",
-                         dir=os.path.dirname(out_dir))
-  try:
+  with torch_io.new_directory(out_dir) as tmp:
     clip_vit.save_clip_vision(model.vision, model_config.vision,
                               os.path.join(tmp, "vision_tower"))
     convnext.save_convnext(model.convnext, os.path.join(tmp, "high_res_encoder"))
@@ -51,10 +43,6 @@ def export_pytorch(model: nnx.Module, model_config: ml_collections.ConfigDict,
     save_file(head_params(model), os.path.join(tmp, HEADS_FILE), metadata={"format": "pt"})
     with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
       f.write(model_config.to_json_best_effort(indent=2, sort_keys=True))
-    os.rename(tmp, out_dir)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
 
 
 def import_pytorch(model: nnx.Module, model_config: ml_collections.ConfigDict,
