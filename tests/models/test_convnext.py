@@ -19,6 +19,7 @@ from unires_jax.convert.convnext import check_convnext_config
 from unires_jax.convert.convnext import convnext_config_from_state
 from unires_jax.convert.convnext import load_convnext
 from unires_jax.convert.convnext import save_convnext
+from unires_jax.convert.convnext import timm_name
 from unires_jax.convert.convnext import timm_spec
 from unires_jax.models.convnext import ConvNeXt
 from unires_jax.models.convnext import drop_path_rates
@@ -263,6 +264,6 @@ def test_export_loads_in_timm_and_round_trips(tmp_path):
 
 
 def test_known_sizes_export_under_their_timm_names():
-  large = ConvNeXt(_cfg(depths=(3, 3, 27, 3), dims=(192, 384, 768, 1536)), rngs=nnx.Rngs(0))
-  assert timm_spec(large)["timm_model"] == "convnext_large"
+  assert timm_name((3, 3, 27, 3), (192, 384, 768, 1536)) == "convnext_large"
+  assert timm_name([3, 3, 9, 3], [96, 192, 384, 768]) == "convnext_tiny"
   assert timm_spec(_ours(_cfg()))["timm_model"] == "convnext_tiny"  # with its own depths / dims

@@ -171,13 +171,17 @@ TIMM_NAMES = {
 }
 
 
+def timm_name(depths, dims) -> str:
+  """timm's name for a ConvNeXt of these stage depths and widths (convnext_tiny otherwise)."""
+  return TIMM_NAMES.get((tuple(depths), tuple(dims)), "convnext_tiny")
+
+
 def timm_spec(module: ConvNeXt) -> dict[str, object]:
   """How PyTorch users rebuild `module` in timm:
   `timm.create_model(spec["timm_model"], num_classes=0, **spec["model_args"])`."""
-  depths, dims = tuple(module.depths), tuple(module.dims)
-  return {"timm_model": TIMM_NAMES.get((depths, dims), "convnext_tiny"),
-          "model_args": {"in_chans": module.in_chans, "depths": list(depths),
-                         "dims": list(dims)}}
+  return {"timm_model": timm_name(module.depths, module.dims),
+          "model_args": {"in_chans": module.in_chans, "depths": list(module.depths),
+                         "dims": list(module.dims)}}
 
 
 def export_state(module: ConvNeXt) -> dict[str, np.ndarray]:
