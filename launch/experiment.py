@@ -128,9 +128,9 @@ def check_workdir(experiment: Experiment) -> None:
     held = json.loads(path.read_text())["definition"]
   except (ValueError, KeyError) as e:
     raise ValueError(f"{path} is not an experiment record: {e}") from None
-  if held != _jsonable(experiment.definition()):
-    diff = sorted(k for k in held.keys() | experiment.definition().keys()
-                  if held.get(k) != _jsonable(experiment.definition()).get(k))
+  mine = _jsonable(experiment.definition())
+  if held != mine:
+    diff = sorted(k for k in held.keys() | mine.keys() if held.get(k) != mine.get(k))
     raise ValueError(f"--workdir={experiment.workdir} already holds another experiment "
                      f"(its {', '.join(diff)} differ: {path}); choose a new work directory")
 
