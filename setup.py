@@ -39,6 +39,7 @@ setuptools.setup(
         "einops>=0.8",
         "numpy>=2.0",
         "absl-py>=2.0",
+        "etils[epath]>=1.7",
         "safetensors>=0.4",
         "tensorflow-datasets>=4.9.10",
         "grain>=0.2.18",

@@ -8,15 +8,30 @@ goes on while the arrays are written.
 
 Restoring takes an abstract state carrying the *current* mesh's shardings, so a checkpoint saved
 on one mesh (e.g. data=8) restores onto another (e.g. fsdp=4, tensor=2).
+
+A run's `config.json` sits beside its `checkpoints/`. A converted checkpoint (`unires-convert
+from-pytorch`) holds the parameters alone. `locate` finds the parameters in either,
+`restore_params` restores them sharded, `param_shapes` / `read_params` read them tensor by tensor
+on the host (conversion to PyTorch).
 """
 
+import dataclasses
 import os
+import shutil
 from typing import Any
 
 import grain
+import jax
+import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
+from unires_jax import config_lib
+from unires_jax.convert import torch_io
 from unires_jax.train.state import TrainState
+
+PARAMS_DIR = "params"  # a converted checkpoint: params/ (Orbax) + config.json (+ tokenizer/)
+TOKENIZER_DIR = "tokenizer"
 
 
 class Checkpointer:
@@ -77,16 +92,133 @@ class Checkpointer:
     self._manager.close()
 
 
-def restore_params(directory: str, abstract_state: TrainState, step: int | None = None) -> Any:
-  """(params, step) of a checkpoint (evaluation, conversion), placed as `abstract_state`'s
-  shardings say."""
-  manager = ocp.CheckpointManager(os.path.abspath(directory), item_names=("state", "data"),
-                                  options=ocp.CheckpointManagerOptions(read_only=True))
-  step = manager.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint in {directory}")
-  restored = manager.restore(
-      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
-  manager.close()
-  return restored["state"].params, step
+def _step_dirs(directory: str) -> list[int]:
+  return sorted(int(n) for n in os.listdir(directory)
+                if n.isdigit() and os.path.isdir(os.path.join(directory, n, "state")))
 
+
+@dataclasses.dataclass(frozen=True)
+class Located:
+  """Where a checkpoint's parameters are on disk (`locate`).
+
+  tree_dir: the Orbax PyTree directory holding them.
+  prefix:   the keys above the parameters in that tree (`("params",)` in a train state,
+            `()` in a converted checkpoint).
+  step:     the training step, None for a converted checkpoint.
+  run_dir:  the directory with the run's `config.json` (and a converted checkpoint's `tokenizer/`).
+  """
+
+  tree_dir: str
+  prefix: tuple[str, ...]
+  step: int | None
+  run_dir: str
+
+  @property
+  def converted(self) -> bool:
+    return self.step is None
+
+  def config(self) -> ml_collections.ConfigDict:
+    """The config the parameters were trained or converted with (`run_dir/config.json`); a
+    `tokenizer/` beside it becomes `input.tokenizer`, so the directory can move."""
+    try:
+      config = config_lib.read_config_json(self.run_dir)
+    except FileNotFoundError:
+      raise FileNotFoundError(
+          f"no {config_lib.CONFIG_FILE} in {self.run_dir}: the trainer and unires-convert write "
+          "it; for an older run give the training config explicitly") from None
+    tokenizer = os.path.join(self.run_dir, TOKENIZER_DIR)
+    if os.path.isdir(tokenizer):
+      config.input.tokenizer = tokenizer
+    return config
+
+
+def locate(path: str, step: int | None = None) -> Located:
+  """Finds the parameters under `path`: a converted checkpoint (`unires-convert from-pytorch`:
+  `params/` + `config.json`), a training work directory (`checkpoints/<step>/state`) or its
+  `checkpoints` directory. `step` picks a training step (default: the latest complete one)."""
+  path = os.path.abspath(path)
+  if os.path.isdir(os.path.join(path, PARAMS_DIR)):
+    if step is not None:
+      raise ValueError(f"{path} is a converted checkpoint (no training steps); drop the step")
+    return Located(os.path.join(path, PARAMS_DIR), (), None, path)
+  directory = os.path.join(path, "checkpoints")
+  if not os.path.isdir(directory):
+    directory = path
+  if not os.path.isdir(directory) or not _step_dirs(directory):
+    raise FileNotFoundError(
+        f"no checkpoint in {path}: expected a converted checkpoint ({PARAMS_DIR}/ and "
+        f"{config_lib.CONFIG_FILE}), a training work directory or its checkpoints/ directory")
+  steps = _step_dirs(directory)
+  step = steps[-1] if step is None else step
+  if step not in steps:
+    raise FileNotFoundError(f"no checkpoint of step {step} in {directory} (it has {steps})")
+  return Located(os.path.join(directory, str(step), "state"), ("params",), step,
+                 os.path.dirname(directory))
+
+
+def restore_params(path: str, abstract_state: TrainState, step: int | None = None
+                   ) -> tuple[Any, int | None]:
+  """(params, step) of a checkpoint `locate` finds under `path` (step None for a converted one),
+  placed as `abstract_state`'s shardings say: each process reads only its own shards."""
+  where = locate(path, step)
+  if where.converted:
+    params = ocp.StandardCheckpointer().restore(where.tree_dir, abstract_state.params)
+    return params, None
+  manager = ocp.CheckpointManager(os.path.dirname(os.path.dirname(where.tree_dir)),
+                                  item_names=("state", "data"),
+                                  options=ocp.CheckpointManagerOptions(read_only=True))
+  restored = manager.restore(
+      where.step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+  manager.close()
+  return restored["state"].params, where.step
+
+
+def param_shapes(where: Located) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+  """{"llm/model/norm/scale": (shape, dtype)} of every parameter, from the metadata alone."""
+  tree = ocp.PyTreeCheckpointer().metadata(where.tree_dir).item_metadata.tree
+  for key in where.prefix:
+    tree = tree[key]
+  flat = {}
+  for keys, meta in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    names = [str(getattr(k, "key", k)) for k in keys]
+    if names[-1] != "value":
+      raise ValueError(f"{where.tree_dir}: unexpected leaf {'/'.join(names)} (not a parameter)")
+    flat["/".join(names[:-1])] = (tuple(meta.shape), np.dtype(meta.dtype))
+  return flat
+
+
+def read_params(where: Located, paths: list[str]) -> dict[str, np.ndarray]:
+  """The parameters `paths` (as `param_shapes` names them) as host NumPy arrays, read alone:
+  nothing else of the checkpoint is loaded and no device holds them."""
+  item: dict[str, Any] = {}
+  for path in paths:
+    node = item
+    for key in (*where.prefix, *path.split("/")):
+      node = node.setdefault(key, {})
+    node["value"] = 0
+  restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+  tree = ocp.PyTreeCheckpointer().restore(
+      where.tree_dir,
+      args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True))
+  out = {}
+  for path in paths:
+    node = tree
+    for key in (*where.prefix, *path.split("/")):
+      node = node[key]
+    out[path] = node["value"]
+  return out
+
+
+def save_converted(params: Any, config: ml_collections.ConfigDict, out_dir: str,
+                   tokenizer_dir: str | None = None) -> None:
+  """Writes a converted checkpoint as a new directory: `params/` (Orbax, the model's `nnx.State`
+  of parameters), `config.json` and, when given, `tokenizer/` (a copy of `tokenizer_dir`, which
+  `Located.config` makes the config's tokenizer). Written into a temporary sibling renamed at the
+  end: a failure leaves nothing at `out_dir`."""
+  with torch_io.new_directory(out_dir) as tmp:
+    if tokenizer_dir:
+      shutil.copytree(tokenizer_dir, os.path.join(tmp, TOKENIZER_DIR))
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(os.path.join(tmp, PARAMS_DIR), params)
+    checkpointer.wait_until_finished()
+    config_lib.write_config_json(config, tmp)

@@ -19,7 +19,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from unires_jax import parallel
+from unires_jax import config_lib, parallel
 from unires_jax.data import pipeline, tokenizer
 from unires_jax.evaluation import evaluator, overlays
 from unires_jax.models.unires import INPUT_KEYS
@@ -60,6 +60,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, show_progress: boo
   mesh = parallel.make_mesh(config.mesh)
   log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size,
            jax.process_count())
+  if jax.process_index() == 0:
+    config_lib.write_config_json(config, workdir)  # what unires-convert and unires-segment read
   tokenize = load_tokenize(config)
   factory = StateFactory(config, mesh)
   train_step = step_lib.make_train_step(factory)
