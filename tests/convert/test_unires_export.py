@@ -46,7 +46,7 @@ def test_round_trip_is_bit_identical_and_parts_load_in_pytorch(config, tmp_path)
       out / "high_res_encoder" / "model.safetensors"), strict=False).missing_keys
   assert sorted(missing) == ["head.norm.bias", "head.norm.weight"]
   heads = safetensors.numpy.load_file(out / "unires_heads.safetensors")
-  assert set(heads) == set(convert_unires.head_params(model))
+  assert set(heads) == set(convert_unires.head_paths(model))
   assert json.loads((out / "config.json").read_text())["llm"]["hidden_size"] == 64
 
   back = models.build_model(config, nnx.Rngs(1))  # other initial values everywhere

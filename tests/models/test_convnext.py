@@ -266,4 +266,4 @@ def test_export_loads_in_timm_and_round_trips(tmp_path):
 def test_known_sizes_export_under_their_timm_names():
   assert timm_name((3, 3, 27, 3), (192, 384, 768, 1536)) == "convnext_large"
   assert timm_name([3, 3, 9, 3], [96, 192, 384, 768]) == "convnext_tiny"
-  assert timm_spec(_ours(_cfg()))["timm_model"] == "convnext_tiny"  # with its own depths / dims
+  assert timm_spec(_cfg())["timm_model"] == "convnext_tiny"  # with its own depths / dims

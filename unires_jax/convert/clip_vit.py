@@ -161,29 +161,31 @@ def hf_vision_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
   return {"architectures": ["CLIPVisionModel"], "model_type": "clip_vision_model", **out}
 
 
-def export_state(module) -> dict[str, np.ndarray]:
-  """A `CLIPVisionTransformer`'s parameters under CLIPVisionModel's names (`vision_model.`)."""
-  ours = {path: np.asarray(var[...]) for path, var in torch_io.iter_params(module)}
-  out = {
-      "embeddings.class_embedding": ours["embeddings/class_embedding"],
-      "embeddings.position_embedding.weight": ours["embeddings/position_embedding"],
-      "embeddings.patch_embedding.weight":
-          ours["embeddings/patch_embedding/kernel"].transpose(3, 2, 0, 1),
+def export_plan(shapes: Mapping[str, tuple[int, ...]]) -> torch_io.ExportPlan:
+  """CLIPVisionModel names (`vision_model.`) of a `CLIPVisionTransformer`'s parameters
+  (`shapes`: {our path: shape})."""
+  plan = {
+      "embeddings.class_embedding": ("embeddings/class_embedding", torch_io.SAME),
+      "embeddings.position_embedding.weight": ("embeddings/position_embedding", torch_io.SAME),
+      "embeddings.patch_embedding.weight": ("embeddings/patch_embedding/kernel", torch_io.CONV),
   }
-  norms = [(n, n) for n in ("pre_layrnorm", "post_layernorm")]
-  linears = []
-  for i in range(len(module.encoder.layers)):
-    for theirs, path, convert in _LAYER_RULES:
-      pair = (f"encoder.layers.{i}.{theirs}", f"encoder/layers/{i}/{path}")
-      (norms if convert is torch_io.convert_norm else linears).append(pair)
-  for theirs, path in norms:
-    out[f"{theirs}.weight"], out[f"{theirs}.bias"] = ours[f"{path}/scale"], ours[f"{path}/bias"]
-  for theirs, path in linears:
-    out[f"{theirs}.weight"], out[f"{theirs}.bias"] = ours[f"{path}/kernel"].T, ours[f"{path}/bias"]
-  return {VISION_PREFIX + k: v for k, v in out.items()}
+  modules = [("pre_layrnorm", "pre_layrnorm", torch_io.convert_norm)]
+  i = 0
+  while f"encoder/layers/{i}/layer_norm1/scale" in shapes:
+    modules += [(f"encoder.layers.{i}.{theirs}", f"encoder/layers/{i}/{path}", convert)
+                for theirs, path, convert in _LAYER_RULES]
+    i += 1
+  modules.append(("post_layernorm", "post_layernorm", torch_io.convert_norm))
+  for theirs, path, convert in modules:
+    is_norm = convert is torch_io.convert_norm
+    plan[f"{theirs}.weight"] = ((f"{path}/scale", torch_io.SAME) if is_norm
+                                else (f"{path}/kernel", torch_io.LINEAR))
+    plan[f"{theirs}.bias"] = (f"{path}/bias", torch_io.SAME)
+  return {VISION_PREFIX + k: v for k, v in plan.items()}
 
 
 def save_clip_vision(module, cfg: Mapping[str, Any], out_dir: str) -> None:
   """Writes `module` (built from `cfg` = `model.vision`) as a new transformers CLIPVisionModel
   directory (config.json + model.safetensors)."""
-  torch_io.write_model_dir(out_dir, hf_vision_config(cfg), export_state(module))
+  plan = export_plan(torch_io.module_shapes(module))
+  torch_io.write_model_dir(out_dir, hf_vision_config(cfg), torch_io.export_tensors(plan, module))

@@ -176,39 +176,39 @@ def timm_name(depths, dims) -> str:
   return TIMM_NAMES.get((tuple(depths), tuple(dims)), "convnext_tiny")
 
 
-def timm_spec(module: ConvNeXt) -> dict[str, object]:
-  """How PyTorch users rebuild `module` in timm:
+def timm_spec(cfg: Mapping[str, object]) -> dict[str, object]:
+  """How PyTorch users rebuild the ConvNeXt of `cfg` (`model.convnext`) in timm:
   `timm.create_model(spec["timm_model"], num_classes=0, **spec["model_args"])`."""
-  return {"timm_model": timm_name(module.depths, module.dims),
-          "model_args": {"in_chans": module.in_chans, "depths": list(module.depths),
-                         "dims": list(module.dims)}}
+  return {"timm_model": timm_name(cfg["depths"], cfg["dims"]),
+          "model_args": {"in_chans": cfg["in_chans"], "depths": list(cfg["depths"]),
+                         "dims": list(cfg["dims"])}}
 
 
-def export_state(module: ConvNeXt) -> dict[str, np.ndarray]:
-  """`module`'s parameters under timm's names: the inverse of the table above. timm's
-  classifier head (`head.norm`, `head.fc`) has no counterpart and is not written."""
-  ours = {path: np.asarray(var[...]) for path, var in torch_io.iter_params(module)}
-  out = {}
-  for path, value in ours.items():
+def export_plan(shapes: Mapping[str, tuple[int, ...]]) -> torch_io.ExportPlan:
+  """timm names of a `ConvNeXt`'s parameters (`shapes`: {our path: shape}): the inverse of the
+  table above. timm's classifier head (`head.norm`, `head.fc`) has no counterpart."""
+  plan = {}
+  for path, shape in shapes.items():
     parent, leaf = path.rsplit("/", 1)
     theirs = parent.replace("/", ".")
     if leaf == "gamma":
-      out[f"{theirs}.gamma"] = value
-    elif leaf == "scale":
-      out[f"{theirs}.weight"] = value
-    elif leaf == "bias":
-      out[f"{theirs}.bias"] = value
-    elif value.ndim == 4:  # conv [kh, kw, in/g, out] -> [out, in/g, kh, kw]
-      out[f"{theirs}.weight"] = value.transpose(3, 2, 0, 1)
-    else:  # linear [in, out] -> [out, in]
-      out[f"{theirs}.weight"] = value.T
-  return out
+      plan[f"{theirs}.gamma"] = (path, torch_io.SAME)
+    elif leaf in ("scale", "bias"):
+      plan[f"{theirs}.{'weight' if leaf == 'scale' else 'bias'}"] = (path, torch_io.SAME)
+    else:
+      plan[f"{theirs}.weight"] = (path, torch_io.CONV if len(shape) == 4 else torch_io.LINEAR)
+  return plan
+
+
+def spec_metadata(spec: Mapping[str, object]) -> dict[str, str]:
+  """The timm spec as safetensors metadata (string values)."""
+  return {k: json.dumps(v) for k, v in spec.items()}
 
 
 def save_convnext(module: ConvNeXt, out_dir: str) -> None:
   """Writes `module` as a new directory: `model.safetensors` (timm names, the `timm_spec` in its
   metadata) and `config.json` (the same spec)."""
-  spec = timm_spec(module)
-  torch_io.write_model_dir(out_dir, spec, export_state(module),
-                           metadata={k: json.dumps(v) for k, v in spec.items()})
-
+  spec = timm_spec({"depths": module.depths, "dims": module.dims, "in_chans": module.in_chans})
+  plan = export_plan(torch_io.module_shapes(module))
+  torch_io.write_model_dir(out_dir, spec, torch_io.export_tensors(plan, module),
+                           metadata=spec_metadata(spec))

@@ -166,38 +166,42 @@ def load_llama(module: LlamaForCausalLM, model_dir: str) -> None:
   )
 
 
-def hf_config(module: LlamaForCausalLM) -> dict[str, Any]:
-  """The config.json of `module` as a transformers LlamaForCausalLM (its whole vocabulary, added
-  rows included)."""
-  cfg = module.config
+def hf_config(cfg: Mapping[str, Any], vocab_size: int) -> dict[str, Any]:
+  """The config.json of a transformers LlamaForCausalLM built from `cfg` (`model.llm`) with
+  `vocab_size` rows (UniRES++'s whole vocabulary, added rows included)."""
   return {
       "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-      "vocab_size": module.vocab_size, "hidden_size": cfg.hidden_size,
-      "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_layers,
-      "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
-      "head_dim": cfg.head_dim, "rms_norm_eps": cfg.rms_norm_eps,
-      "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-      "max_position_embeddings": cfg.max_position_embeddings,
-      "tie_word_embeddings": bool(cfg.tie_word_embeddings), "hidden_act": "silu",
+      "vocab_size": vocab_size, "hidden_size": cfg["hidden_size"],
+      "intermediate_size": cfg["intermediate_size"], "num_hidden_layers": cfg["num_layers"],
+      "num_attention_heads": cfg["num_heads"], "num_key_value_heads": cfg["num_kv_heads"],
+      "head_dim": cfg["head_dim"], "rms_norm_eps": cfg["rms_norm_eps"],
+      "rope_parameters": {"rope_type": "default", "rope_theta": cfg["rope_theta"]},
+      "max_position_embeddings": cfg["max_position_embeddings"],
+      "tie_word_embeddings": bool(cfg["tie_word_embeddings"]), "hidden_act": "silu",
       "attention_bias": False, "mlp_bias": False,
   }
 
 
-def export_state(module: LlamaForCausalLM) -> dict[str, np.ndarray]:
-  """`module`'s parameters under transformers' names: the inverse of the import rules."""
-  ours = {path: np.asarray(var[...]) for path, var in torch_io.iter_params(module)}
-  out = {"model.embed_tokens.weight": ours["model/embed_tokens/embedding"],
-         "model.norm.weight": ours["model/norm/scale"]}
-  for i in range(module.config.num_layers):
+def export_plan(shapes: Mapping[str, tuple[int, ...]]) -> torch_io.ExportPlan:
+  """transformers names of a `LlamaForCausalLM`'s parameters (`shapes`: {our path: shape}): the
+  inverse of the import rules. Tied models have no `lm_head`."""
+  plan = {"model.embed_tokens.weight": ("model/embed_tokens/embedding", torch_io.SAME)}
+  i = 0
+  while f"model/layers/{i}/input_layernorm/scale" in shapes:
     for theirs, path in _LAYER_RULES:
       path = f"model/layers/{i}/{path}"
-      out[f"model.layers.{i}.{theirs}.weight"] = (
-          ours[f"{path}/scale"] if theirs.endswith("layernorm") else ours[f"{path}/kernel"].T)
-  if not module.tie_word_embeddings:
-    out["lm_head.weight"] = ours["lm_head/kernel"].T
-  return out
+      plan[f"model.layers.{i}.{theirs}.weight"] = (
+          (f"{path}/scale", torch_io.SAME) if theirs.endswith("layernorm")
+          else (f"{path}/kernel", torch_io.LINEAR))
+    i += 1
+  plan["model.norm.weight"] = ("model/norm/scale", torch_io.SAME)
+  if "lm_head/kernel" in shapes:
+    plan["lm_head.weight"] = ("lm_head/kernel", torch_io.LINEAR)
+  return plan
 
 
 def save_llama(module: LlamaForCausalLM, out_dir: str) -> None:
   """Writes `module` as a new transformers model directory (config.json + model.safetensors)."""
-  torch_io.write_model_dir(out_dir, hf_config(module), export_state(module))
+  plan = export_plan(torch_io.module_shapes(module))
+  torch_io.write_model_dir(out_dir, hf_config(module.config._asdict(), module.vocab_size),
+                           torch_io.export_tensors(plan, module))

@@ -7,7 +7,8 @@ Sources users have on disk:
   * a single state-dict file: `.safetensors`, or `.bin` / `.pt` / `.pth` (timm, open_clip).
 
 Pickled files are read only with `torch.load(weights_only=True)`, which refuses arbitrary objects.
-Tensors come back as NumPy arrays (bfloat16 through `ml_dtypes`).
+Tensors come back as NumPy arrays (bfloat16 through `ml_dtypes`); safetensors tensors are read one
+at a time, when a converter takes them.
 """
 
 import contextlib
@@ -32,13 +33,36 @@ class CheckpointError(ValueError):
   """A weights file or directory that cannot be converted; the message names the file/key."""
 
 
-def _read_safetensors(path: str) -> dict[str, np.ndarray]:
-  from safetensors import SafetensorError  # pylint: disable=g-import-not-at-top
-  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+class LazyTensor:
+  """One tensor of a `.safetensors` file, read from disk when converted to an array
+  (`np.asarray`): a converter holds one source tensor at a time, not the whole checkpoint."""
+
+  def __init__(self, path: str, name: str, shape: tuple[int, ...]):
+    self.path, self.name, self.shape = path, name, tuple(shape)
+
+  @property
+  def ndim(self) -> int:
+    return len(self.shape)
+
+  def __array__(self, dtype=None, copy=None) -> np.ndarray:
+    del copy  # the array is read fresh each time
+    from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+
+    try:
+      with safe_open(self.path, framework="numpy") as f:
+        value = f.get_tensor(self.name)
+    except Exception as e:  # SafetensorError, OSError, ... for a damaged file
+      raise CheckpointError(f"{self.path}: tensor {self.name!r} is unreadable ({e})") from e
+    return value if dtype is None else value.astype(dtype)
+
+
+def _read_safetensors(path: str) -> dict[str, LazyTensor]:
+  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
 
   try:
-    return dict(load_file(path))
-  except (SafetensorError, OSError, ValueError) as e:
+    with safe_open(path, framework="numpy") as f:
+      return {name: LazyTensor(path, name, f.get_slice(name).get_shape()) for name in f.keys()}
+  except Exception as e:  # SafetensorError, OSError, ... for a corrupt or truncated file
     raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
 
 
@@ -76,8 +100,9 @@ def _torch_to_numpy(t) -> np.ndarray:
   return t.numpy()
 
 
-def read_state_file(path: str) -> dict[str, np.ndarray]:
-  """One state-dict file (`.safetensors`, `.bin`, `.pt`, `.pth`) -> {name: array}."""
+def read_state_file(path: str) -> Mapping[str, np.ndarray]:
+  """One state-dict file (`.safetensors`, `.bin`, `.pt`, `.pth`) -> {name: array}; safetensors
+  tensors are `LazyTensor`s (read by `np.asarray`), pickles are read whole."""
   if not os.path.isfile(path):
     raise CheckpointError(f"{path}: no such weights file")
   if path.endswith(".safetensors"):
@@ -89,7 +114,7 @@ def read_state_file(path: str) -> dict[str, np.ndarray]:
   )
 
 
-def read_state_dir(directory: str) -> dict[str, np.ndarray]:
+def read_state_dir(directory: str) -> Mapping[str, np.ndarray]:
   """A `transformers` model directory (single or sharded weights) -> {name: array}."""
   if not os.path.isdir(directory):
     raise CheckpointError(f"{directory}: no such model directory")
@@ -143,7 +168,7 @@ class TorchState:
   """
 
   def __init__(self, tensors: Mapping[str, np.ndarray], source: str):
-    self._tensors = dict(tensors)
+    self._tensors = tensors
     self._used: set[str] = set()
     self.source = source
 
@@ -282,3 +307,105 @@ def write_model_dir(out_dir: str, config: Mapping, tensors: Mapping[str, np.ndar
               os.path.join(tmp, SAFETENSORS_SINGLE), metadata={**(metadata or {}), "format": "pt"})
     with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
       json.dump(dict(config), f, indent=2, sort_keys=True)
+
+
+# How a Flax parameter becomes a PyTorch tensor (`to_torch`).
+SAME = "same"
+LINEAR = "linear"  # Dense kernel [in, out] -> nn.Linear weight [out, in]
+CONV = "conv"      # Conv kernel [kh, kw, in/g, out] -> nn.Conv2d weight [out, in/g, kh, kw]
+
+# An export plan: PyTorch name -> (Flax path within the exported module, layout), in file order.
+ExportPlan = dict[str, tuple[str, str]]
+
+
+def to_torch(value: np.ndarray, layout: str) -> np.ndarray:
+  if layout == LINEAR:
+    return value.T
+  if layout == CONV:
+    return value.transpose(3, 2, 0, 1)
+  if layout != SAME:
+    raise ValueError(f"unknown layout {layout!r}")
+  return value
+
+
+def torch_shape(shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
+  """The shape `to_torch` gives an array of `shape`."""
+  if layout == LINEAR:
+    return tuple(reversed(shape))
+  if layout == CONV:
+    return (shape[3], shape[2], shape[0], shape[1])
+  return tuple(shape)
+
+
+def module_shapes(module: nnx.Module) -> dict[str, tuple[int, ...]]:
+  """{path: shape} of every `nnx.Param` of `module` (what an export plan is made from)."""
+  return {path: tuple(var.get_value().shape) for path, var in iter_params(module)}
+
+
+def export_tensors(plan: ExportPlan, module: nnx.Module) -> dict[str, np.ndarray]:
+  """`module`'s parameters under their PyTorch names, in memory."""
+  params = {path: var for path, var in iter_params(module)}
+  return {name: to_torch(np.asarray(params[path][...]), layout)
+          for name, (path, layout) in plan.items()}
+
+
+_SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64",
+                       "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8",
+                       "uint8": "U8", "bool": "BOOL"}
+
+
+class SafetensorsWriter:
+  """Writes a `.safetensors` file one tensor at a time: the header first (from the known shapes
+  and dtypes), then each tensor's bytes in header order, so memory holds one tensor at a time.
+
+    with SafetensorsWriter(path, {"a": ((2, 3), np.float32), ...}, metadata) as w:
+      w.write("a", array)  # in the order of the dict
+
+  The file is the one `safetensors.save_file` would write for the same tensors in that order;
+  `close` raises if a tensor was not written.
+  """
+
+  def __init__(self, path: str, layout: Mapping[str, tuple[tuple[int, ...], np.dtype]],
+               metadata: Mapping[str, str] | None = None):
+    self.path = path
+    self._pending = list(layout)
+    self._layout = {name: (tuple(shape), np.dtype(dtype)) for name, (shape, dtype) in layout.items()}
+    header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name, (shape, dtype) in self._layout.items():
+      if dtype.name not in _SAFETENSORS_DTYPES:
+        raise ValueError(f"{path}: tensor {name!r} has dtype {dtype}, which safetensors lacks")
+      size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+      header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype.name], "shape": list(shape),
+                      "data_offsets": [offset, offset + size]}
+      offset += size
+    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+    self._file = open(path, "wb")  # pylint: disable=consider-using-with
+    self._file.write(len(text).to_bytes(8, "little") + text)
+
+  def write(self, name: str, value: np.ndarray) -> None:
+    if not self._pending or self._pending[0] != name:
+      raise ValueError(f"{self.path}: wrote {name!r}, expected "
+                       f"{self._pending[0] if self._pending else 'no more tensors'!r}")
+    shape, dtype = self._layout[name]
+    if tuple(value.shape) != shape or value.dtype != dtype:
+      raise ValueError(f"{self.path}: tensor {name!r} is {value.dtype}{list(value.shape)}, "
+                       f"the header says {dtype}{list(shape)}")
+    self._file.write(np.ascontiguousarray(value).tobytes())  # native order: little-endian hosts
+    self._pending.pop(0)
+
+  def close(self) -> None:
+    self._file.close()
+    if self._pending:
+      raise ValueError(f"{self.path}: {len(self._pending)} tensors not written, the first "
+                       f"{self._pending[0]!r}")
+
+  def __enter__(self) -> "SafetensorsWriter":
+    return self
+
+  def __exit__(self, exc_type, *_) -> None:
+    if exc_type is None:
+      self.close()
+    else:
+      self._file.close()

@@ -1,48 +1,181 @@
-"""The whole UniRES++ to and from a directory of PyTorch-loadable parts (issue 6, in memory):
+"""The whole UniRES++ to and from a directory of PyTorch-loadable parts:
 
-  DIR/vision_tower/             transformers CLIPVisionModel      (clip_vit.save_clip_vision)
-  DIR/high_res_encoder/         timm ConvNeXt state dict + spec   (convnext.save_convnext)
-  DIR/llm/                      transformers LlamaForCausalLM, special-token rows included
+  DIR/vision_tower/             transformers CLIPVisionModel      (clip_vit.export_plan)
+  DIR/high_res_encoder/         timm ConvNeXt state dict + spec   (convnext.export_plan)
+  DIR/llm/                      transformers LlamaForCausalLM, special-token rows included, and
+                                the tokenizer with the special tokens added when there is one
   DIR/unires_heads.safetensors  every other parameter (projectors, mask decoder, no-target head)
                                 under its path in the Flax model, e.g. "mask_decoder/query_embed"
   DIR/config.json               the `config.model` the parts were built from
 
-The directory is written into a temporary sibling and renamed at the end, so a failure leaves
-nothing behind. This works on a model in host memory; streaming from a sharded Orbax checkpoint
-is not written yet.
+`export_pytorch` writes a model in memory, `export_checkpoint` a checkpoint on disk; both stream:
+tensors are read in groups of at most `group_bytes`, converted and appended to their safetensors
+file, so host memory holds one group, not the model. The directory is written into a temporary
+sibling and renamed at the end: a failure leaves nothing behind.
 """
 
+import json
 import os
+from typing import Callable, Mapping
 
 import ml_collections
 import numpy as np
 from flax import nnx
 
 from unires_jax.convert import clip_vit, convnext, llama, torch_io
+from unires_jax.models import prompt
+from unires_jax.train import checkpoint
 
 BACKBONES = ("vision", "convnext", "llm")  # UniRES++ attributes exported through their libraries
 HEADS_FILE = "unires_heads.safetensors"
+DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype("bfloat16")}
+GROUP_BYTES = 1 << 30  # at most this much checkpoint data in host memory at once (unless one
+                       # tensor is larger)
+FILLER_TOKEN = "<unires_unused_{}>"  # pads a tokenizer up to the model's base vocabulary
 
 
-def head_params(model: nnx.Module) -> dict[str, np.ndarray]:
-  """Every parameter outside the backbones, by path."""
-  return {path: np.asarray(var[...]) for path, var in torch_io.iter_params(model)
-          if path.split("/", 1)[0] not in BACKBONES}
+class ModuleParams:
+  """The parameters of a model in memory, as an export source."""
+
+  def __init__(self, model: nnx.Module):
+    self._vars = dict(torch_io.iter_params(model))
+    self.shapes = {path: tuple(var.get_value().shape) for path, var in self._vars.items()}
+
+  def read(self, paths: list[str]) -> dict[str, np.ndarray]:
+    return {path: np.asarray(self._vars[path][...]) for path in paths}
 
 
-def export_pytorch(model: nnx.Module, model_config: ml_collections.ConfigDict,
-                   out_dir: str) -> None:
-  """Writes `model` (built from `model_config` = `config.model`) as a new directory `out_dir`."""
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+class CheckpointParams:
+  """The parameters of a checkpoint on disk (`checkpoint.locate`), read tensor by tensor on the
+  host: a sharded checkpoint is never gathered onto a device."""
 
+  def __init__(self, where: checkpoint.Located):
+    self._where = where
+    self.shapes = {path: shape for path, (shape, _) in checkpoint.param_shapes(where).items()}
+
+  def read(self, paths: list[str]) -> dict[str, np.ndarray]:
+    return checkpoint.read_params(self._where, paths)
+
+
+def _groups(names: list[str], sizes: Mapping[str, int], limit: int) -> list[list[str]]:
+  """`names` in order, cut into runs of at most `limit` bytes (a larger tensor alone)."""
+  groups, current, total = [], [], 0
+  for name in names:
+    if current and total + sizes[name] > limit:
+      groups.append(current)
+      current, total = [], 0
+    current.append(name)
+    total += sizes[name]
+  return groups + [current] if current else groups
+
+
+def _write_tensors(source, prefix: str, plan: torch_io.ExportPlan, path: str, dtype: np.dtype,
+                   metadata: Mapping[str, str], group_bytes: int) -> None:
+  """Writes `plan`'s tensors (Flax paths under `prefix` in `source`) as the safetensors `path`."""
+  shapes = {name: source.shapes[prefix + p] for name, (p, _) in plan.items()}
+  layout = {name: (torch_io.torch_shape(shapes[name], plan[name][1]), dtype) for name in plan}
+  sizes = {name: int(np.prod(shapes[name], dtype=np.int64)) * 4 for name in plan}
+  with torch_io.SafetensorsWriter(path, layout, {**metadata, "format": "pt"}) as writer:
+    for group in _groups(list(plan), sizes, group_bytes):
+      values = source.read([prefix + plan[name][0] for name in group])
+      for name in group:
+        p, how = plan[name]
+        writer.write(name, torch_io.to_torch(values.pop(prefix + p), how).astype(dtype))
+
+
+def _write_json(path: str, value: Mapping) -> None:
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(dict(value), f, indent=2, sort_keys=True)
+
+
+def write_tokenizer(tokenizer_dir: str, model_config: ml_collections.ConfigDict,
+                    out_dir: str) -> None:
+  """Saves the tokenizer of `tokenizer_dir` into `out_dir` with UniRES++'s special tokens added
+  at the ids the model gives them (the rows after `llm.vocab_size`). A tokenizer smaller than the
+  base vocabulary is padded with `FILLER_TOKEN`s first, so the ids still line up."""
+  from unires_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+
+  tok = tokenizer_lib.load_tokenizer(tokenizer_dir)
+  base = model_config.llm.vocab_size
+  if len(tok) > base:
+    raise ValueError(f"tokenizer {tokenizer_dir} has {len(tok)} tokens, more than "
+                     f"model.llm.vocab_size={base}")
+  if len(tok) < base:
+    tok.add_special_tokens({"additional_special_tokens": [
+        FILLER_TOKEN.format(i) for i in range(base - len(tok))]})
+  special = prompt.SpecialTokens.from_tokenizer(tok, dict(model_config.special_tokens))
+  if special != prompt.SpecialTokens.appended_to(base):
+    raise ValueError(f"tokenizer {tokenizer_dir}: the special tokens got ids {special}, the "
+                     f"model expects {prompt.SpecialTokens.appended_to(base)}")
+  tok.save_pretrained(out_dir)
+
+
+def write_export(source, model_config: ml_collections.ConfigDict, out_dir: str, *,
+                 dtype: str = "float32", tokenizer_dir: str | None = None,
+                 group_bytes: int = GROUP_BYTES,
+                 progress: Callable[[str], None] = lambda message: None) -> None:
+  """Writes the parameters of `source` (`ModuleParams` or `CheckpointParams`), a UniRES++ built
+  from `model_config` (= `config.model`), as the new directory `out_dir` (see the module doc).
+
+  Args:
+    dtype: "float32" or "bfloat16", the dtype of every written tensor.
+    tokenizer_dir: a tokenizer to save in `out_dir/llm`, special tokens added (optional).
+    group_bytes: at most this many bytes of parameters are read at once.
+    progress: called with a line per part written.
+  """
+  if dtype not in DTYPES:
+    raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+  out_dtype, cfg = DTYPES[dtype], model_config
+  sub = lambda prefix: {p[len(prefix):]: s for p, s in source.shapes.items()  # noqa: E731
+                        if p.startswith(prefix)}
+  vocab = source.shapes["llm/model/embed_tokens/embedding"][0]
+  spec = convnext.timm_spec(cfg.convnext)
+  parts = (  # (subdirectory, parameter prefix, plan, config.json, safetensors metadata)
+      ("vision_tower", "vision/", clip_vit.export_plan(sub("vision/")),
+       {**clip_vit.hf_vision_config(cfg.vision), "dtype": dtype}, {}),
+      ("high_res_encoder", "convnext/", convnext.export_plan(sub("convnext/")), spec,
+       convnext.spec_metadata(spec)),
+      ("llm", "llm/", llama.export_plan(sub("llm/")),
+       {**llama.hf_config(cfg.llm, vocab), "dtype": dtype}, {}),
+  )
+  for _, prefix, plan, _, _ in parts:
+    unexported = sorted(set(sub(prefix)) - {p for p, _ in plan.values()})
+    if unexported:
+      raise ValueError(f"parameter {prefix + unexported[0]!r} has no PyTorch name in the export")
   with torch_io.new_directory(out_dir) as tmp:
-    clip_vit.save_clip_vision(model.vision, model_config.vision,
-                              os.path.join(tmp, "vision_tower"))
-    convnext.save_convnext(model.convnext, os.path.join(tmp, "high_res_encoder"))
-    llama.save_llama(model.llm, os.path.join(tmp, "llm"))
-    save_file(head_params(model), os.path.join(tmp, HEADS_FILE), metadata={"format": "pt"})
+    for subdir, prefix, plan, config_json, metadata in parts:
+      os.makedirs(os.path.join(tmp, subdir))
+      _write_json(os.path.join(tmp, subdir, "config.json"), config_json)
+      _write_tensors(source, prefix, plan, os.path.join(tmp, subdir, torch_io.SAFETENSORS_SINGLE),
+                     out_dtype, metadata, group_bytes)
+      progress(f"{subdir}: {len(plan)} tensors")
+    heads = {p: (p, torch_io.SAME) for p in source.shapes if p.split("/", 1)[0] not in BACKBONES}
+    _write_tensors(source, "", heads, os.path.join(tmp, HEADS_FILE), out_dtype, {}, group_bytes)
+    progress(f"{HEADS_FILE}: {len(heads)} tensors")
+    if tokenizer_dir:
+      write_tokenizer(tokenizer_dir, cfg, os.path.join(tmp, "llm"))
+      progress("llm: tokenizer with the special tokens")
     with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
       f.write(model_config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def export_pytorch(model: nnx.Module, model_config: ml_collections.ConfigDict, out_dir: str,
+                   **kwargs) -> None:
+  """Writes `model` (built from `model_config` = `config.model`) as a new directory `out_dir`
+  (`write_export`'s keyword arguments apply)."""
+  write_export(ModuleParams(model), model_config, out_dir, **kwargs)
+
+
+def export_checkpoint(path: str, out_dir: str, *, step: int | None = None, **kwargs) -> None:
+  """Writes the checkpoint under `path` (`checkpoint.locate`: a training work directory or a
+  converted checkpoint, with its config.json) as a new directory `out_dir`, streaming; the
+  config's tokenizer goes into `out_dir/llm` when it is a local directory."""
+  where = checkpoint.locate(path, step)
+  config = where.config()
+  tokenizer = config.input.get("tokenizer")
+  if tokenizer and not os.path.isdir(tokenizer):
+    tokenizer = None
+  write_export(CheckpointParams(where), config.model, out_dir, tokenizer_dir=tokenizer, **kwargs)
 
 
 def import_pytorch(model: nnx.Module, model_config: ml_collections.ConfigDict,
@@ -53,10 +186,20 @@ def import_pytorch(model: nnx.Module, model_config: ml_collections.ConfigDict,
   convnext.load_convnext(model.convnext,
                          os.path.join(model_dir, "high_res_encoder", torch_io.SAFETENSORS_SINGLE))
   llama.load_llama(model.llm, os.path.join(model_dir, "llm"))
-  source = os.path.join(model_dir, HEADS_FILE)
+  load_heads(model, os.path.join(model_dir, HEADS_FILE))
+
+
+def head_paths(model: nnx.Module) -> list[str]:
+  """Every parameter outside the backbones, by path."""
+  return [path for path, _ in torch_io.iter_params(model)
+          if path.split("/", 1)[0] not in BACKBONES]
+
+
+def load_heads(model: nnx.Module, source: str) -> None:
+  """Sets every parameter outside the backbones from the safetensors file `source`."""
   heads = torch_io.read_state_file(source)
-  expected = head_params(model)
-  for name in sorted(set(expected) | set(heads)):
+  expected = set(head_paths(model))
+  for name in sorted(expected | set(heads)):
     if name not in expected or name not in heads:
       raise torch_io.CheckpointError(
           f"{source}: tensor {name!r} " + ("is not a parameter of this model" if name in heads
