@@ -115,6 +115,9 @@ def get_config(arg=None):
   config.train.num_steps = 20_000
   config.train.accum_steps = 1  # micro-batches per step (the global batch is split into them)
   config.train.seed = 0  # parameter initialisation
+  # A new run starts from these parameters instead: a converted checkpoint (`unires-convert
+  # from-pytorch`, e.g. CLIP + ConvNeXt + Vicuna) or another run's work directory.
+  config.train.init_from = ""
   config.train.log_every = 50
   config.train.checkpoint_every = 1000
   config.train.keep_checkpoints = 3

@@ -18,10 +18,12 @@ import json
 import os
 from typing import Callable, Mapping
 
+import jax
 import ml_collections
 import numpy as np
 from flax import nnx
 
+from unires_jax import models
 from unires_jax.convert import clip_vit, convnext, llama, torch_io
 from unires_jax.models import prompt
 from unires_jax.train import checkpoint
@@ -32,6 +34,8 @@ DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype("bfloat16")}
 GROUP_BYTES = 1 << 30  # at most this much checkpoint data in host memory at once (unless one
                        # tensor is larger)
 FILLER_TOKEN = "<unires_unused_{}>"  # pads a tokenizer up to the model's base vocabulary
+# Parameters of the LLM that hold UniRES++'s added vocabulary rows (fresh in a released LLaMA).
+VOCAB_PARAMS = ("llm/model/embed_tokens/embedding", "llm/lm_head/kernel")
 
 
 class ModuleParams:
@@ -96,17 +100,22 @@ def write_tokenizer(tokenizer_dir: str, model_config: ml_collections.ConfigDict,
   from unires_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
 
   tok = tokenizer_lib.load_tokenizer(tokenizer_dir)
-  base = model_config.llm.vocab_size
+  base, strings = model_config.llm.vocab_size, dict(model_config.special_tokens)
+  expected = prompt.SpecialTokens.appended_to(base)
+  if [tok.convert_tokens_to_ids(strings[f]) for f in prompt.SPECIAL_TOKEN_FIELDS] == [
+      getattr(expected, f) for f in prompt.SPECIAL_TOKEN_FIELDS]:  # an export's own tokenizer
+    tok.save_pretrained(out_dir)
+    return
   if len(tok) > base:
     raise ValueError(f"tokenizer {tokenizer_dir} has {len(tok)} tokens, more than "
                      f"model.llm.vocab_size={base}")
   if len(tok) < base:
     tok.add_special_tokens({"additional_special_tokens": [
         FILLER_TOKEN.format(i) for i in range(base - len(tok))]})
-  special = prompt.SpecialTokens.from_tokenizer(tok, dict(model_config.special_tokens))
-  if special != prompt.SpecialTokens.appended_to(base):
+  special = prompt.SpecialTokens.from_tokenizer(tok, strings)
+  if special != expected:
     raise ValueError(f"tokenizer {tokenizer_dir}: the special tokens got ids {special}, the "
-                     f"model expects {prompt.SpecialTokens.appended_to(base)}")
+                     f"model expects {expected}")
   tok.save_pretrained(out_dir)
 
 
@@ -208,3 +217,42 @@ def load_heads(model: nnx.Module, source: str) -> None:
     torch_io.assign_params(getattr(model, attr), {
         name.split("/", 1)[1]: value for name, value in heads.items()
         if name.split("/", 1)[0] == attr}, source)
+
+
+def _fresh_parameters(config: ml_collections.ConfigDict, seed: int) -> dict[str, jax.Array]:
+  """Freshly initialised parameters outside the backbones, and the LLM's vocabulary tables (whose
+  added rows a released LLaMA lacks). The whole model is traced, but only these are computed:
+  XLA drops the initialisers of everything else."""
+
+  def init():
+    model = models.build_model(config, nnx.Rngs(params=seed))
+    return {path: var[...] for path, var in torch_io.iter_params(model)
+            if path.split("/", 1)[0] not in BACKBONES or path in VOCAB_PARAMS}
+
+  return jax.jit(init)()
+
+
+def import_released(config: ml_collections.ConfigDict, *, vision_dir: str, convnext_file: str,
+                    llm_dir: str, heads_file: str | None = None, seed: int = 0) -> nnx.Module:
+  """A UniRES++ (`config`) whose backbones carry released PyTorch weights: a transformers CLIP
+  (vision tower or whole CLIP model) directory, a timm / open_clip ConvNeXt state dict (or an
+  export's `high_res_encoder/`) and a transformers LLaMA directory. The other parameters (projectors, mask decoder, no-target head,
+  the added vocabulary rows) are freshly initialised from `seed`, or read from `heads_file` (an
+  export's `unires_heads.safetensors`).
+
+  Each backbone's config is checked against its weights (the error names the first field that
+  differs). Host memory holds the model once plus the source tensor being converted: the model
+  starts abstract and each parameter is materialised only when its value is known.
+  """
+  model = nnx.eval_shape(lambda: models.build_model(config, nnx.Rngs(params=seed)))
+  params = dict(torch_io.iter_params(model))
+  for path, value in _fresh_parameters(config, seed).items():
+    params[path].set_value(value)
+  if heads_file:
+    load_heads(model, heads_file)
+  clip_vit.load_clip_vision(model.vision, vision_dir, cfg=config.model.vision)
+  if os.path.isdir(convnext_file):  # an export's high_res_encoder/
+    convnext_file = os.path.join(convnext_file, torch_io.SAFETENSORS_SINGLE)
+  convnext.load_convnext(model.convnext, convnext_file)
+  llama.load_llama(model.llm, llm_dir)
+  return model

@@ -161,6 +161,7 @@ def restore_params(path: str, abstract_state: TrainState, step: int | None = Non
   """(params, step) of a checkpoint `locate` finds under `path` (step None for a converted one),
   placed as `abstract_state`'s shardings say: each process reads only its own shards."""
   where = locate(path, step)
+  check_shapes(where, abstract_state.params)
   if where.converted:
     params = ocp.StandardCheckpointer().restore(where.tree_dir, abstract_state.params)
     return params, None
@@ -180,11 +181,36 @@ def param_shapes(where: Located) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     tree = tree[key]
   flat = {}
   for keys, meta in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    names = [str(getattr(k, "key", k)) for k in keys]
+    names = [_key_name(k) for k in keys]
     if names[-1] != "value":
       raise ValueError(f"{where.tree_dir}: unexpected leaf {'/'.join(names)} (not a parameter)")
     flat["/".join(names[:-1])] = (tuple(meta.shape), np.dtype(meta.dtype))
   return flat
+
+
+def _key_name(key) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def check_shapes(where: Located, abstract_params: Any) -> None:
+  """Raises a ValueError naming the first parameter whose shape differs between the checkpoint
+  and `abstract_params` (the model of the config), or that only one of them has."""
+  saved = param_shapes(where)
+  wanted = {}
+  for keys, leaf in jax.tree_util.tree_flatten_with_path(abstract_params)[0]:
+    names = [_key_name(k) for k in keys]
+    wanted["/".join(names[:-1] if names[-1] == "value" else names)] = tuple(leaf.shape)
+  for name in sorted(saved.keys() | wanted.keys()):
+    have, want = saved.get(name, (None,))[0], wanted.get(name)
+    if have != want:
+      raise ValueError(
+          f"{where.tree_dir}: parameter {name!r} is " + (f"{have} in the checkpoint" if have
+                                                        else "missing in the checkpoint")
+          + (f", {want} in the config's model" if want else ", not in the config's model")
+          + " (a checkpoint of another config?)")
 
 
 def read_params(where: Located, paths: list[str]) -> dict[str, np.ndarray]:

@@ -63,16 +63,20 @@ class StateFactory:
     self.shardings = parallel.state_shardings(self.abstract, mesh)
 
   def _init(self) -> TrainState:
-    model = _build(self.config)
-    params = nnx.state(model, nnx.Param)
+    return self._start_from(nnx.state(_build(self.config), nnx.Param))
+
+  def _start_from(self, params: nnx.State) -> TrainState:
     trainable, _ = optimizer_lib.split_trainable(params, dict(self.config.optimizer.lr_multipliers))
     zero = jnp.zeros((), jnp.int32)
     return TrainState(step=zero, params=params, opt_state=self.tx.init(trainable),
                       nonfinite_in_row=zero, nonfinite_total=zero)
 
-  def create(self) -> TrainState:
-    """A freshly initialised state, every array created directly with its sharding."""
-    return jax.jit(self._init, out_shardings=self.shardings)()
+  def create(self, params: nnx.State | None = None) -> TrainState:
+    """A state at step 0, every array created directly with its sharding: freshly initialised,
+    or from `params` (placed as `shardings.params`, e.g. restored; donated)."""
+    if params is None:
+      return jax.jit(self._init, out_shardings=self.shardings)()
+    return jax.jit(self._start_from, out_shardings=self.shardings, donate_argnums=0)(params)
 
   def abstract_sharded(self) -> TrainState:
     """The state as ShapeDtypeStructs carrying this mesh's shardings (an Orbax restore target)."""

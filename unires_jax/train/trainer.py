@@ -1,7 +1,9 @@
 """The training loop: mesh, sharded state, data, step, log, checkpoint, evaluate.
 
   mesh = make_mesh(config.mesh); state = sharded init (or restore the latest checkpoint,
-  together with the input iterator's position); loop {batch -> train_step -> log -> checkpoint};
+  together with the input iterator's position; or, in a new run, the parameters of
+  `config.train.init_from`: a converted checkpoint or another run);
+  loop {batch -> train_step -> log -> checkpoint};
   evaluate `config.eval.datasets` every `config.train.eval_every` steps and at the end.
 
 SIGTERM saves a checkpoint at the current step and returns (`TrainResult.preempted`); a rerun
@@ -23,6 +25,7 @@ from unires_jax import config_lib, parallel
 from unires_jax.data import pipeline, tokenizer
 from unires_jax.evaluation import evaluator, overlays
 from unires_jax.models.unires import INPUT_KEYS
+from unires_jax.train import checkpoint
 from unires_jax.train import step as step_lib
 from unires_jax.train.checkpoint import Checkpointer
 from unires_jax.train.metric_writer import MetricWriter
@@ -72,6 +75,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, show_progress: boo
   if checkpoints.latest_step() is not None:
     state = checkpoints.restore(factory.abstract_sharded(), data)
     log.info("resumed from step %d of %s", int(state.step), checkpoints.directory)
+  elif tcfg.init_from:
+    params, _ = checkpoint.restore_params(tcfg.init_from, factory.abstract_sharded())
+    state = factory.create(params)
+    log.info("parameters from %s", tcfg.init_from)
   else:
     state = factory.create()
   writer = MetricWriter(workdir)

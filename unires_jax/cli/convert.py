@@ -1,0 +1,91 @@
+"""unires-convert: checkpoints between Orbax and PyTorch.
+
+  unires-convert from-pytorch --config=configs/unires_pp_7b.py --vision=CLIP_DIR \\
+      --convnext=CONVNEXT_FILE --llm=LLAMA_DIR --out=CKPT [--heads=unires_heads.safetensors]
+    An Orbax checkpoint of the whole UniRES++ (CKPT/params, CKPT/config.json and the LLaMA
+    directory's tokenizer in CKPT/tokenizer): the backbones carry the given weights, the new parts
+    are freshly initialised (from config.train.seed) or read from --heads. Start training from it
+    with --config.train.init_from=CKPT.
+
+  unires-convert to-pytorch --checkpoint=CKPT_OR_WORKDIR [--step=N] --out=DIR [--dtype=bfloat16]
+    DIR/vision_tower, DIR/high_res_encoder, DIR/llm (with the tokenizer), DIR/unires_heads.safetensors
+    and DIR/config.json (see unires_jax.convert.unires), streamed tensor by tensor from a
+    converted checkpoint or a training run's checkpoint, sharded or not.
+
+Both refuse an existing --out and leave nothing behind when they fail.
+"""
+
+import os
+
+from absl import app, flags
+
+from unires_jax.cli import common
+
+COMMANDS = ("from-pytorch", "to-pytorch")
+
+_CONFIG = common.define_config()
+_VISION = flags.DEFINE_string("vision", None, "from-pytorch: transformers CLIP directory.")
+_CONVNEXT = flags.DEFINE_string(
+    "convnext", None, "from-pytorch: timm / open_clip ConvNeXt state dict (.safetensors, .bin, "
+    ".pt, .pth) or an export's high_res_encoder directory.")
+_LLM = flags.DEFINE_string("llm", None, "from-pytorch: transformers LLaMA directory.")
+_HEADS = flags.DEFINE_string("heads", None,
+                             "from-pytorch: unires_heads.safetensors of an export (default: "
+                             "freshly initialised new parts).")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None,
+                                  "to-pytorch: converted checkpoint or training work directory.")
+_STEP = flags.DEFINE_integer("step", None, "to-pytorch: training step (default: the latest).")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
+                           "to-pytorch: dtype of the written tensors.")
+_GROUP_MB = flags.DEFINE_integer("group_mb", 1024,
+                                 "to-pytorch: read at most this many MiB of parameters at once.")
+_OUT = flags.DEFINE_string("out", None, "Output directory (must not exist).")
+flags.mark_flags_as_required(["out"])
+
+_NEEDS = {"from-pytorch": ("config", "vision", "convnext", "llm"), "to-pytorch": ("checkpoint",)}
+
+
+# jax is imported after `common.start`, as in the other programs.
+def from_pytorch() -> None:
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  from unires_jax.convert import unires  # pylint: disable=g-import-not-at-top
+  from unires_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
+
+  config = _CONFIG.value
+  model = unires.import_released(config, vision_dir=_VISION.value,
+                                 convnext_file=_CONVNEXT.value, llm_dir=_LLM.value,
+                                 heads_file=_HEADS.value, seed=config.train.seed)
+  tokenizer = _LLM.value if any(os.path.isfile(os.path.join(_LLM.value, name)) for name in (
+      "tokenizer.json", "tokenizer_config.json")) else None
+  checkpoint.save_converted(nnx.state(model, nnx.Param), config, _OUT.value, tokenizer)
+  print(f"wrote {_OUT.value} ({'with' if tokenizer else 'without'} a tokenizer); train from it "
+        f"with --config.train.init_from={_OUT.value}")
+
+
+def to_pytorch() -> None:
+  from unires_jax.convert import unires  # pylint: disable=g-import-not-at-top
+
+  unires.export_checkpoint(_CHECKPOINT.value, _OUT.value, step=_STEP.value, dtype=_DTYPE.value,
+                           group_bytes=_GROUP_MB.value << 20, progress=print)
+  print(f"wrote {_OUT.value}")
+
+
+def main(argv) -> int:
+  if len(argv) < 2 or argv[1] not in COMMANDS:
+    raise app.UsageError(f"the first argument is the command, one of {COMMANDS}")
+  command = argv[1]
+  common.start([argv[0], *argv[2:]])
+  missing = [name for name in _NEEDS[command] if flags.FLAGS[name].value is None]
+  if missing:
+    raise app.UsageError(f"{command} needs --{missing[0]}")
+  (from_pytorch if command == "from-pytorch" else to_pytorch)()
+  return 0
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()
