@@ -1,0 +1,193 @@
+"""unires_jax.inference and unires-segment on a tiny random checkpoint: masks at the image's size
+that match the model's own forward pass, the verdict, the batch file, clear input errors."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl import app, flags
+from flax import nnx
+from PIL import Image
+
+from unires_jax import inference, models
+from unires_jax.config_lib import load_config
+from unires_jax.data import pipeline, preprocess, tokenizer
+from unires_jax.train import checkpoint
+
+TEXTS = ("the red cup", "a blue ball", "the left wheel")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+  """(converted checkpoint directory, its model, folder with a.png [50, 37] and b.png [40, 60]).
+
+  Random weights, but the no-target head's prior is lowered by 10 so that the model answers
+  "target" and its masks show (about 15% of each image).
+  """
+  root = tmp_path_factory.mktemp("segment")
+  config = load_config("tiny")
+  tok = str(root / "tokenizer")
+  tokenizer.train_tokenizer([*tokenizer.PROMPT_WORDS, *TEXTS], config.model.llm.vocab_size, tok)
+  model = models.build_model(config, nnx.Rngs(0))
+  bias = model.no_target_head.fc2.bias
+  bias.set_value(bias.get_value() - 10.0)
+  checkpoint.save_converted(nnx.state(model, nnx.Param), config, str(root / "ckpt"),
+                            tokenizer_dir=tok)
+  rng = np.random.default_rng(0)
+  for name, shape in (("a.png", (50, 37, 3)), ("b.png", (40, 60, 3))):
+    Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(root / name)
+  return str(root / "ckpt"), model, root
+
+
+@pytest.fixture(scope="module")
+def segmenter(tiny):
+  # One row per call: rounded up to the 8 devices of tests/conftest.py, as the CLI's are.
+  return inference.Segmenter.from_checkpoint(tiny[0], batch_size=1)
+
+
+def _image(root, name: str) -> np.ndarray:
+  return np.asarray(Image.open(root / name))
+
+
+def test_mask_overlay_and_verdict(segmenter, tiny, tmp_path, monkeypatch):
+  image = _image(tiny[2], "a.png")
+  (result,) = segmenter.segment([image], ["the red cup"])
+  assert result.mask.shape == (50, 37) and result.mask.dtype == bool
+  assert 0.02 < result.area_fraction < 0.98  # a real mask, not all or nothing
+  assert result.whole_image and not result.no_target and result.no_target_prob < 0.5
+
+  inference.save(result, image, str(tmp_path / "m.png"))
+  mask = np.asarray(Image.open(tmp_path / "m.png"))
+  assert mask.shape == (50, 37) and set(np.unique(mask)) == {0, 255}
+  np.testing.assert_array_equal(mask == 255, result.mask)
+  with Image.open(tmp_path / "m_overlay.png") as overlay:
+    assert overlay.size == (37, 50) and overlay.mode == "RGB"
+
+  # Above the threshold: no target, an empty mask, the same probability.
+  monkeypatch.setattr(segmenter, "no_target_threshold", result.no_target_prob / 2)
+  (none,) = segmenter.segment([image], ["the red cup"])
+  assert none.no_target and not none.mask.any()
+  assert none.no_target_prob == pytest.approx(result.no_target_prob, rel=1e-6)
+
+
+def test_mask_is_the_models_forward_pass(segmenter, tiny):
+  """The model called here on the pipeline's sample, its logits resized back with JAX (PIL in
+  the segmenter): wrong cropping, scaling or orientation would move the mask."""
+  _, model, root = tiny
+  image = _image(root, "b.png")  # [40, 60]: the letterbox pads rows
+  boxes = {"object": [[6, 3, 30, 36]], "part": [[12, 9, 21, 24]]}
+  (result,) = segmenter.segment([image], ["a blue ball"], [boxes])
+
+  config = segmenter.config
+  spec = preprocess.sample_spec(config.model, config.input)
+  example = {"image": image, "targets": {"mask": []},
+             "proposals": {"object_boxes": np.float32(boxes["object"]),
+                           "part_boxes": np.float32(boxes["part"])},
+             "expressions": {"text": ["a blue ball"], "id": [0], "target_indices": [[]],
+                             "granularity": [0], "no_target": [False]}}
+  tokenize = pipeline.hf_tokenize(tokenizer.load_tokenizer(config.input.tokenizer))
+  sample = preprocess.expand(preprocess.prepare_image(example, spec, tokenize), spec)[0]
+  scale = 64 / 60  # the high-resolution view is 64 pixels; the longer side is 60
+  np.testing.assert_allclose(sample["object_boxes"][0], np.float32(boxes["object"][0]) * scale)
+  out = nnx.jit(lambda m, b: m(b))(model, {k: v[None] for k, v in sample.items()})
+  logits = jax.image.resize(out.mask_logits[0].astype(jnp.float32), (64, 64), "bilinear")
+  expected = np.asarray(jax.image.resize(logits[:43, :64], (40, 60), "bilinear"))  # 40 * scale
+
+  assert not result.no_target
+  assert 0.02 < result.mask.mean() < 0.98
+  # PIL's and JAX's bilinear resamplers (both antialiased, half-pixel centres) agree to ~1e-5
+  # of the largest value here; only pixels with a logit within 1e-3 of it may differ.
+  decided = np.abs(expected) > 1e-3 * np.abs(expected).max()
+  np.testing.assert_array_equal(result.mask[decided], expected[decided] > 0)
+  assert decided.mean() > 0.99
+
+
+def _segment_cli(*args: str) -> int:
+  """`unires-segment ARGS` in this process. Imported here, not at collection: the CLI modules
+  define their flags in absl's one global registry."""
+  from unires_jax.cli import segment as segment_cli
+
+  flags.FLAGS.unparse_flags()
+  flags.FLAGS(["unires-segment", *args])
+  return segment_cli.main(["unires-segment"])
+
+
+def test_cli_single_and_batch(segmenter, tiny, tmp_path, capsys):
+  ckpt, _, root = tiny
+  out = tmp_path / "single" / "mask.png"
+  assert _segment_cli(f"--checkpoint={ckpt}", f"--image={root / 'a.png'}",
+                      "--text=the red cup", f"--out={out}") == 0
+  line = capsys.readouterr().out.strip()
+  assert line.startswith(f'{root / "a.png"} "the red cup": target (no-target p=0.00), mask ')
+  assert line.endswith(f"-> {out}; no boxes given, the whole image is the proposal")
+  (expected,) = segmenter.segment([_image(root, "a.png")], ["the red cup"])
+  np.testing.assert_array_equal(np.asarray(Image.open(out)) == 255, expected.mask)
+  assert os.path.isfile(tmp_path / "single" / "mask_overlay.png")
+
+  boxes = {"object": [[6, 3, 30, 36]], "part": [[12, 9, 21, 24]]}
+  lines = [{"image": "a.png", "text": TEXTS[0]}, {"image": "b.png", "text": TEXTS[1]},
+           {"image": "b.png", "text": TEXTS[1], "boxes": boxes}]
+  batch = root / "lines.jsonl"
+  batch.write_text("\n\n".join(json.dumps(r) for r in lines) + "\n")  # blank lines are skipped
+  out_dir = tmp_path / "batch"
+  out_dir.mkdir()
+  (out_dir / "000000.png").write_bytes(b"an older file")
+  assert _segment_cli(f"--checkpoint={ckpt}", f"--batch={batch}", f"--out_dir={out_dir}") == 0
+  printed = capsys.readouterr().out.splitlines()
+  assert [p[:6] for p in printed] == ["[1/3] ", "[2/3] ", "[3/3] "]
+
+  with open(out_dir / "results.jsonl", encoding="utf-8") as f:
+    records = [json.loads(r) for r in f]
+  assert sorted(os.listdir(out_dir)) == sorted(
+      ["results.jsonl"] + [f"00000{i}{s}.png" for i in range(3) for s in ("", "_overlay")])
+  assert [(r["image"], r["text"], r["whole_image"]) for r in records] == [
+      ("a.png", TEXTS[0], True), ("b.png", TEXTS[1], True), ("b.png", TEXTS[1], False)]
+  expected = segmenter.segment([_image(root, n) for n in ("a.png", "b.png", "b.png")],
+                               [r["text"] for r in lines], [None, None, boxes])
+  for record, result in zip(records, expected):
+    mask = np.asarray(Image.open(out_dir / record["mask"])) == 255
+    np.testing.assert_array_equal(mask, result.mask)
+    assert record["mask_area_fraction"] == pytest.approx(mask.mean())
+    assert record["no_target"] is False
+    assert record["no_target_prob"] == pytest.approx(result.no_target_prob, rel=1e-5)
+  assert records[1]["mask_area_fraction"] != records[2]["mask_area_fraction"]  # boxes matter
+
+
+TOO_MANY = json.dumps({"object": [[0, 0, 9, 9]] * 5})
+TOO_MANY_PARTS = json.dumps({"image": "a.png", "text": "x", "boxes": {"part": [[0, 0, 1, 1]] * 5}})
+
+
+@pytest.mark.parametrize("args, lines, message", [
+    (["--image={root}/missing.png", "--text=x", "--out={tmp}/m.png"], None,
+     "--image: image .*missing.png not found"),
+    (["--image={root}/a.png", "--text=x", "--out={tmp}/m.png", f"--boxes={TOO_MANY}"], None,
+     r"--boxes: 5 object boxes, the model takes at most 4 \(config.model.max_objects\)"),
+    (["--image={root}/a.png", "--text=x", "--out={tmp}/m.png", "--boxes=[1, 2"], None,
+     "--boxes is not JSON"),
+    (["--batch={tmp}/lines.jsonl", "--out_dir={tmp}/o"], ['{"image": "a.png", "text": "x"}',
+                                                          "{not json"],
+     r"lines.jsonl:2: not JSON"),
+    (["--batch={tmp}/lines.jsonl", "--out_dir={tmp}/o"], ['{"image": "a.png"}'],
+     r'lines.jsonl:1: expected \{"image": PATH, "text": TEXT'),
+    (["--batch={tmp}/lines.jsonl", "--out_dir={tmp}/o"], ["", "", TOO_MANY_PARTS],
+     r"lines.jsonl:3: 5 part boxes, the model takes at most 4 \(config.model.max_parts\)"),
+    (["--image={root}/a.png", "--out={tmp}/m.png"], None, "--image needs --text"),
+])
+def test_cli_rejects_bad_inputs(tiny, tmp_path, args, lines, message):
+  ckpt, _, root = tiny
+  if lines is not None:
+    (tmp_path / "a.png").symlink_to(root / "a.png")
+    (tmp_path / "lines.jsonl").write_text("\n".join(lines) + "\n")
+  args = [a.replace("{root}", str(root)).replace("{tmp}", str(tmp_path)) for a in args]
+  with pytest.raises(app.UsageError, match=message):
+    _segment_cli(f"--checkpoint={ckpt}", *args)
+  assert not os.path.exists(tmp_path / "o") and not os.path.exists(tmp_path / "m.png")
+
+
+def test_segment_rejects_too_many_boxes(segmenter):
+  with pytest.raises(ValueError, match="input 1: 5 object boxes"):
+    segmenter.segment([np.zeros((8, 8, 3), np.uint8)] * 2, ["x", "x"],
+                      [None, {"object": [[0, 0, 1, 1]] * 5}])

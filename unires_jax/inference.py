@@ -1,0 +1,305 @@
+"""Referring segmentation of raw images with a trained or converted checkpoint.
+
+`Segmenter.from_checkpoint(path)` restores the parameters onto this host's devices;
+`segment(images, texts, boxes)` returns one `Result` per (image, text) pair: the mask at the
+image's own size and the no-target verdict.
+
+An input goes through the data pipeline's own preprocessing (`data.preprocess`) as a schema
+example with one expression and no targets, so it is letterboxed, normalised and tokenized as in
+training and evaluation. The mask comes back as the evaluator makes it (`evaluator.to_original`:
+the image's region of the letterboxed logits, resized bilinearly to the original size, then > 0),
+and the verdict by the evaluator's rule (sigmoid of the no-target logit above
+`config.eval.no_target_threshold`). A no-target verdict empties the mask.
+
+Proposals: the model scores the expression against object and part proposal boxes, and with none
+its no-target head always answers "no target". Boxes given in the original image's pixels
+(x1, y1, x2, y2) are scaled with the letterbox; without boxes the whole image is the one object
+proposal (`Result.whole_image`).
+
+Mesh: the local devices on the `fsdp` axis (`data=1, fsdp=n, tensor=1`), whatever mesh the
+checkpoint was trained on (a checkpoint restores onto any mesh). The rows of a batch are split
+over the devices as data parallelism would split them, but the parameters are sharded instead of
+copied, so a model larger than one device's memory (7B in float32: 28 GB) runs on one host; on
+one device this is plain single-device inference. Every model call has `batch_size` rows (a
+multiple of the device count), the last batch padded, so one compiled shape serves all calls.
+"""
+
+import contextlib
+import dataclasses
+import json
+import os
+from typing import Any, Iterator, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from PIL import Image
+
+from unires_jax import parallel
+from unires_jax.data import preprocess
+from unires_jax.evaluation import evaluator, overlays
+from unires_jax.models.unires import INPUT_KEYS
+from unires_jax.train import checkpoint, trainer
+from unires_jax.train import step as step_lib
+from unires_jax.train.state import StateFactory
+
+BOX_KINDS = ("object", "part")
+Boxes = dict[str, np.ndarray]  # {"object": [n, 4], "part": [m, 4]} float32 x1, y1, x2, y2
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+  """The prediction for one (image, text) pair.
+
+  mask:            [height, width] bool at the image's size; empty when `no_target`
+  no_target:       the expression refers to nothing in the image
+  no_target_prob:  sigmoid of the no-target logit
+  whole_image:     no boxes were given: the whole image was the one object proposal
+  """
+
+  mask: np.ndarray
+  no_target: bool
+  no_target_prob: float
+  whole_image: bool
+
+  @property
+  def area_fraction(self) -> float:
+    return float(self.mask.mean())
+
+
+def parse_boxes(value: Any, model_cfg: ml_collections.ConfigDict, where: str) -> Boxes:
+  """`{"object": [[x1, y1, x2, y2], ...], "part": [...]}` (a key may be left out) -> `Boxes`.
+
+  Raises a ValueError naming `where` for another form, an empty set, or more boxes of a kind
+  than the model has slots for (`model_cfg.max_objects`, `model_cfg.max_parts`).
+  """
+  form = '{"object": [[x1, y1, x2, y2], ...], "part": [...]}'
+  if not isinstance(value, dict) or set(value) - set(BOX_KINDS):
+    raise ValueError(f"{where}: boxes must be {form}, got {value!r}")
+  out = {}
+  for kind, limit in (("object", model_cfg.max_objects), ("part", model_cfg.max_parts)):
+    try:
+      boxes = np.asarray(value.get(kind, []), np.float32)
+    except (TypeError, ValueError):
+      boxes = None
+    if boxes is None or (boxes.size and (boxes.ndim != 2 or boxes.shape[1] != 4)):
+      raise ValueError(f"{where}: {kind} boxes must be [[x1, y1, x2, y2], ...], "
+                       f"got {value[kind]!r}")
+    boxes = boxes.reshape(-1, 4)
+    if not np.isfinite(boxes).all() or (boxes[:, 2:] < boxes[:, :2]).any():
+      raise ValueError(f"{where}: {kind} boxes need x1 <= x2 and y1 <= y2, got {value[kind]!r}")
+    if len(boxes) > limit:
+      raise ValueError(f"{where}: {len(boxes)} {kind} boxes, the model takes at most {limit} "
+                       f"(config.model.max_{kind}s)")
+    out[kind] = boxes
+  if not any(len(b) for b in out.values()):
+    raise ValueError(f"{where}: no box given; leave the boxes out to use the whole image")
+  return out
+
+
+def local_mesh() -> jax.sharding.Mesh:
+  """This host's devices on the `fsdp` axis (see the module doc)."""
+  return parallel.make_mesh({"data": 1, "fsdp": -1, "tensor": 1}, jax.local_devices())
+
+
+class Segmenter:
+  """Masks and no-target verdicts of restored parameters (see the module doc).
+
+  Args:
+    factory: the model's `StateFactory` on the mesh that holds `params`.
+    params: the model's parameters, sharded as `factory.shardings.params`.
+    tokenize: texts -> token ids (`trainer.load_tokenize(config)`).
+    batch_size: rows of every model call, rounded up to a multiple of the batch's shards;
+      default `config.eval.batch_size`.
+    no_target_threshold: predict "no target" when the sigmoid of the no-target logit is above
+      it; default `config.eval.no_target_threshold`.
+  """
+
+  def __init__(self, factory: StateFactory, params: Any, tokenize, *,
+               batch_size: int | None = None, no_target_threshold: float | None = None):
+    config = factory.config
+    self.config, self.mesh, self.params = config, factory.mesh, params
+    self._spec = preprocess.sample_spec(config.model, config.input)
+    self._tokenize = tokenize
+    self._predict = step_lib.make_predict(factory)
+    shards = parallel.mesh.batch_rows(self.mesh)
+    self.batch_size = -(-int(batch_size or config.eval.batch_size) // shards) * shards
+    if no_target_threshold is None:
+      no_target_threshold = config.eval.no_target_threshold
+    if not 0 < no_target_threshold < 1:
+      raise ValueError(f"no_target_threshold={no_target_threshold} must be in (0, 1)")
+    self.no_target_threshold = float(no_target_threshold)
+
+  @classmethod
+  def from_checkpoint(cls, path: str, *, step: int | None = None, **kwargs) -> "Segmenter":
+    """The model of a training work directory (its latest checkpoint, or `step`) or of a
+    converted checkpoint (`checkpoint.locate`), on `local_mesh()`; `kwargs` go to `__init__`."""
+    config = checkpoint.locate(path, step).config()
+    factory = StateFactory(config, local_mesh())
+    params, _ = checkpoint.restore_params(path, factory.abstract_sharded(), step)
+    return cls(factory, params, trainer.load_tokenize(config), **kwargs)
+
+  def segment(self, images: Sequence[np.ndarray], texts: Sequence[str],
+              boxes: Sequence[Any] | None = None) -> list[Result]:
+    """One `Result` per (image, text) pair.
+
+    Args:
+      images: `[height, width, 3]` uint8 each.
+      texts: the referring expression of each image.
+      boxes: per image, None (the whole image is the proposal) or proposals in the image's
+        pixels, as `parse_boxes` reads them.
+    """
+    boxes = [None] * len(images) if boxes is None else list(boxes)
+    if not len(images) == len(texts) == len(boxes):
+      raise ValueError(f"{len(images)} images, {len(texts)} texts and {len(boxes)} box sets")
+    results = []
+    for start in range(0, len(images), self.batch_size):
+      rows = range(start, min(start + self.batch_size, len(images)))
+      samples = [self._sample(images[i], texts[i], boxes[i], f"input {i}") for i in rows]
+      results += self._predict_rows(samples, [boxes[i] is None for i in rows])
+    return results
+
+  def _sample(self, image: np.ndarray, text: str, boxes: Any, where: str) -> dict[str, Any]:
+    """The model sample of one pair (`preprocess.expand`)."""
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+      raise ValueError(f"{where}: expected a [height, width, 3] uint8 image, got "
+                       f"{image.dtype} {image.shape}")
+    h, w = image.shape[:2]
+    if boxes is None:
+      boxes = {"object": [[0, 0, w, h]]}
+    boxes = parse_boxes(boxes, self.config.model, where)
+    example = {  # the schema's fields that preprocessing reads; no targets
+        "image": image,
+        "targets": {"mask": []},
+        "proposals": {"object_boxes": boxes["object"], "part_boxes": boxes["part"]},
+        "expressions": {"text": [text], "id": [0], "target_indices": [[]], "granularity": [0],
+                        "no_target": [False]},
+    }
+    prepared = preprocess.prepare_image(example, self._spec, self._tokenize)
+    return preprocess.expand(prepared, self._spec)[0]
+
+  def _predict_rows(self, samples: list[dict[str, Any]], whole_image: list[bool]
+                    ) -> list[Result]:
+    """One model call on `samples`, padded to `batch_size` rows."""
+    rows = samples + [preprocess.padding_like(samples[0])] * (self.batch_size - len(samples))
+    batch = {k: np.stack([r[k] for r in rows]) for k in INPUT_KEYS}
+    out = self._predict(self.params, parallel.shard_batch(batch, self.mesh))
+    mask_logits = np.asarray(out["mask_logits"])
+    no_target_logits = np.asarray(out["no_target_logits"])
+    # The evaluator's rule: sigmoid(logit) > threshold, as a comparison of logits.
+    threshold = np.log(self.no_target_threshold / (1 - self.no_target_threshold))
+    results = []
+    for i, sample in enumerate(samples):
+      logit = float(no_target_logits[i])
+      no_target = bool(logit > threshold)
+      mask = evaluator.to_original(mask_logits[i], sample["original_size"], sample["scale"])
+      results.append(Result(mask=mask & (not no_target), no_target=no_target,
+                            no_target_prob=float(0.5 + 0.5 * np.tanh(logit / 2)),  # sigmoid
+                            whole_image=whole_image[i]))
+    return results
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+  """One (image, text) pair to segment, checked (`request`).
+
+  image:  the image's path as given
+  path:   where it is read from
+  text:   the referring expression
+  boxes:  proposals (`parse_boxes`), or None for the whole image
+  """
+
+  image: str
+  path: str
+  text: str
+  boxes: Boxes | None
+
+
+def request(image: str, text: Any, where: str, base_dir: str = "",
+            boxes: Boxes | None = None) -> Request:
+  """A checked `Request`: the image file exists and is an image (its header is read) and the
+  text is not empty. `image` is relative to `base_dir` unless absolute. Errors name `where`."""
+  path = os.path.join(base_dir, image)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{where}: image {path} not found")
+  try:
+    with Image.open(path):
+      pass
+  except (OSError, Image.DecompressionBombError) as e:
+    raise ValueError(f"{where}: cannot read image {path}: {e}") from None
+  if not isinstance(text, str) or not text.strip():
+    raise ValueError(f"{where}: the text must be a non-empty string, got {text!r}")
+  return Request(image, path, text, boxes)
+
+
+def read_requests(path: str, model_cfg: ml_collections.ConfigDict) -> list[Request]:
+  """The requests of a JSON-lines file, all checked before any runs.
+
+  Each non-blank line is `{"image": PATH, "text": TEXT}` with an optional `"boxes"`
+  (`parse_boxes`); PATH is relative to the file's directory unless absolute. Errors name the
+  file and line.
+  """
+  with open(path, encoding="utf-8") as f:
+    lines = f.read().splitlines()
+  requests = []
+  for number, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    where = f"{path}:{number}"
+    try:
+      record = json.loads(line)
+    except ValueError as e:
+      raise ValueError(f"{where}: not JSON ({e})") from None
+    if not isinstance(record, dict) or "image" not in record or "text" not in record:
+      raise ValueError(f'{where}: expected {{"image": PATH, "text": TEXT[, "boxes": ...]}}, '
+                       f"got {line.strip()[:200]}")
+    unknown = set(record) - {"image", "text", "boxes"}
+    if unknown:
+      raise ValueError(f"{where}: unknown fields {sorted(unknown)} (image, text, boxes)")
+    if not isinstance(record["image"], str):
+      raise ValueError(f"{where}: image must be a path, got {record['image']!r}")
+    boxes = record.get("boxes")
+    requests.append(request(
+        record["image"], record["text"], where, os.path.dirname(path),
+        None if boxes is None else parse_boxes(boxes, model_cfg, where)))
+  if not requests:
+    raise ValueError(f"{path} holds no line to segment")
+  return requests
+
+
+def read_image(path: str) -> np.ndarray:
+  """An image file's pixels as `[height, width, 3]` uint8 (grey, palette, alpha and CMYK become
+  RGB; the EXIF orientation is not applied, as in the datasets)."""
+  try:
+    with Image.open(path) as image:
+      return np.asarray(image.convert("RGB"))
+  except (OSError, Image.DecompressionBombError) as e:
+    raise ValueError(f"cannot read image {path}: {e}") from None
+
+
+@contextlib.contextmanager
+def replacing(path: str) -> Iterator[str]:
+  """Yields a temporary path beside `path`, renamed onto it when the block succeeds: a reader
+  never sees a partial file, and a failure leaves `path` as it was."""
+  tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")
+  try:
+    yield tmp
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def overlay_path(mask_path: str) -> str:
+  """Where the overlay of a mask goes: `dir/mask.png` -> `dir/mask_overlay.png`."""
+  return f"{os.path.splitext(mask_path)[0]}_overlay.png"
+
+
+def save(result: Result, image: np.ndarray, mask_path: str) -> None:
+  """Writes the mask (`[height, width]` uint8, 0 or 255) as a PNG to `mask_path` and the image
+  with the mask tinted to `overlay_path(mask_path)`; each replaces an older file atomically."""
+  for path, pixels in ((mask_path, result.mask.astype(np.uint8) * 255),
+                       (overlay_path(mask_path), overlays.overlay(image, result.mask))):
+    with replacing(path) as tmp:
+      Image.fromarray(pixels).save(tmp, format="PNG")
