@@ -63,6 +63,8 @@ setuptools.setup(
             "unires-train=unires_jax.cli.train:run",
             "unires-eval=unires_jax.cli.eval:run",
             "unires-demo=unires_jax.cli.demo:run",
+            "unires-segment=unires_jax.cli.segment:run",
+            "unires-convert=unires_jax.cli.convert:run",
         ],
     },
 )
