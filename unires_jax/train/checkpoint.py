@@ -159,19 +159,19 @@ def locate(path: str, step: int | None = None) -> Located:
 def restore_params(path: str, abstract_state: TrainState, step: int | None = None
                    ) -> tuple[Any, int | None]:
   """(params, step) of a checkpoint `locate` finds under `path` (step None for a converted one),
-  placed as `abstract_state`'s shardings say: each process reads only its own shards."""
+  placed as `abstract_state`'s shardings say: each process reads only its own shards, and the
+  rest of a train state (the optimizer's moments) is not read."""
   where = locate(path, step)
   check_shapes(where, abstract_state.params)
-  if where.converted:
-    params = ocp.StandardCheckpointer().restore(where.tree_dir, abstract_state.params)
-    return params, None
-  manager = ocp.CheckpointManager(os.path.dirname(os.path.dirname(where.tree_dir)),
-                                  item_names=("state", "data"),
-                                  options=ocp.CheckpointManagerOptions(read_only=True))
-  restored = manager.restore(
-      where.step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
-  manager.close()
-  return restored["state"].params, where.step
+  item, restore_args = abstract_state.params, ocp.checkpoint_utils.construct_restore_args(
+      abstract_state.params)
+  for key in reversed(where.prefix):
+    item, restore_args = {key: item}, {key: restore_args}
+  tree = ocp.PyTreeCheckpointer().restore(where.tree_dir, args=ocp.args.PyTreeRestore(
+      item=item, restore_args=restore_args, partial_restore=True))
+  for key in where.prefix:
+    tree = tree[key]
+  return tree, where.step
 
 
 def param_shapes(where: Located) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
