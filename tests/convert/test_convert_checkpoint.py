@@ -84,7 +84,10 @@ def test_sharded_checkpoint_streams_to_pytorch_and_back(sharded_run, tmp_path, m
 
   # Every parameter is in the export, under its PyTorch name and layout, with the trained values.
   shapes = {path: a.shape for path, a in params.items()}
-  sub = lambda prefix: {p[len(prefix):]: s for p, s in shapes.items() if p.startswith(prefix)}  # noqa: E731
+
+  def sub(prefix):
+    return {p[len(prefix):]: s for p, s in shapes.items() if p.startswith(prefix)}
+
   for subdir, prefix, plan in (
       ("vision_tower", "vision/", clip_vit.export_plan(sub("vision/"))),
       ("high_res_encoder", "convnext/", convnext.export_plan(sub("convnext/"))),
@@ -117,6 +120,7 @@ def test_bfloat16_export_and_a_step_that_is_not_there(sharded_run, tmp_path):
   for name, value in heads.items():
     assert value.dtype == np.dtype("bfloat16"), name
     np.testing.assert_array_equal(value, params[name].astype("bfloat16"), err_msg=name)
-  with pytest.raises(FileNotFoundError, match=r"no checkpoint of step 7 in .*checkpoints \(it has \[2\]\)"):
+  with pytest.raises(FileNotFoundError,
+                     match=r"no checkpoint of step 7 in .*checkpoints \(it has \[2\]\)"):
     convert_unires.export_checkpoint(workdir, str(tmp_path / "x"), step=7)
   assert not (tmp_path / "x").exists()

@@ -5,11 +5,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from tests.train.conftest import CONFIG
 from unires_jax import models, parallel
 from unires_jax.config_lib import load_config
 from unires_jax.train import checkpoint, trainer
-
-from tests.train.conftest import CONFIG
 
 
 def _flat(params) -> dict[str, np.ndarray]:

@@ -16,6 +16,7 @@ Both refuse an existing --out and leave nothing behind when they fail.
 """
 
 import os
+import resource
 
 from absl import app, flags
 
@@ -45,6 +46,16 @@ flags.mark_flags_as_required(["out"])
 _NEEDS = {"from-pytorch": ("config", "vision", "convnext", "llm"), "to-pytorch": ("checkpoint",)}
 
 
+def _max_rss_mib() -> float:
+  """Peak resident memory of this process. Linux's VmHWM, as `ru_maxrss` keeps the peak of the
+  process image before `exec` (e.g. the parent's, when started by `subprocess`)."""
+  try:
+    with open("/proc/self/status", encoding="ascii") as f:
+      return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+  except (OSError, StopIteration):
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
 # jax is imported after `common.start`, as in the other programs.
 def from_pytorch() -> None:
   from flax import nnx  # pylint: disable=g-import-not-at-top
@@ -66,9 +77,11 @@ def from_pytorch() -> None:
 def to_pytorch() -> None:
   from unires_jax.convert import unires  # pylint: disable=g-import-not-at-top
 
+  before = _max_rss_mib()
   unires.export_checkpoint(_CHECKPOINT.value, _OUT.value, step=_STEP.value, dtype=_DTYPE.value,
                            group_bytes=_GROUP_MB.value << 20, progress=print)
-  print(f"wrote {_OUT.value}")
+  print(f"wrote {_OUT.value}; peak host memory (max RSS) {_max_rss_mib():.0f} MiB, "
+        f"{before:.0f} MiB before the conversion began")
 
 
 def main(argv) -> int:

@@ -44,6 +44,8 @@ class ModuleParams:
   def __init__(self, model: nnx.Module):
     self._vars = dict(torch_io.iter_params(model))
     self.shapes = {path: tuple(var.get_value().shape) for path, var in self._vars.items()}
+    self.itemsizes = {path: np.dtype(var.get_value().dtype).itemsize
+                      for path, var in self._vars.items()}
 
   def read(self, paths: list[str]) -> dict[str, np.ndarray]:
     return {path: np.asarray(self._vars[path][...]) for path in paths}
@@ -55,7 +57,9 @@ class CheckpointParams:
 
   def __init__(self, where: checkpoint.Located):
     self._where = where
-    self.shapes = {path: shape for path, (shape, _) in checkpoint.param_shapes(where).items()}
+    saved = checkpoint.param_shapes(where)
+    self.shapes = {path: shape for path, (shape, _) in saved.items()}
+    self.itemsizes = {path: dtype.itemsize for path, (_, dtype) in saved.items()}
 
   def read(self, paths: list[str]) -> dict[str, np.ndarray]:
     return checkpoint.read_params(self._where, paths)
@@ -78,13 +82,19 @@ def _write_tensors(source, prefix: str, plan: torch_io.ExportPlan, path: str, dt
   """Writes `plan`'s tensors (Flax paths under `prefix` in `source`) as the safetensors `path`."""
   shapes = {name: source.shapes[prefix + p] for name, (p, _) in plan.items()}
   layout = {name: (torch_io.torch_shape(shapes[name], plan[name][1]), dtype) for name in plan}
-  sizes = {name: int(np.prod(shapes[name], dtype=np.int64)) * 4 for name in plan}
+  sizes = {name: int(np.prod(shapes[name], dtype=np.int64)) * source.itemsizes[prefix + p]
+           for name, (p, _) in plan.items()}
   with torch_io.SafetensorsWriter(path, layout, {**metadata, "format": "pt"}) as writer:
     for group in _groups(list(plan), sizes, group_bytes):
       values = source.read([prefix + plan[name][0] for name in group])
       for name in group:
         p, how = plan[name]
         writer.write(name, torch_io.to_torch(values.pop(prefix + p), how).astype(dtype))
+
+
+def _mib(source, prefix: str, plan: torch_io.ExportPlan, dtype: np.dtype) -> float:
+  return sum(int(np.prod(source.shapes[prefix + p], dtype=np.int64)) * dtype.itemsize
+             for p, _ in plan.values()) / 2**20
 
 
 def _write_json(path: str, value: Mapping) -> None:
@@ -135,8 +145,10 @@ def write_export(source, model_config: ml_collections.ConfigDict, out_dir: str, 
   if dtype not in DTYPES:
     raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
   out_dtype, cfg = DTYPES[dtype], model_config
-  sub = lambda prefix: {p[len(prefix):]: s for p, s in source.shapes.items()  # noqa: E731
-                        if p.startswith(prefix)}
+
+  def sub(prefix: str) -> dict[str, tuple[int, ...]]:
+    return {p[len(prefix):]: s for p, s in source.shapes.items() if p.startswith(prefix)}
+
   vocab = source.shapes["llm/model/embed_tokens/embedding"][0]
   spec = convnext.timm_spec(cfg.convnext)
   parts = (  # (subdirectory, parameter prefix, plan, config.json, safetensors metadata)
@@ -157,10 +169,10 @@ def write_export(source, model_config: ml_collections.ConfigDict, out_dir: str, 
       _write_json(os.path.join(tmp, subdir, "config.json"), config_json)
       _write_tensors(source, prefix, plan, os.path.join(tmp, subdir, torch_io.SAFETENSORS_SINGLE),
                      out_dtype, metadata, group_bytes)
-      progress(f"{subdir}: {len(plan)} tensors")
+      progress(f"{subdir}: {len(plan)} tensors, {_mib(source, prefix, plan, out_dtype):.1f} MiB")
     heads = {p: (p, torch_io.SAME) for p in source.shapes if p.split("/", 1)[0] not in BACKBONES}
     _write_tensors(source, "", heads, os.path.join(tmp, HEADS_FILE), out_dtype, {}, group_bytes)
-    progress(f"{HEADS_FILE}: {len(heads)} tensors")
+    progress(f"{HEADS_FILE}: {len(heads)} tensors, {_mib(source, '', heads, out_dtype):.1f} MiB")
     if tokenizer_dir:
       write_tokenizer(tokenizer_dir, cfg, os.path.join(tmp, "llm"))
       progress("llm: tokenizer with the special tokens")
