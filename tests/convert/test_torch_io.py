@@ -3,6 +3,7 @@
 import collections
 import json
 
+import ml_dtypes
 import numpy as np
 import pytest
 import safetensors.numpy
@@ -87,3 +88,32 @@ def test_convert_all_rejects_unused_tensors():
     torch_io.convert_all(rules, tensors, module, "src")
   torch_io.convert_all(rules, tensors, module, "src", allow_unused=lambda n: n == "extra")
   np.testing.assert_array_equal(module.kernel.get_value(), _tensors()["a.weight"].T)
+
+
+def test_streaming_writer_gives_a_file_safetensors_reads(tmp_path):
+  tensors = {"b": np.arange(6, dtype=np.float32).reshape(2, 3), "a": np.ones(5, np.int32),
+             "c": np.full((3, 1, 2), 1.5, ml_dtypes.bfloat16), "empty": np.zeros((0, 4), np.float32)}
+  layout = {name: (value.shape, value.dtype) for name, value in tensors.items()}
+  with torch_io.SafetensorsWriter(str(tmp_path / "w.safetensors"), layout, {"k": "v"}) as writer:
+    for name, value in tensors.items():
+      writer.write(name, value)
+  with safetensors.safe_open(str(tmp_path / "w.safetensors"), framework="pt") as f:
+    assert f.metadata() == {"k": "v"}
+    for name, value in tensors.items():
+      got = f.get_tensor(name)
+      assert tuple(got.shape) == value.shape, name
+      np.testing.assert_array_equal(got.float().numpy(), value.astype(np.float32), err_msg=name)
+
+
+def test_streaming_writer_refuses_order_shape_and_missing_tensors(tmp_path):
+  layout = {"a": ((2,), np.float32), "b": ((3,), np.float32)}
+  path = str(tmp_path / "w.safetensors")
+  with pytest.raises(ValueError, match=r"wrote 'b', expected 'a'"):
+    with torch_io.SafetensorsWriter(path, layout) as writer:
+      writer.write("b", np.zeros(3, np.float32))
+  with pytest.raises(ValueError, match=r"tensor 'a' is float32\[3\], the header says float32\[2\]"):
+    with torch_io.SafetensorsWriter(path, layout) as writer:
+      writer.write("a", np.zeros(3, np.float32))
+  with pytest.raises(ValueError, match=r"1 tensors not written, the first 'b'"):
+    with torch_io.SafetensorsWriter(path, layout) as writer:
+      writer.write("a", np.zeros(2, np.float32))
