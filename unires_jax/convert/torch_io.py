@@ -200,11 +200,14 @@ def assign_params(
     module: nnx.Module,
     values: Mapping[str, np.ndarray],
     source: str,
+    consume: bool = False,
 ) -> None:
   """Sets every `nnx.Param` of `module` from `values` ({'a/b/0/kernel': array}).
 
   Every parameter must be given exactly once with its exact shape; the error names the
-  parameter, the source and the shapes. Values are cast to the parameter's dtype.
+  parameter, the source and the shapes. Values are cast to the parameter's dtype. `consume`
+  removes each value from `values` (a dict) once it is set, so that memory holds each tensor
+  once, as a source array or as a parameter, not both.
   """
   params = dict(iter_params(module))
   missing = sorted(set(params) - set(values))
@@ -214,7 +217,8 @@ def assign_params(
   if extra:
     raise CheckpointError(f"{source}: converter produced unknown parameter {extra[0]!r}")
   for name, var in params.items():
-    value, current = np.asarray(values[name]), var.get_value()
+    value = np.asarray(values.pop(name) if consume else values[name])
+    current = var.get_value()
     if value.shape != current.shape:
       raise CheckpointError(
           f"{source}: parameter {name!r} has shape {current.shape} in the model but "
@@ -274,7 +278,7 @@ def convert_all(
         f"{source}: tensor {leftover[0]!r} was not used ({len(leftover)} unused in all); "
         "the checkpoint does not match this architecture"
     )
-  assign_params(module, values, source)
+  assign_params(module, values, source, consume=True)
 
 
 @contextlib.contextmanager
