@@ -38,6 +38,11 @@ FILLER_TOKEN = "<unires_unused_{}>"  # pads a tokenizer up to the model's base v
 VOCAB_PARAMS = ("llm/model/embed_tokens/embedding", "llm/lm_head/kernel")
 
 
+def is_head(path: str) -> bool:
+  """Whether the parameter at `path` lies outside the backbones (goes to HEADS_FILE)."""
+  return path.split("/", 1)[0] not in BACKBONES
+
+
 class ModuleParams:
   """The parameters of a model in memory, as an export source."""
 
@@ -170,7 +175,7 @@ def write_export(source, model_config: ml_collections.ConfigDict, out_dir: str, 
       _write_tensors(source, prefix, plan, os.path.join(tmp, subdir, torch_io.SAFETENSORS_SINGLE),
                      out_dtype, metadata, group_bytes)
       progress(f"{subdir}: {len(plan)} tensors, {_mib(source, prefix, plan, out_dtype):.1f} MiB")
-    heads = {p: (p, torch_io.SAME) for p in source.shapes if p.split("/", 1)[0] not in BACKBONES}
+    heads = {p: (p, torch_io.SAME) for p in source.shapes if is_head(p)}
     _write_tensors(source, "", heads, os.path.join(tmp, HEADS_FILE), out_dtype, {}, group_bytes)
     progress(f"{HEADS_FILE}: {len(heads)} tensors, {_mib(source, '', heads, out_dtype):.1f} MiB")
     if tokenizer_dir:
@@ -212,8 +217,7 @@ def import_pytorch(model: nnx.Module, model_config: ml_collections.ConfigDict,
 
 def head_paths(model: nnx.Module) -> list[str]:
   """Every parameter outside the backbones, by path."""
-  return [path for path, _ in torch_io.iter_params(model)
-          if path.split("/", 1)[0] not in BACKBONES]
+  return [path for path, _ in torch_io.iter_params(model) if is_head(path)]
 
 
 def load_heads(model: nnx.Module, source: str) -> None:
@@ -239,7 +243,7 @@ def _fresh_parameters(config: ml_collections.ConfigDict, seed: int) -> dict[str,
   def init():
     model = models.build_model(config, nnx.Rngs(params=seed))
     return {path: var[...] for path, var in torch_io.iter_params(model)
-            if path.split("/", 1)[0] not in BACKBONES or path in VOCAB_PARAMS}
+            if is_head(path) or path in VOCAB_PARAMS}
 
   return jax.jit(init)()
 

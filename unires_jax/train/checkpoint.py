@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from unires_jax import config_lib
+from unires_jax import config_lib, parallel
 from unires_jax.convert import torch_io
 from unires_jax.train.state import TrainState
 
@@ -181,18 +181,11 @@ def param_shapes(where: Located) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     tree = tree[key]
   flat = {}
   for keys, meta in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    names = [_key_name(k) for k in keys]
-    if names[-1] != "value":
-      raise ValueError(f"{where.tree_dir}: unexpected leaf {'/'.join(names)} (not a parameter)")
-    flat["/".join(names[:-1])] = (tuple(meta.shape), np.dtype(meta.dtype))
+    name = parallel.path_str(keys)
+    if not name.endswith("/value"):
+      raise ValueError(f"{where.tree_dir}: unexpected leaf {name} (not a parameter)")
+    flat[name.removesuffix("/value")] = (tuple(meta.shape), np.dtype(meta.dtype))
   return flat
-
-
-def _key_name(key) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(key, attr):
-      return str(getattr(key, attr))
-  return str(key)
 
 
 def check_shapes(where: Located, abstract_params: Any) -> None:
@@ -201,8 +194,7 @@ def check_shapes(where: Located, abstract_params: Any) -> None:
   saved = param_shapes(where)
   wanted = {}
   for keys, leaf in jax.tree_util.tree_flatten_with_path(abstract_params)[0]:
-    names = [_key_name(k) for k in keys]
-    wanted["/".join(names[:-1] if names[-1] == "value" else names)] = tuple(leaf.shape)
+    wanted[parallel.path_str(keys).removesuffix("/value")] = tuple(leaf.shape)
   for name in sorted(saved.keys() | wanted.keys()):
     have, want = saved.get(name, (None,))[0], wanted.get(name)
     if have != want:
