@@ -9,6 +9,11 @@ RefCOCO). They differ in what the public PyTorch RES code (LAVT, CRIS, ReLA) doe
 expressions whose `__getitem__` opens the image's JPEG and its mask PNGs and preprocesses them for
 that one expression, where our pipeline reads one ArrayRecord per image and prepares it once for
 all of its expressions. Both run in one process and one thread, so the ratio is per core.
+
+The data is written and built once, untimed. Each of `--repeats` runs then times both loaders in
+turn, each from a fresh iterator whose first batch (a warm-up) is not timed; the table gives the
+median, min and max over the runs and the ratio of the medians. Other work on the machine lowers
+both rates, so the 1-minute load average before and after the timing is printed too.
 """
 
 import os
@@ -28,9 +33,12 @@ from unires_jax.data.writers import common, refcocom
 _CONFIG = config_flags.DEFINE_config_file(
     "config", f"{REPO_ROOT}/configs/unires_pp_7b.py", "Config (model sizes, config.input).")
 _NUM_IMAGES = flags.DEFINE_integer("num_images", 64, "Images in the generated raw dataset.")
-_NUM_EXAMPLES = flags.DEFINE_integer("num_examples", 256, "Samples timed per loader.")
+_NUM_EXAMPLES = flags.DEFINE_integer(
+    "num_examples", 256, "Samples timed per loader and run; keep it a multiple of "
+    "config.input.shuffle_window: Grain's window shuffle prepares a window's images at once.")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Batch size of both loaders.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where to write the data (default: a temp dir).")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs of each loader (median, min, max).")
 
 
 def write_raw(root: str, num_images: int) -> list[str]:
@@ -117,23 +125,40 @@ def main(argv: Sequence[str]) -> None:
   config.input.update(data_dir=data_dir, global_batch_size=_BATCH.value, num_threads=0,
                       prefetch_images=0)
   config.input.train = {"bench": dict(name="ref_coco_m", split="val", weight=1.0)}
-  ours = iter(pipeline.train_dataset(config, tokenize, shard=pipeline.ProcessShard(0, 1)))
-  grain_rate = examples_per_second(ours, _BATCH.value, _NUM_EXAMPLES.value)
+  dataset = TorchStyleDataset(raw, spec, tokenize)
 
-  loader = torch.utils.data.DataLoader(
-      TorchStyleDataset(raw, spec, tokenize), batch_size=_BATCH.value, shuffle=True,
-      num_workers=0, drop_last=True, generator=torch.Generator().manual_seed(0))
+  def grain_batches():
+    return iter(pipeline.train_dataset(config, tokenize, shard=pipeline.ProcessShard(0, 1)))
 
-  def forever():
+  def torch_batches():
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=_BATCH.value, shuffle=True, num_workers=0, drop_last=True,
+        generator=torch.Generator().manual_seed(0))
     while True:
       yield from loader
 
-  torch_rate = examples_per_second(forever(), _BATCH.value, _NUM_EXAMPLES.value)
-  rows = [("Grain, ArrayRecord, image prepared once", grain_rate),
-          ("PyTorch Dataset, raw JPEG/PNG per item", torch_rate)]
-  print(f"\n{'loader':<42}{'examples/s':>12}{'ratio':>8}")
-  for name, rate in rows:
-    print(f"{name:<42}{rate:>12.1f}{rate / torch_rate:>8.2f}")
+  loaders = {"Grain, ArrayRecord, image prepared once": grain_batches,
+             "PyTorch Dataset, raw JPEG/PNG per item": torch_batches}
+  rates = {name: [] for name in loaders}
+  print(f"1-minute load average before timing: {os.getloadavg()[0]:.2f}")
+  for i in range(_REPEATS.value):
+    for name, batches in loaders.items():
+      rates[name].append(examples_per_second(batches(), _BATCH.value, _NUM_EXAMPLES.value))
+    print(f"run {i + 1}/{_REPEATS.value}: "
+          + ", ".join(f"{r[-1]:.1f}" for r in rates.values()) + " examples/s")
+  print(f"1-minute load average after timing: {os.getloadavg()[0]:.2f}")
+  print_table(rates)
+
+
+def print_table(rates: dict[str, list[float]]) -> None:
+  """Median, min and max examples/s of each loader; ratio of its median to the last loader's."""
+  medians = {name: float(np.median(r)) for name, r in rates.items()}
+  base = list(medians.values())[-1]
+  runs = len(next(iter(rates.values())))
+  print(f"\n{f'examples/s over {runs} runs':<42}{'median':>9}{'min':>9}{'max':>9}{'ratio':>8}")
+  for name, r in rates.items():
+    print(f"{name:<42}{medians[name]:>9.1f}{min(r):>9.1f}{max(r):>9.1f}"
+          f"{medians[name] / base:>8.2f}")
 
 
 if __name__ == "__main__":
