@@ -11,7 +11,7 @@ normalising). A pixel (x, y) of the original image maps to (x * scale, y * scale
 """
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -62,22 +62,40 @@ def sample_spec(model_cfg, input_cfg) -> SampleSpec:
       answer=input_cfg.answer, target_box_jitter=input_cfg.target_box_jitter)
 
 
-def letterbox(image: np.ndarray, size: int, resample: int) -> np.ndarray:
-  """`[H, W, ...]` uint8 -> `[size, size, ...]`: longer side to `size`, top-left, zero padded."""
-  h, w = image.shape[:2]
+# CLIP normalisation of every uint8 value, per channel: `[3, 256]`, the float32 arithmetic of
+# `(value / 255 - mean) / std` done once, so that a lookup gives the formula's exact bits.
+_NORMALIZED = ((np.arange(256, dtype=np.float32)[:, None] / 255.0 - CLIP_MEAN) / CLIP_STD).T.copy()
+
+
+def _fitted_size(h: int, w: int, size: int) -> tuple[int, int]:
+  """(height, width) with the longer side resized to `size`, aspect kept, at least 1 pixel."""
   scale = size / max(h, w)
-  nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-  resized = np.asarray(Image.fromarray(image).resize((nw, nh), resample=resample))
-  out = np.zeros((size, size) + image.shape[2:], image.dtype)
-  out[:nh, :nw] = resized
+  return max(1, round(h * scale)), max(1, round(w * scale))
+
+
+def letterbox_normalized(image: Image.Image, size: int) -> np.ndarray:
+  """RGB image -> `[size, size, 3]` float32: resized bicubic (longer side to `size`), top-left,
+  CLIP-normalised; the padding is 0 (the normalised mean)."""
+  h, w = image.height, image.width
+  nh, nw = _fitted_size(h, w, size)
+  resized = np.asarray(image.resize((nw, nh), resample=Image.BICUBIC))
+  # The normalised region: a side under half a pixel rounds to 0 and is all padding, though the
+  # resize makes it 1 pixel.
+  vh, vw = round(h * size / max(h, w)), round(w * size / max(h, w))
+  out = np.zeros((size, size, 3), np.float32)
+  for c in range(3):
+    out[:vh, :vw, c] = _NORMALIZED[c].take(resized[:vh, :vw, c])
   return out
 
 
-def normalize(image: np.ndarray, valid_hw: tuple[int, int]) -> np.ndarray:
-  """uint8 `[S, S, 3]` -> CLIP-normalised float32; the padding (outside `valid_hw`) becomes 0."""
-  out = (image.astype(np.float32) / 255.0 - CLIP_MEAN) / CLIP_STD
-  out[valid_hw[0]:] = 0.0
-  out[:, valid_hw[1]:] = 0.0
+def letterbox_masks(masks: Sequence[np.ndarray] | np.ndarray, size: int) -> np.ndarray:
+  """`[n, H, W, 1]` uint8 (array or list) -> `[n, size, size]` bool: each resized nearest
+  (longer side to `size`), top-left, padded with False."""
+  out = np.zeros((len(masks), size, size), bool)
+  for i, mask in enumerate(masks):
+    mask = np.asarray(mask)[..., 0]
+    nh, nw = _fitted_size(*mask.shape, size)
+    out[i, :nh, :nw] = np.asarray(Image.fromarray(mask).resize((nw, nh), Image.NEAREST)) != 0
   return out
 
 
@@ -134,17 +152,10 @@ def prepare_image(example: dict[str, Any], spec: SampleSpec,
     a dict with `image_low [low, low, 3]`, `image_high [high, high, 3]` float32,
     `target_masks [n_targets, high, high]` bool, proposals, and per-expression lists.
   """
-  image = np.asarray(example["image"])
-  h, w = image.shape[:2]
+  image = Image.fromarray(np.asarray(example["image"]))
+  h, w = image.height, image.width
   scale = spec.high_size / max(h, w)
-  low_scale = spec.low_size / max(h, w)
-  high = letterbox(image, spec.high_size, Image.BICUBIC)
-  low = letterbox(image, spec.low_size, Image.BICUBIC)
   targets = example["targets"]
-  masks = [letterbox(np.asarray(m)[..., 0], spec.high_size, Image.NEAREST) != 0
-           for m in targets["mask"]]
-  target_masks = (np.stack(masks) if masks
-                  else np.zeros((0, spec.high_size, spec.high_size), bool))
   proposals = example["proposals"]
   stored = len(proposals["object_boxes"]) + len(proposals["part_boxes"])
   if not stored and rng is not None and spec.target_box_jitter is not None:
@@ -160,9 +171,9 @@ def prepare_image(example: dict[str, Any], spec: SampleSpec,
       raise ValueError(f"the tokenizer gave id {max(ids)} for {text!r}, outside the model's base "
                        f"vocabulary of {spec.vocab_size} (config.model.llm.vocab_size)")
   return {
-      "image_low": normalize(low, (round(h * low_scale), round(w * low_scale))),
-      "image_high": normalize(high, (round(h * scale), round(w * scale))),
-      "target_masks": target_masks,
+      "image_low": letterbox_normalized(image, spec.low_size),
+      "image_high": letterbox_normalized(image, spec.high_size),
+      "target_masks": letterbox_masks(targets["mask"], spec.high_size),
       "object_boxes": object_boxes, "object_valid": object_valid,
       "part_boxes": part_boxes, "part_valid": part_valid,
       "num_objects": int(object_valid.sum()), "num_parts": int(part_valid.sum()),

@@ -1,0 +1,60 @@
+"""`preprocess`'s fast paths give exactly what the plain formulas give."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from unires_jax.data import preprocess
+
+
+def _plain_letterbox(image: np.ndarray, size: int, resample: int) -> np.ndarray:
+  """`[H, W, ...]` -> `[size, size, ...]`: longer side resized to `size`, top-left, zero padded."""
+  h, w = image.shape[:2]
+  nh, nw = max(1, round(h * size / max(h, w))), max(1, round(w * size / max(h, w)))
+  out = np.zeros((size, size) + image.shape[2:], image.dtype)
+  out[:nh, :nw] = np.asarray(Image.fromarray(image).resize((nw, nh), resample))
+  return out
+
+
+def _plain_normalized(image: np.ndarray, size: int) -> np.ndarray:
+  """Bicubic letterbox, then `(x / 255 - mean) / std` in float32; the padding 0."""
+  h, w = image.shape[:2]
+  out = (_plain_letterbox(image, size, Image.BICUBIC).astype(np.float32) / 255.0
+         - preprocess.CLIP_MEAN) / preprocess.CLIP_STD
+  out[round(h * size / max(h, w)):] = 0.0
+  out[:, round(w * size / max(h, w)):] = 0.0
+  return out
+
+
+def _image(h: int, w: int, seed: int) -> np.ndarray:
+  return np.random.default_rng(seed).integers(0, 256, (h, w, 3), np.uint8)
+
+
+def test_normalisation_table_is_the_formula_for_every_value():
+  # A 16x16 image holding each value 0..255 in each channel, at its own size (no resize).
+  values = np.arange(256, dtype=np.uint8).reshape(16, 16)
+  image = np.stack([values, values[::-1], values.T], axis=-1)
+  expected = (image.astype(np.float32) / 255.0 - preprocess.CLIP_MEAN) / preprocess.CLIP_STD
+  got = preprocess.letterbox_normalized(Image.fromarray(image), 16)
+  assert got.dtype == np.float32
+  assert got.tobytes() == expected.tobytes()
+
+
+@pytest.mark.parametrize("h, w, size", [(480, 640, 336), (640, 480, 768), (333, 500, 768),
+                                        (17, 23, 64), (768, 768, 768), (1, 7, 32),
+                                        (1, 1000, 336)])  # the last: 0.3 rows, all padding
+def test_letterbox_normalized_is_the_plain_letterbox_then_formula(h, w, size):
+  image = _image(h, w, seed=h * w)
+  got = preprocess.letterbox_normalized(Image.fromarray(image), size)
+  assert got.tobytes() == _plain_normalized(image, size).tobytes()
+
+
+@pytest.mark.parametrize("h, w", [(480, 640), (333, 500), (1000, 200), (5, 3)])
+def test_masks_are_each_letterboxed_nearest(h, w):
+  rng = np.random.default_rng(h + w)
+  masks = (rng.random((3, h, w, 1)) < 0.3).astype(np.uint8)
+  expected = np.stack([_plain_letterbox(m[..., 0], 96, Image.NEAREST) != 0 for m in masks])
+  for given in (masks, list(masks)):  # TFDS decodes a list; a stacked array works too
+    got = preprocess.letterbox_masks(given, 96)
+    assert got.dtype == bool and got.tobytes() == expected.tobytes()
+  assert preprocess.letterbox_masks([], 96).shape == (0, 96, 96)
