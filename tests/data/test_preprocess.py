@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from unires_jax.config_lib import load_config
 from unires_jax.data import preprocess
 
 
@@ -58,3 +59,28 @@ def test_masks_are_each_letterboxed_nearest(h, w):
     got = preprocess.letterbox_masks(given, 96)
     assert got.dtype == bool and got.tobytes() == expected.tobytes()
   assert preprocess.letterbox_masks([], 96).shape == (0, 96, 96)
+
+
+def test_expand_shares_the_union_of_the_same_targets():
+  config = load_config("tiny")
+  spec = preprocess.sample_spec(config.model, config.input)
+  s = spec.high_size
+  rng = np.random.default_rng(0)
+  masks = (rng.random((3, s, s, 1)) < 0.5).astype(np.uint8)
+  example = {
+      "image": _image(s, s, seed=1),
+      "targets": {"mask": masks},
+      "proposals": {"object_boxes": np.zeros((0, 4), np.float32),
+                    "part_boxes": np.zeros((0, 4), np.float32)},
+      "expressions": {"text": [b"a", b"b", b"c", b"d"],
+                      "target_indices": [np.array([0, 2]), np.array([1]), np.array([0, 2]),
+                                         np.array([], np.int32)],
+                      "granularity": [2, 0, 2, 3], "no_target": [False, False, False, True],
+                      "id": [1, 2, 3, 4]}}
+  samples = preprocess.expand(
+      preprocess.prepare_image(example, spec, lambda texts: [[5] for _ in texts]), spec)
+  m = masks[..., 0] != 0
+  for sample, union in zip(samples, [m[0] | m[2], m[1], m[0] | m[2], np.zeros((s, s), bool)]):
+    assert sample["masks"].dtype == np.float32
+    np.testing.assert_array_equal(sample["masks"], union.astype(np.float32))
+  assert samples[0]["masks"] is samples[2]["masks"]

@@ -189,6 +189,13 @@ def prepare_image(example: dict[str, Any], spec: SampleSpec,
   }
 
 
+def _union(target_masks: np.ndarray, indices: tuple[int, ...], size: int) -> np.ndarray:
+  """`[n, size, size]` bool -> `[size, size]` float32: 1 where any of the `indices` is."""
+  if not indices:
+    return np.zeros((size, size), np.float32)
+  return target_masks[list(indices)].any(axis=0).astype(np.float32)
+
+
 def expand(prepared: dict[str, Any], spec: SampleSpec) -> list[dict[str, Any]]:
   """One model sample per expression of a prepared image.
 
@@ -197,13 +204,15 @@ def expand(prepared: dict[str, Any], spec: SampleSpec) -> list[dict[str, Any]]:
   [max_length]`, `attention_mask`, `loss_mask`, `masks [high, high]` float32 union of the targets,
   `no_target`) and, for evaluation, `granularity` (index into `schema.GRANULARITIES`),
   `expression_id`, `original_size [2]` (height, width), `scale`, and `valid` (1; 0 marks padding).
-  The image arrays are shared between the samples of one image, not copied.
+  The image arrays are shared between the samples of one image, not copied, and so is the mask of
+  expressions with the same targets.
   """
+  unions = {}  # target indices -> their mask
   samples = []
   for k, prompt_ids in enumerate(prepared["prompts"]):
-    indices = prepared["target_indices"][k]
-    mask = (prepared["target_masks"][indices].any(axis=0) if len(indices)
-            else np.zeros((spec.high_size, spec.high_size), bool))
+    indices = tuple(prepared["target_indices"][k])
+    if indices not in unions:
+      unions[indices] = _union(prepared["target_masks"], indices, spec.high_size)
     seq = prompt.build_sequence(
         prompt_ids, prepared["answer"], special=spec.special,
         num_image_tokens=spec.num_image_tokens, num_objects=prepared["num_objects"],
@@ -214,7 +223,7 @@ def expand(prepared: dict[str, Any], spec: SampleSpec) -> list[dict[str, Any]]:
         "object_boxes": prepared["object_boxes"], "object_valid": prepared["object_valid"],
         "part_boxes": prepared["part_boxes"], "part_valid": prepared["part_valid"],
         **seq,
-        "masks": mask.astype(np.float32),
+        "masks": unions[indices],
         "no_target": np.bool_(prepared["no_target"][k]),
         "granularity": np.int32(prepared["granularity"][k]),
         "expression_id": np.int64(prepared["expression_id"][k]),
