@@ -2,6 +2,7 @@
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 
@@ -211,6 +212,20 @@ def test_processes_share_the_images_without_overlap(data):
     valid = np.concatenate([b["valid"] for b in batches]).astype(bool)
     seen.append(set(np.concatenate([b["image_index"] for b in batches])[valid].tolist()))
   assert not seen[0] & seen[1] and seen[0] | seen[1] == set(range(SPLITS["val"]))
+
+
+def test_source_masks_are_tfds_own_decoding_and_the_source_pickles(data):
+  import tensorflow_datasets as tfds
+
+  ours = pipeline.open_source("ref_coco_m", "val", data["out"])
+  builder = tfds.builder_from_directory(pipeline.dataset_dir("ref_coco_m", data["out"]))
+  theirs = builder.as_data_source(split="val")
+  for source in (ours, pickle.loads(pickle.dumps(ours))):  # Grain's worker processes pickle it.
+    for i in range(len(theirs)):
+      a, b = source[i]["targets"]["mask"], theirs[i]["targets"]["mask"]
+      assert type(a) is type(b) and len(a) == len(b)
+      for x, y in zip(a, b):
+        assert x.dtype == y.dtype and x.shape == y.shape and np.array_equal(x, y)
 
 
 def test_unknown_split_names_the_available_ones(data):
