@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from unires_jax.config_lib import REPO_ROOT
+from tests.repo import ROOT as REPO_ROOT
 
 
 @pytest.mark.slow

@@ -16,7 +16,6 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from unires_jax import parallel
 from unires_jax.models import layers
 
 STEM_PATCH = 4
@@ -65,6 +64,9 @@ class ConvNeXtBlock(nnx.Module):
   broadcast over height, width and channels is exactly timm's `DropPath`, and it brings the
   `deterministic` attribute that `model.train()` / `model.eval()` toggle and its own fork of
   the 'dropout' rng stream.
+
+  `grouped_conv_grad_bug_workaround` (see `ConvNeXt`) runs the depthwise convolution per device
+  on its own rows (`layers.batch_local`).
   """
 
   def __init__(
@@ -74,6 +76,7 @@ class ConvNeXtBlock(nnx.Module):
       drop_path: float,
       layer_scale_init: float,
       norm_eps: float,
+      grouped_conv_grad_bug_workaround: bool,
       dtype: Any,
       param_dtype: Any,
       rngs: nnx.Rngs,
@@ -91,13 +94,15 @@ class ConvNeXtBlock(nnx.Module):
     self.drop_path = (
         nnx.Dropout(drop_path, broadcast_dims=(1, 2, 3), rngs=rngs) if drop_path > 0 else None)
     self.dtype = dtype
+    self.conv_per_device = grouped_conv_grad_bug_workaround
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """`[batch, height, width, dim]` -> same shape."""
-    # The depthwise conv runs per device on its rows: XLA's partitioner (jaxlib 0.10.2) doubles
-    # its kernel gradient when the batch is split over two mesh axes.
-    graphdef, conv_params = nnx.split(self.conv_dw)
-    y = parallel.batch_local(lambda x, p: nnx.merge(graphdef, p)(x), x, conv_params)
+    if self.conv_per_device:
+      graphdef, conv_params = nnx.split(self.conv_dw)
+      y = layers.batch_local(lambda x, p: nnx.merge(graphdef, p)(x), x, conv_params)
+    else:
+      y = self.conv_dw(x)
     y = self.mlp(self.norm(y))
     y = y * jnp.asarray(self.gamma[...], self.dtype or y.dtype)
     if self.drop_path is not None:
@@ -117,6 +122,7 @@ class ConvNeXtStage(nnx.Module):
       drop_path: list[float],
       layer_scale_init: float,
       norm_eps: float,
+      grouped_conv_grad_bug_workaround: bool,
       dtype: Any,
       param_dtype: Any,
       rngs: nnx.Rngs,
@@ -131,7 +137,8 @@ class ConvNeXtStage(nnx.Module):
       self.downsample = None
     self.blocks = nnx.List([
         ConvNeXtBlock(dim, drop_path=rate, layer_scale_init=layer_scale_init,
-                      norm_eps=norm_eps, **dd)
+                      norm_eps=norm_eps,
+                      grouped_conv_grad_bug_workaround=grouped_conv_grad_bug_workaround, **dd)
         for rate in drop_path
     ])
 
@@ -152,7 +159,15 @@ class ConvNeXt(nnx.Module):
   `drop_path_rate > 0`), as `nnx.Dropout` is; call `model.eval()` for inference.
 
   Config fields (`config.model.convnext`): image_size, in_chans, depths, dims,
-  layer_scale_init, drop_path_rate, norm_eps.
+  layer_scale_init, drop_path_rate, norm_eps, grouped_conv_grad_bug_workaround.
+
+  `grouped_conv_grad_bug_workaround`: jaxlib 0.10.2's SPMD partitioner gets the kernel gradient
+  of a grouped (e.g. depthwise) convolution wrong when the batch is not split over every mesh
+  axis: it comes out multiplied by the number of devices that hold the same rows (2x on a
+  data=2, fsdp=2, tensor=2 mesh; `tests/models/test_convnext.py` reproduces it on a bare
+  convolution and fails once jaxlib is fixed). With the switch on, the depthwise convolutions
+  run per device on their own rows (`layers.batch_local`), whose gradient is right; the
+  outputs are the same either way.
   """
 
   def __init__(
@@ -182,7 +197,8 @@ class ConvNeXt(nnx.Module):
     self.stages = nnx.List([
         ConvNeXtStage(
             dims[max(i - 1, 0)], dims[i], downsample=i > 0, drop_path=rates[i],
-            layer_scale_init=cfg.layer_scale_init, norm_eps=cfg.norm_eps, **dd)
+            layer_scale_init=cfg.layer_scale_init, norm_eps=cfg.norm_eps,
+            grouped_conv_grad_bug_workaround=cfg.grouped_conv_grad_bug_workaround, **dd)
         for i in range(NUM_STAGES)
     ])
 
