@@ -43,7 +43,8 @@ from unires_jax.train.state import StateFactory
 from unires_jax.train.step import make_train_step, model_fields
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", config_lib.resolve("configs/tiny.py"), "Config file; override fields with --config.x=y.")
+    "config", config_lib.resolve("configs/tiny.py"),
+    "Config file; override fields with --config.x=y.")
 _BATCH = flags.DEFINE_integer(
     "batch_size", None, "Global batch size (default: config.input.global_batch_size).")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps.")

@@ -3,8 +3,9 @@
 
 Every process runs the experiment's program (`unires-train`, or `unires-demo`) on
 `--local_devices` emulated CPU devices (other XLA_FLAGS of the environment pass through);
-process i's output goes to `<trial>/logs/process_<i>.log` and, prefixed, to this terminal. A trial fails as soon as one of its processes does (the others are
-stopped); the trials run one after another.
+process i's output goes to `<trial>/logs/process_<i>.log` and, prefixed, to this terminal. A
+trial fails as soon as one of its processes does (the others are stopped); the trials run one
+after another.
 """
 
 import os

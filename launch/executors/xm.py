@@ -2,7 +2,8 @@
 (`pip install -e '.[xm]'`), one Vertex AI job per trial on a TPU slice.
 
 XManager packages the repository as a container (`xm.python_container`) and runs
-the experiment's program (`unires_jax.cli.train` or `.demo`) with each trial's flags, the same flags the `tpu_vm` executor passes.
+the experiment's program (`unires_jax.cli.train` or `.demo`) with each trial's flags, the
+same flags the `tpu_vm` executor passes.
 """
 
 from launch import experiment as experiment_lib

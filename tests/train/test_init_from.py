@@ -12,8 +12,9 @@ from unires_jax.train import trainer
 
 
 def _flat(params) -> dict[str, np.ndarray]:
-  return {utils.path_str(p): np.asarray(v.get_value()) for p, v in
-          jax.tree_util.tree_leaves_with_path(params, is_leaf=lambda x: isinstance(x, nnx.Variable))}
+  leaves = jax.tree_util.tree_leaves_with_path(
+      params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return {utils.path_str(p): np.asarray(v.get_value()) for p, v in leaves}
 
 
 @pytest.mark.slow

@@ -65,7 +65,8 @@ def start(argv) -> None:
     if missing:
       raise app.UsageError(f"--coordinator_address needs --{missing[0]}")
     # Cross-process collectives of the CPU client (other backends ignore the option). Not
-    # `if jax.default_backend() == "cpu"`: that starts the backend, and `initialize` must come first.
+    # `if jax.default_backend() == "cpu"`: that starts the backend, and `initialize` must come
+    # first.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   elif FLAGS.distributed:

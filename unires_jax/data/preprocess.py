@@ -53,7 +53,8 @@ def sample_spec(model_cfg, input_cfg) -> SampleSpec:
     raise ValueError(f"config.input.template must hold '{{expression}}': {input_cfg.template!r}")
   return SampleSpec(
       low_size=model_cfg.vision.image_size, high_size=model_cfg.convnext.image_size,
-      num_image_tokens=prompt.num_image_tokens(model_cfg.vision), max_objects=model_cfg.max_objects, max_parts=model_cfg.max_parts,
+      num_image_tokens=prompt.num_image_tokens(model_cfg.vision),
+      max_objects=model_cfg.max_objects, max_parts=model_cfg.max_parts,
       max_prompt_tokens=input_cfg.max_prompt_tokens,
       special=prompt.SpecialTokens.appended_to(model_cfg.llm.vocab_size),
       vocab_size=model_cfg.llm.vocab_size, template=input_cfg.template,

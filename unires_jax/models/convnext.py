@@ -65,36 +65,27 @@ class ConvNeXtBlock(nnx.Module):
   `deterministic` attribute that `model.train()` / `model.eval()` toggle and its own fork of
   the 'dropout' rng stream.
 
-  `grouped_conv_grad_bug_workaround` (see `ConvNeXt`) runs the depthwise convolution per device
-  on its own rows (`layers.batch_local`).
+  `cfg` is `config.model.convnext` (`layer_scale_init`, `norm_eps`, and
+  `grouped_conv_grad_bug_workaround`, which runs the depthwise convolution per device on its own
+  rows: see `ConvNeXt`).
   """
 
-  def __init__(
-      self,
-      dim: int,
-      *,
-      drop_path: float,
-      layer_scale_init: float,
-      norm_eps: float,
-      grouped_conv_grad_bug_workaround: bool,
-      dtype: Any,
-      param_dtype: Any,
-      rngs: nnx.Rngs,
-  ):
+  def __init__(self, dim: int, *, drop_path: float, cfg: ml_collections.ConfigDict, dtype: Any,
+               param_dtype: Any, rngs: nnx.Rngs):
     pad = KERNEL_SIZE // 2
     self.conv_dw = layers.conv(
         dim, dim, KERNEL_SIZE, padding=((pad, pad), (pad, pad)), feature_group_count=dim,
         dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.norm = layers.layer_norm(
-        dim, "conv_out", epsilon=norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        dim, "conv_out", epsilon=cfg.norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.mlp = Mlp(dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.gamma = layers.param(
-        rngs, nnx.initializers.constant(layer_scale_init), (dim,), ("conv_out",), param_dtype)
+        rngs, nnx.initializers.constant(cfg.layer_scale_init), (dim,), ("conv_out",), param_dtype)
     # timm uses an identity for rate 0 (the first block always); so do we, without an rng.
     self.drop_path = (
         nnx.Dropout(drop_path, broadcast_dims=(1, 2, 3), rngs=rngs) if drop_path > 0 else None)
     self.dtype = dtype
-    self.conv_per_device = grouped_conv_grad_bug_workaround
+    self.conv_per_device = bool(cfg.grouped_conv_grad_bug_workaround)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """`[batch, height, width, dim]` -> same shape."""
@@ -111,35 +102,20 @@ class ConvNeXtBlock(nnx.Module):
 
 
 class ConvNeXtStage(nnx.Module):
-  """Optional downsample (LayerNorm + conv 2x2/2), then `depth` blocks."""
+  """Optional downsample (LayerNorm + conv 2x2/2), then one block per `drop_path` rate; `dd`
+  holds the layers' dtype, param_dtype and rngs."""
 
-  def __init__(
-      self,
-      in_dim: int,
-      dim: int,
-      *,
-      downsample: bool,
-      drop_path: list[float],
-      layer_scale_init: float,
-      norm_eps: float,
-      grouped_conv_grad_bug_workaround: bool,
-      dtype: Any,
-      param_dtype: Any,
-      rngs: nnx.Rngs,
-  ):
-    dd = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+  def __init__(self, in_dim: int, dim: int, *, downsample: bool, drop_path: list[float],
+               cfg: ml_collections.ConfigDict, **dd):
     if downsample:
       self.downsample = nnx.List([
-          layers.layer_norm(in_dim, "conv_out", epsilon=norm_eps, **dd),
+          layers.layer_norm(in_dim, "conv_out", epsilon=cfg.norm_eps, **dd),
           layers.conv(in_dim, dim, 2, strides=2, padding="VALID", **dd),
       ])
     else:
       self.downsample = None
     self.blocks = nnx.List([
-        ConvNeXtBlock(dim, drop_path=rate, layer_scale_init=layer_scale_init,
-                      norm_eps=norm_eps,
-                      grouped_conv_grad_bug_workaround=grouped_conv_grad_bug_workaround, **dd)
-        for rate in drop_path
+        ConvNeXtBlock(dim, drop_path=rate, cfg=cfg, **dd) for rate in drop_path
     ])
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -196,9 +172,7 @@ class ConvNeXt(nnx.Module):
     rates = drop_path_rates(cfg.drop_path_rate, depths)
     self.stages = nnx.List([
         ConvNeXtStage(
-            dims[max(i - 1, 0)], dims[i], downsample=i > 0, drop_path=rates[i],
-            layer_scale_init=cfg.layer_scale_init, norm_eps=cfg.norm_eps,
-            grouped_conv_grad_bug_workaround=cfg.grouped_conv_grad_bug_workaround, **dd)
+            dims[max(i - 1, 0)], dims[i], downsample=i > 0, drop_path=rates[i], cfg=cfg, **dd)
         for i in range(NUM_STAGES)
     ])
 
