@@ -138,6 +138,28 @@ def conv(
   )
 
 
+class AttentionProjections(nnx.Module):
+  """The q/k/v/out projections of multi-head attention over one width, each `[dim, dim]` + bias.
+
+  The base of the attention modules whose PyTorch originals hold four such Linear layers (CLIP's
+  attention; `nn.MultiheadAttention` with its in-projection split): parameters are
+  `q_proj`, `k_proj`, `v_proj` and `out_proj` (each `kernel`, `bias`) under the module, the names
+  the converters map. Kernels are named (`embed`, `heads`), the output one (`heads`, `embed`).
+  Subclasses add the attention itself.
+  """
+
+  def __init__(self, dim: int, num_heads: int, *, dtype: Any = None,
+               param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+    if dim % num_heads:
+      raise ValueError(f"num_heads={num_heads} must divide the attention width {dim}")
+    self.num_heads = num_heads
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.q_proj = linear(dim, dim, ("embed", "heads"), **kw)
+    self.k_proj = linear(dim, dim, ("embed", "heads"), **kw)
+    self.v_proj = linear(dim, dim, ("embed", "heads"), **kw)
+    self.out_proj = linear(dim, dim, ("heads", "embed"), **kw)
+
+
 def quick_gelu(x: jax.Array) -> jax.Array:
   """CLIP's activation: x * sigmoid(1.702 x)."""
   return x * jax.nn.sigmoid(1.702 * x)
