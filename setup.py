@@ -26,8 +26,12 @@ setuptools.setup(
     name="unires-jax",
     version="0.1.0",
     description="UniRES++ multi-granularity referring expression segmentation in JAX/Flax",
+    # The top-level configs/ folder installs as unires_jax.configs: `--config=configs/tiny.py`
+    # finds it from any directory (unires_jax.config_lib.resolve).
     packages=setuptools.find_packages(
-        include=["unires_jax", "unires_jax.*", "tfds_builders", "tfds_builders.*"]),
+        include=["unires_jax", "unires_jax.*", "tfds_builders", "tfds_builders.*"])
+    + ["unires_jax.configs"],
+    package_dir={"unires_jax.configs": "configs"},
     package_data={"tfds_builders": ["*/README.md", "*/CITATIONS.bib"]},
     python_requires=">=3.11",
     install_requires=[
@@ -59,7 +63,7 @@ setuptools.setup(
     },
     entry_points={
         "console_scripts": [
-            "unires-summary=unires_jax.models.summary:run",
+            "unires-summary=unires_jax.cli.summary:run",
             "unires-train=unires_jax.cli.train:run",
             "unires-eval=unires_jax.cli.eval:run",
             "unires-demo=unires_jax.cli.demo:run",

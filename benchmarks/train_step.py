@@ -35,8 +35,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from unires_jax import parallel
-from unires_jax.config_lib import REPO_ROOT
+from unires_jax import config_lib, parallel
 from unires_jax.data import preprocess
 from unires_jax.models.synthetic import synthetic_batch
 from unires_jax.train import flops as flops_lib
@@ -44,7 +43,8 @@ from unires_jax.train.state import StateFactory
 from unires_jax.train.step import make_train_step, model_fields
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", f"{REPO_ROOT}/configs/tiny.py", "Config file; override fields with --config.x=y.")
+    "config", config_lib.resolve("configs/tiny.py"),
+    "Config file; override fields with --config.x=y.")
 _BATCH = flags.DEFINE_integer(
     "batch_size", None, "Global batch size (default: config.input.global_batch_size).")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps.")

@@ -7,24 +7,19 @@ logits 16x16). The region loss (which proposal the expression selects, or none) 
 no-target head of unires_jax/models/no_target.py; both no-target losses correct for the 13.5%
 share of no-target sentences (loss.no_target_prior, models.losses.prior_adjusted_logits).
 
-Measured with `unires-demo` and this config on the 2-core CPU, seed 0: held-out mIoU 0.558
-(object 0.535, part 0.555, multi 0.626) against 0.199 for the largest-proposal baseline (2.8x)
-and 0.043 for the whole image; N-acc 0.873, T-acc 0.969; 698 s in all (data + build 34 s, train
-653 s). Both bars hold. With train.seed = input.seed = 1 / 2: mIoU 0.547 / 0.481, N-acc
-0.916 / 0.801, T-acc 0.951 / 0.868.
-The README's demo "Status" lists what was tried before.
+What it measures and how it got there: docs/demo.md.
 
-Usage: unires-demo --workdir=DIR  (or unires-train --config=configs/demo.py --workdir=DIR)
+Usage: unires-demo --workdir=DIR
 """
 
 import ml_collections
 
-from unires_jax.config_lib import load_config
+from unires_jax import config_lib
 
 
 def get_config(arg=None):
-  del arg
-  config = load_config("configs/tiny.py")
+  config_lib.parse_arg(arg)  # no variants
+  config = config_lib.sibling(__file__, "tiny.py")
   m = config.model
   m.max_objects = 6  # ShapesParts: up to 4 objects + 2 distractor proposals
   m.max_parts = 16  # up to 4 x 3 parts + 2 distractors
@@ -40,15 +35,12 @@ def get_config(arg=None):
   config.optimizer.lr_multipliers = ml_collections.ConfigDict()  # everything trains
 
   config.train.update(num_steps=3200, log_every=100, checkpoint_every=1000, keep_checkpoints=2,
-                      image_summary_every=1000, eval_every=0)
+                      image_summary_every=1000)
   # The longest ShapesParts prompt is 19 words; 24 slots instead of 48 shorten every sequence.
   config.input.update(global_batch_size=16, shuffle_window=256, num_threads=2,
                       prefetch_images=16, max_prompt_tokens=24)
-  config.input.train = ml_collections.ConfigDict(
-      {"shapes_parts": dict(name="ref_coco_m", split="train", weight=1.0)})
-  config.eval.datasets = ml_collections.ConfigDict(
-      {"shapes_parts_val": dict(name="ref_coco_m", split="val")})
-  config.eval.batch_size = 64
+  # The data (config.input.train, config.evals.shapes_parts_val) is tiny.py's: ShapesParts,
+  # written, built and given a tokenizer by unires_jax.demo in the work directory.
 
   # The bar (unires_jax/demo.py `check`): held-out mIoU >= min_baseline_ratio x the best
   # trivial baseline's, N-acc > min_n_acc; the demo exits with status 1 below it.

@@ -1,15 +1,23 @@
 """UniRES++ with every component a few layers deep and 32-128 wide: runs in seconds on a CPU.
 
 The full config (configs/unires_pp_7b.py) with the sizes cut down, so both always have the
-same fields and structure. Usage: --config=configs/tiny.py
+same fields and structure. Its data is ShapesParts, the project's synthetic scenes in the
+RefCOCOm layout (`python -m unires_jax.data.shapes_parts --out=RAW`, then
+`tfds build tfds_builders/ref_coco_m --manual_dir=RAW --data_dir=DATA`), with a word-level
+tokenizer (`unires_jax.data.tokenizer.train_tokenizer`):
+
+  unires-train --config=configs/tiny.py --workdir=RUN --config.input.data_dir=DATA \\
+      --config.input.tokenizer=TOKENIZER_DIR
 """
 
-from unires_jax.config_lib import load_config
+import ml_collections
+
+from unires_jax import config_lib
 
 
 def get_config(arg=None):
-  del arg
-  config = load_config("configs/unires_pp_7b.py")
+  config_lib.parse_arg(arg)  # no variants
+  config = config_lib.sibling(__file__, "unires_pp_7b.py")
   m = config.model
   m.vision.update(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
                   num_layers=3, num_heads=4)
@@ -22,4 +30,10 @@ def get_config(arg=None):
   m.no_target_hidden = 32
   m.max_objects = 4
   m.max_parts = 4
+
+  config.input.train = ml_collections.ConfigDict(
+      {"shapes_parts": dict(name="ref_coco_m", split="train", weight=1.0)})
+  config.evals = ml_collections.ConfigDict({"shapes_parts_val": dict(
+      dataset="ref_coco_m", split="val", batch_size=64, protocol="lisa", every=0)})
+  config.input.tokenizer = ml_collections.config_dict.placeholder(str)  # a trained word-level one
   return config

@@ -3,14 +3,18 @@
 Backbone shapes equal the released checkpoints (openai/clip-vit-large-patch14-336, timm
 `convnext_large` / open_clip `convnext_large_d_320` trunk, lmsys/vicuna-7b-v1.5).
 
-Usage: --config=configs/unires_pp_7b.py
+Usage: --config=configs/unires_pp_7b.py[:llm_layers=N]
+  llm_layers: LLaMA decoder layers (default 32, Vicuna-7B's): fewer make a cheaper model of the
+    same widths (memory and compile-time studies, short smoke runs).
 """
 
 import ml_collections
 
+from unires_jax import config_lib
+
 
 def get_config(arg=None):
-  del arg
+  arg = config_lib.parse_arg(arg, llm_layers=32)
   config = ml_collections.ConfigDict()
   config.model_name = "unires_pp"
   m = config.model = ml_collections.ConfigDict()
@@ -39,12 +43,16 @@ def get_config(arg=None):
       layer_scale_init=1e-6,
       drop_path_rate=0.0,
       norm_eps=1e-6,
+      # jaxlib 0.10.2 gets the kernel gradient of a grouped convolution wrong on meshes where the
+      # batch is not split over every axis; True runs the depthwise convolutions per device
+      # (unires_jax.models.convnext.ConvNeXt says more). Same outputs either way.
+      grouped_conv_grad_bug_workaround=True,
   )
   m.llm = dict(  # Vicuna-7B v1.5 (LLaMA-2 architecture).
       vocab_size=32000,          # base vocabulary; the special tokens below are added rows
       hidden_size=4096,
       intermediate_size=11008,
-      num_layers=32,
+      num_layers=arg.llm_layers,
       num_heads=32,
       num_kv_heads=32,
       head_dim=128,
@@ -73,6 +81,7 @@ def get_config(arg=None):
       norm_groups=32,
   )
   m.no_target_hidden = 256
+  m.no_target_threshold = 0.5  # "no target" when sigmoid(no-target logit) is above it
   m.special_tokens = dict(
       image_start="<img>", image_end="</img>", image_patch="<img_patch>",
       object_start="<obj>", object_end="</obj>", object_patch="<obj_patch>",
@@ -124,16 +133,17 @@ def get_config(arg=None):
   config.train.async_checkpointing = True
   config.train.max_nonfinite_in_row = 20  # skipped steps in a row before training stops
   config.train.image_summary_every = 1000  # predicted masks over the input, in TensorBoard
-  config.train.eval_every = 0  # 0: evaluate only at the end
 
-  # Evaluation (unires-eval, and during training): label -> dataset and split.
-  config.eval = ml_collections.ConfigDict()
-  config.eval.datasets = ml_collections.ConfigDict(dict(
-      refcocom_val=dict(name="ref_coco_m", split="val"),
-      grefcoco_val=dict(name="grefcoco", split="val"),
+  # Evaluators (unires_jax/evaluation/evals.py), run by unires-eval and during training: name ->
+  # dataset (a TFDS name in config.input.data_dir) and split, global batch size, scoring
+  # protocol, and `every` (training runs it at each multiple of `every` steps, 0: never, and
+  # after the last step). Results: workdir/eval/<name>_<step>.json and TensorBoard.
+  config.evals = ml_collections.ConfigDict(dict(
+      refcocom_val=dict(dataset="ref_coco_m", split="val", batch_size=64, protocol="lisa",
+                        every=5000),
+      grefcoco_val=dict(dataset="grefcoco", split="val", batch_size=64, protocol="lisa",
+                        every=5000),
   ))
-  config.eval.batch_size = 64  # global
-  config.eval.no_target_threshold = 0.5  # sigmoid(no-target logit) above it: predict nothing
 
   # The input pipeline (unires_jax/data/pipeline.py). Datasets are TFDS names (with their builder
   # config) in `data_dir`, built from tfds_builders/; `train` maps a label to a dataset and its

@@ -21,9 +21,14 @@ import ml_collections
 from etils import epath
 
 from launch import sweep as sweep_lib
-from unires_jax.config_lib import REPO_ROOT, load_config
+from launch import REPO_ROOT
+from unires_jax.config_lib import load_config
 
 EXPERIMENT_FILE = "experiment.json"
+
+# The programs a trial can run (unires_jax/cli/<program>.py): unires-train, or unires-demo
+# (which writes and builds its own data first).
+PROGRAMS = ("train", "demo")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,11 +53,17 @@ class Experiment:
   executor: str
   workdir: str
   trials: tuple[Trial, ...]
+  program: str = "train"  # what every trial runs: one of PROGRAMS
+
+  @property
+  def module(self) -> str:
+    """The Python module of the trials' program (`python -m ...`)."""
+    return f"unires_jax.cli.{self.program}"
 
   def definition(self) -> dict[str, Any]:
     """What makes two launches the same experiment."""
     return {"config": self.config, "overrides": self.overrides, "sweep": self.sweep,
-            "executor": self.executor}
+            "executor": self.executor, "program": self.program}
 
   def trial_dir(self, trial: Trial) -> str:
     return f"{self.workdir}/{trial.name}"
@@ -65,7 +76,7 @@ class Experiment:
 
 
 def make(config: str, overrides: list[str], sweep: str, executor: str,
-         workdir: str) -> Experiment:
+         workdir: str, program: str = "train") -> Experiment:
   """Parses and checks the experiment; raises ValueError naming what is wrong.
 
   Args:
@@ -77,6 +88,8 @@ def make(config: str, overrides: list[str], sweep: str, executor: str,
   """
   if not workdir:
     raise ValueError("--workdir is required")
+  if program not in PROGRAMS:
+    raise ValueError(f"--program={program!r}; programs: {PROGRAMS}")
   base = load_config(config)
   fixed = dict(_parse_override(o) for o in overrides)
   trials = []
@@ -87,7 +100,7 @@ def make(config: str, overrides: list[str], sweep: str, executor: str,
     trials.append(Trial(i, {**fixed, **point}))
   for trial in trials:
     resolve(base, trial.overrides, config)
-  return Experiment(config, fixed, sweep, executor, workdir.rstrip("/"), tuple(trials))
+  return Experiment(config, fixed, sweep, executor, workdir.rstrip("/"), tuple(trials), program)
 
 
 def resolve(base: ml_collections.ConfigDict, overrides: dict[str, Any],

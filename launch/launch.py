@@ -5,8 +5,8 @@
       --sweep='product({"optimizer.learning_rate": [1e-4, 3e-5]}, {"train.seed": [0, 1]})' \\
       [--set=train.num_steps=20000 ...] [--delete] [--dry_run]
 
-  python launch/launch.py --config=configs/demo.py --executor=local --num_processes=2 \\
-      --workdir=/tmp/demo2 --set=train.num_steps=100
+  python launch/launch.py --program=demo --config=configs/demo.py --executor=local \\
+      --num_processes=2 --workdir=/tmp/demo2 --set=train.num_steps=100
 
 Everything is checked before anything is created: the TPU type, every swept or set key against
 the config (and its value's type), and that the work directory holds no other experiment.
@@ -26,12 +26,15 @@ from absl import app, flags  # pylint: disable=wrong-import-position
 from launch import experiment as experiment_lib  # pylint: disable=wrong-import-position
 from launch import tpu as tpu_lib  # pylint: disable=wrong-import-position
 from launch.executors import local, tpu_vm, xm  # pylint: disable=wrong-import-position
+from unires_jax import utils  # pylint: disable=wrong-import-position
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", None, "Config file, configs/x.py[:arg].")
 flags.DEFINE_multi_string("set", [], "key=value: a config override for every trial.")
 flags.DEFINE_string("sweep", "", "A launch/sweep.py expression; empty = one trial.")
 flags.DEFINE_enum("executor", "local", ["local", "tpu_vm", "xm"], "Where the trials run.")
+flags.DEFINE_enum("program", "train", list(experiment_lib.PROGRAMS),
+                  "What each trial runs: unires-train, or unires-demo (its own data first).")
 flags.DEFINE_string("workdir", None, "Experiment directory (local path or gs://...).")
 flags.DEFINE_bool("dry_run", False, "Print every command instead of running it.")
 # local
@@ -64,7 +67,8 @@ def main(argv) -> None:
       raise app.UsageError(f"--executor=tpu_vm needs --{missing[0]}")
   if FLAGS.executor == "local" and "://" in FLAGS.workdir:
     raise app.UsageError(f"--executor=local needs a local --workdir, got {FLAGS.workdir}")
-  exp = experiment_lib.make(FLAGS.config, FLAGS.set, FLAGS.sweep, FLAGS.executor, FLAGS.workdir)
+  exp = experiment_lib.make(FLAGS.config, FLAGS.set, FLAGS.sweep, FLAGS.executor, FLAGS.workdir,
+                            FLAGS.program)
   try:
     experiment_lib.check_workdir(exp)
   except OSError as e:  # storage out of reach: a dry run still shows what it would do
@@ -98,7 +102,7 @@ def node_name(workdir: str) -> str:
 
 
 def run() -> None:
-  app.run(main)
+  app.run(utils.brief_usage_errors(main))
 
 
 if __name__ == "__main__":

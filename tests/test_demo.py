@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from unires_jax.config_lib import REPO_ROOT
+from tests.repo import ROOT as REPO_ROOT
 
 
 @pytest.mark.slow
@@ -21,7 +21,9 @@ def test_demo_learns(tmp_path):
       cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=45 * 60, check=False)
   assert run.returncode == 0, f"stdout:\n{run.stdout[-4000:]}\nstderr:\n{run.stderr[-4000:]}"
   assert "passed: mIoU >=" in run.stdout and "baseline: largest_proposal" in run.stdout
-  with open(workdir / "eval" / "ref_coco_m_val.json", encoding="utf-8") as f:
+  (result,) = os.listdir(workdir / "eval")  # the held-out evaluator, at the last step
+  assert result == "shapes_parts_val_3200.json"
+  with open(workdir / "eval" / result, encoding="utf-8") as f:
     record = json.load(f)
   metrics, baselines = record["metrics"], record["baselines"]
   best = max(b["mIoU"] for b in baselines.values())

@@ -12,10 +12,9 @@ from absl import app, flags
 from flax import nnx
 from PIL import Image
 
-from unires_jax import inference, models
+from unires_jax import checkpoint, inference, models
 from unires_jax.config_lib import load_config
-from unires_jax.data import pipeline, preprocess, tokenizer
-from unires_jax.train import checkpoint
+from unires_jax.data import preprocess, tokenizer
 
 TEXTS = ("the red cup", "a blue ball", "the left wheel")
 
@@ -88,7 +87,7 @@ def test_mask_is_the_models_forward_pass(segmenter, tiny):
                            "part_boxes": np.float32(boxes["part"])},
              "expressions": {"text": ["a blue ball"], "id": [0], "target_indices": [[]],
                              "granularity": [0], "no_target": [False]}}
-  tokenize = pipeline.hf_tokenize(tokenizer.load_tokenizer(config.input.tokenizer))
+  tokenize = tokenizer.hf_tokenize(tokenizer.load_tokenizer(config.input.tokenizer))
   sample = preprocess.expand(preprocess.prepare_image(example, spec, tokenize), spec)[0]
   scale = 64 / 60  # the high-resolution view is 64 pixels; the longer side is 60
   np.testing.assert_allclose(sample["object_boxes"][0], np.float32(boxes["object"][0]) * scale)
@@ -175,9 +174,15 @@ TOO_MANY_PARTS = json.dumps({"image": "a.png", "text": "x", "boxes": {"part": [[
     (["--batch={tmp}/lines.jsonl", "--out_dir={tmp}/o"], ["", "", TOO_MANY_PARTS],
      r"lines.jsonl:3: 5 part boxes, the model takes at most 4 \(config.model.max_parts\)"),
     (["--image={root}/a.png", "--out={tmp}/m.png"], None, "--image needs --text"),
+    (["--image={tmp}/broken.jpg", "--text=x", "--out={tmp}/m.png"], None,
+     r"cannot read image .*broken.jpg: image file is truncated.*; stopped after 0 of 1 inputs"),
 ])
 def test_cli_rejects_bad_inputs(tiny, tmp_path, args, lines, message):
   ckpt, _, root = tiny
+  noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+  Image.fromarray(noise).save(tmp_path / "broken.jpg")
+  data = (tmp_path / "broken.jpg").read_bytes()
+  (tmp_path / "broken.jpg").write_bytes(data[:len(data) // 2])  # its header still reads
   if lines is not None:
     (tmp_path / "a.png").symlink_to(root / "a.png")
     (tmp_path / "lines.jsonl").write_text("\n".join(lines) + "\n")
@@ -185,6 +190,20 @@ def test_cli_rejects_bad_inputs(tiny, tmp_path, args, lines, message):
   with pytest.raises(app.UsageError, match=message):
     _segment_cli(f"--checkpoint={ckpt}", *args)
   assert not os.path.exists(tmp_path / "o") and not os.path.exists(tmp_path / "m.png")
+
+
+def test_a_sentence_longer_than_the_prompt_is_cut_with_a_warning(segmenter, tiny, caplog):
+  room = segmenter.config.input.max_prompt_tokens
+  long_text = " ".join(["the red cup"] * room)
+  image = _image(tiny[2], "a.png")
+  with caplog.at_level("WARNING", logger="unires_jax.inference"):
+    (cut,) = segmenter.segment([image], [long_text])
+  assert f"longer than the prompt's room of {room} tokens" in caplog.text
+  assert "input 0" in caplog.text and cut.mask.shape == (50, 37)
+  caplog.clear()
+  with caplog.at_level("WARNING", logger="unires_jax.inference"):
+    segmenter.segment([image], ["the red cup"])
+  assert not caplog.text
 
 
 def test_segment_rejects_too_many_boxes(segmenter):

@@ -4,8 +4,9 @@
   2. build it with the `ref_coco_m` TFDS builder into `workdir/tfds`
   3. train a word-level tokenizer on the ShapesParts vocabulary (`workdir/tokenizer`)
   4. train the tiny UniRES++ of configs/demo.py (checkpoints in `workdir/checkpoints`)
-  5. evaluate the held-out split beside the trivial baselines, print the table, save overlays
-     (`workdir/overlays/*.png`) and `workdir/eval/ref_coco_m_val.json`
+  5. evaluate the held-out split (the evaluator `config.evals.shapes_parts_val`) beside the
+     trivial baselines, print the table, save overlays (`workdir/overlays/*.png`) and
+     `workdir/eval/shapes_parts_val_<step>.json`
 
 Steps 1-3 are skipped when their output is already there; training resumes from the latest
 checkpoint. The run passes when the held-out mIoU is at least `config.demo.min_baseline_ratio`
@@ -17,14 +18,14 @@ overlays.
 
 import logging
 import os
-import shutil
 import time
 
 import ml_collections
 from PIL import Image
 
+from unires_jax import parallel, utils
 from unires_jax.data import build, pipeline, shapes_parts, tokenizer
-from unires_jax.evaluation import evaluator, overlays
+from unires_jax.evaluation import evals, evaluator, overlays
 
 log = logging.getLogger(__name__)
 
@@ -35,15 +36,13 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> None:
   raw = os.path.join(workdir, "raw")
   if not os.path.isdir(raw):
     t0 = time.time()
-    tmp = raw + ".partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shapes_parts.write(tmp, num_train=demo.num_train, num_val=demo.num_val, seed=demo.seed)
-    os.replace(tmp, raw)
+    with utils.new_directory(raw) as tmp:
+      shapes_parts.write(tmp, num_train=demo.num_train, num_val=demo.num_val, seed=demo.seed)
     log.info("wrote %d + %d ShapesParts images to %s in %.0f s", demo.num_train, demo.num_val,
              raw, time.time() - t0)
   data_dir = os.path.join(workdir, "tfds")
   try:
-    pipeline.dataset_dir(config.eval.datasets.shapes_parts_val.name, data_dir)
+    pipeline.dataset_dir(config.evals.shapes_parts_val.dataset, data_dir)
   except FileNotFoundError:
     t0 = time.time()
     build.prepare("ref_coco_m", manual_dir=raw, data_dir=data_dir)
@@ -85,7 +84,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, show_progress: bool 
   import jax  # after the flags set up JAX
   from jax.experimental import multihost_utils
 
-  from unires_jax.train import step as step_lib
   from unires_jax.train import trainer
 
   t_start = time.time()
@@ -103,12 +101,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, show_progress: bool 
   if result.preempted:
     return 0
   t_eval = time.time()
-  val = config.eval.datasets.shapes_parts_val
-  factory = result.factory
-  ev = evaluator.evaluate(config, result.state.params, step_lib.make_predict(factory),
-                          factory.mesh, result.tokenize, val.name, val.split,
+  (val,) = [e for e in evals.from_config(config) if e.name == "shapes_parts_val"]
+  model = result.factory.model
+  ev = evaluator.evaluate(config, result.state.params, parallel.make_predict(model), model.mesh,
+                          result.tokenize, val.dataset, val.split, batch_size=val.batch_size,
                           with_baselines=True, num_examples=config.demo.num_overlays)
-  path = evaluator.write_json(ev, workdir, val.name, val.split, int(result.state.step))
+  path = evals.write_json(ev, val, workdir, int(result.state.step))
   failures = check(ev.metrics, ev.baselines, config.demo)
   if not lead:
     return 1 if failures else 0

@@ -9,7 +9,7 @@ example with one expression and no targets, so it is letterboxed, normalised and
 training and evaluation. The mask comes back as the evaluator makes it (`evaluator.to_original`:
 the image's region of the letterboxed logits, resized bilinearly to the original size, then > 0),
 and the verdict by the evaluator's rule (sigmoid of the no-target logit above
-`config.eval.no_target_threshold`). A no-target verdict empties the mask.
+`config.model.no_target_threshold`). A no-target verdict empties the mask.
 
 Proposals: the model scores the expression against object and part proposal boxes, and with none
 its no-target head always answers "no target". Boxes given in the original image's pixels
@@ -24,26 +24,26 @@ one device this is plain single-device inference. Every model call has `batch_si
 multiple of the device count), the last batch padded, so one compiled shape serves all calls.
 """
 
-import contextlib
 import dataclasses
 import json
+import logging
 import os
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import jax
 import ml_collections
 import numpy as np
 from PIL import Image
 
-from unires_jax import parallel
-from unires_jax.data import preprocess
+from unires_jax import checkpoint, parallel, utils
+from unires_jax.data import preprocess, tokenizer
 from unires_jax.evaluation import evaluator, overlays
 from unires_jax.models.unires import INPUT_KEYS
-from unires_jax.train import checkpoint, trainer
-from unires_jax.train import step as step_lib
-from unires_jax.train.state import StateFactory
+
+log = logging.getLogger(__name__)
 
 BOX_KINDS = ("object", "part")
+DEFAULT_BATCH_SIZE = 8  # rows per model call, rounded up to a multiple of the devices
 Boxes = dict[str, np.ndarray]  # {"object": [n, 4], "part": [m, 4]} float32 x1, y1, x2, y2
 
 
@@ -106,26 +106,25 @@ class Segmenter:
   """Masks and no-target verdicts of restored parameters (see the module doc).
 
   Args:
-    factory: the model's `StateFactory` on the mesh that holds `params`.
-    params: the model's parameters, sharded as `factory.shardings.params`.
-    tokenize: texts -> token ids (`trainer.load_tokenize(config)`).
-    batch_size: rows of every model call, rounded up to a multiple of the batch's shards;
-      default `config.eval.batch_size`.
+    model: the `ShardedModel` on the mesh that holds `params`.
+    params: the model's parameters, sharded as `model.shardings`.
+    tokenize: texts -> token ids (`tokenizer.load_tokenize(config.input.tokenizer)`).
+    batch_size: rows of every model call, rounded up to a multiple of the batch's shards.
     no_target_threshold: predict "no target" when the sigmoid of the no-target logit is above
-      it; default `config.eval.no_target_threshold`.
+      it; default `config.model.no_target_threshold`.
   """
 
-  def __init__(self, factory: StateFactory, params: Any, tokenize, *,
-               batch_size: int | None = None, no_target_threshold: float | None = None):
-    config = factory.config
-    self.config, self.mesh, self.params = config, factory.mesh, params
+  def __init__(self, model: parallel.ShardedModel, params: Any, tokenize, *,
+               batch_size: int = DEFAULT_BATCH_SIZE, no_target_threshold: float | None = None):
+    config = model.config
+    self.config, self.mesh, self.params = config, model.mesh, params
     self._spec = preprocess.sample_spec(config.model, config.input)
     self._tokenize = tokenize
-    self._predict = step_lib.make_predict(factory)
+    self._predict = parallel.make_predict(model)
     shards = parallel.mesh.batch_rows(self.mesh)
-    self.batch_size = -(-int(batch_size or config.eval.batch_size) // shards) * shards
+    self.batch_size = -(-int(batch_size) // shards) * shards
     if no_target_threshold is None:
-      no_target_threshold = config.eval.no_target_threshold
+      no_target_threshold = config.model.no_target_threshold
     if not 0 < no_target_threshold < 1:
       raise ValueError(f"no_target_threshold={no_target_threshold} must be in (0, 1)")
     self.no_target_threshold = float(no_target_threshold)
@@ -135,9 +134,9 @@ class Segmenter:
     """The model of a training work directory (its latest checkpoint, or `step`) or of a
     converted checkpoint (`checkpoint.locate`), on `local_mesh()`; `kwargs` go to `__init__`."""
     config = checkpoint.locate(path, step).config()
-    factory = StateFactory(config, local_mesh())
-    params, _ = checkpoint.restore_params(path, factory.abstract_sharded(), step)
-    return cls(factory, params, trainer.load_tokenize(config), **kwargs)
+    model = parallel.ShardedModel(config, local_mesh())
+    params, _ = checkpoint.restore_params(path, model.abstract_sharded(), step)
+    return cls(model, params, tokenizer.load_tokenize(config.input.tokenizer), **kwargs)
 
   def segment(self, images: Sequence[np.ndarray], texts: Sequence[str],
               boxes: Sequence[Any] | None = None) -> list[Result]:
@@ -177,6 +176,11 @@ class Segmenter:
                         "no_target": [False]},
     }
     prepared = preprocess.prepare_image(example, self._spec, self._tokenize)
+    if prepared["prompt_cut"][0]:
+      log.warning("%s: %r is longer than the prompt's room of %d tokens "
+                  "(config.input.max_prompt_tokens, with the template %r): the model reads "
+                  "only its beginning", where, text, self._spec.max_prompt_tokens,
+                  self._spec.template)
     return preprocess.expand(prepared, self._spec)[0]
 
   def _predict_rows(self, samples: list[dict[str, Any]], whole_image: list[bool]
@@ -278,19 +282,6 @@ def read_image(path: str) -> np.ndarray:
     raise ValueError(f"cannot read image {path}: {e}") from None
 
 
-@contextlib.contextmanager
-def replacing(path: str) -> Iterator[str]:
-  """Yields a temporary path beside `path`, renamed onto it when the block succeeds: a reader
-  never sees a partial file, and a failure leaves `path` as it was."""
-  tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")
-  try:
-    yield tmp
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-
-
 def overlay_path(mask_path: str) -> str:
   """Where the overlay of a mask goes: `dir/mask.png` -> `dir/mask_overlay.png`."""
   return f"{os.path.splitext(mask_path)[0]}_overlay.png"
@@ -301,5 +292,5 @@ def save(result: Result, image: np.ndarray, mask_path: str) -> None:
   with the mask tinted to `overlay_path(mask_path)`; each replaces an older file atomically."""
   for path, pixels in ((mask_path, result.mask.astype(np.uint8) * 255),
                        (overlay_path(mask_path), overlays.overlay(image, result.mask))):
-    with replacing(path) as tmp:
+    with utils.replacing(path) as tmp:
       Image.fromarray(pixels).save(tmp, format="PNG")

@@ -1,10 +1,11 @@
 """The `local` executor: each trial as N processes on this machine, wired with `jax.distributed`
 (coordinator on loopback), so the multi-host path runs for real without a pod.
 
-Every process runs `unires-train` on `--local_devices` emulated CPU devices (other XLA_FLAGS of
-the environment pass through); process i's output goes to `<trial>/logs/process_<i>.log` and,
-prefixed, to this terminal. A trial fails as soon as one of its processes does (the others are
-stopped); the trials run one after another.
+Every process runs the experiment's program (`unires-train`, or `unires-demo`) on
+`--local_devices` emulated CPU devices (other XLA_FLAGS of the environment pass through);
+process i's output goes to `<trial>/logs/process_<i>.log` and, prefixed, to this terminal. A
+trial fails as soon as one of its processes does (the others are stopped); the trials run one
+after another.
 """
 
 import os
@@ -14,13 +15,13 @@ import sys
 import threading
 
 from launch import experiment as experiment_lib
-from unires_jax.config_lib import REPO_ROOT
+from launch import REPO_ROOT
 
 
 def trial_commands(exp: experiment_lib.Experiment, trial: experiment_lib.Trial,
                    num_processes: int, port: int) -> list[list[str]]:
-  """One `unires-train` command per process."""
-  return [[sys.executable, "-m", "unires_jax.cli.train", f"--config={exp.config}",
+  """One command of the experiment's program per process."""
+  return [[sys.executable, "-m", exp.module, f"--config={exp.config}",
            f"--workdir={exp.trial_dir(trial)}", f"--coordinator_address=127.0.0.1:{port}",
            f"--num_processes={num_processes}", f"--process_id={i}", "--progress=false",
            *trial.config_args()] for i in range(num_processes)]

@@ -77,7 +77,7 @@ def install_remote() -> str:
 def trial_remote(exp: experiment_lib.Experiment, trial: experiment_lib.Trial,
                  hosts: int) -> str:
   """The command every worker runs for `trial`."""
-  args = ["python3", "-m", "unires_jax.cli.train", *exp.pod_train_flags(trial, hosts)]
+  args = ["python3", "-m", exp.module, *exp.pod_train_flags(trial, hosts)]
   return f"cd {REMOTE_DIR} && {experiment_lib.shell_join(args)}"
 
 

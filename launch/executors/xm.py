@@ -2,12 +2,13 @@
 (`pip install -e '.[xm]'`), one Vertex AI job per trial on a TPU slice.
 
 XManager packages the repository as a container (`xm.python_container`) and runs
-`unires_jax.cli.train` with each trial's flags, the same flags the `tpu_vm` executor passes.
+the experiment's program (`unires_jax.cli.train` or `.demo`) with each trial's flags, the
+same flags the `tpu_vm` executor passes.
 """
 
 from launch import experiment as experiment_lib
 from launch import tpu as tpu_lib
-from unires_jax.config_lib import REPO_ROOT
+from launch import REPO_ROOT
 
 # launch.tpu family -> xm.ResourceType name, and how many of the size units make a chip.
 RESOURCES = {"v4": ("TPU_V4", 2), "v5p": ("TPU_V5P", 2), "v5litepod": ("TPU_V5E", 1),
@@ -27,7 +28,7 @@ def run(exp: experiment_lib.Experiment, tpu: tpu_lib.TpuType, *, dry_run: bool) 
   resource, units_per_chip = RESOURCES[tpu.family]
   if dry_run:
     for trial in exp.trials:
-      print(f"# trial {trial.name}: xm.Job(unires_jax.cli.train, Vertex, "
+      print(f"# trial {trial.name}: xm.Job({exp.module}, Vertex, "
             f"{resource}={tpu.size // units_per_chip} chips)\n"
             f"{experiment_lib.shell_join(exp.pod_train_flags(trial, tpu.hosts))}")
     return
@@ -39,7 +40,7 @@ def run(exp: experiment_lib.Experiment, tpu: tpu_lib.TpuType, *, dry_run: bool) 
   with xm_local.create_experiment(experiment_title=exp.workdir) as experiment:
     [executable] = experiment.package([xm.python_container(
         executor_spec=xm_local.Vertex.Spec(), path=REPO_ROOT,
-        entrypoint=xm.ModuleName("unires_jax.cli.train"))])
+        entrypoint=xm.ModuleName(exp.module))])
     for trial in exp.trials:
       experiment.add(xm.Job(executable, xm_local.Vertex(requirements=requirements),
                             name=f"trial-{trial.name}", args=exp.pod_train_flags(trial, tpu.hosts)))

@@ -9,12 +9,12 @@ import pytest
 import safetensors.numpy
 from flax import nnx
 
-from unires_jax import config_lib, parallel
+from unires_jax import checkpoint, config_lib, parallel, utils
 from unires_jax.config_lib import load_config
 from unires_jax.convert import clip_vit, convnext, llama, torch_io
 from unires_jax.convert import unires as convert_unires
 from unires_jax.models.synthetic import synthetic_batch
-from unires_jax.train import checkpoint
+from unires_jax.train import checkpointer
 from unires_jax.train import step as step_lib
 from unires_jax.train.state import StateFactory
 
@@ -22,7 +22,7 @@ GROUP_BYTES = 128 << 10  # the tiny model is 1.4 MiB
 
 
 def _flat(params) -> dict[str, np.ndarray]:
-  return {parallel.path_str(p): v.get_value() for p, v in jax.tree_util.tree_leaves_with_path(
+  return {utils.path_str(p): v.get_value() for p, v in jax.tree_util.tree_leaves_with_path(
       params, is_leaf=lambda x: isinstance(x, nnx.Variable))}
 
 
@@ -42,7 +42,7 @@ def sharded_run(tmp_path_factory):
     batch = synthetic_batch(config.model, 8, seed=seed, no_target_every=3)
     state, _ = train_step(state, parallel.shard_batch(step_lib.model_fields(batch), mesh))
   config_lib.write_config_json(config, workdir)
-  saver = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=2, keep=1)
+  saver = checkpointer.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=2, keep=1)
   saver.save(2, state, None)
   saver.close()
   flat = _flat(state.params)

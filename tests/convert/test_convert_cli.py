@@ -19,7 +19,7 @@ from unires_jax.convert import torch_io
 from unires_jax.convert import unires as convert_unires
 from unires_jax.data import tokenizer as tokenizer_lib
 from unires_jax.models import prompt
-from unires_jax.train import checkpoint
+from unires_jax import checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ATOL = 1e-4

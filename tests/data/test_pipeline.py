@@ -12,7 +12,8 @@ from flax import nnx
 from PIL import Image
 
 from unires_jax import models
-from unires_jax.config_lib import REPO_ROOT, load_config
+from tests.repo import ROOT as REPO_ROOT
+from unires_jax.config_lib import load_config
 from unires_jax.data import build, pipeline, preprocess, tokenizer
 from unires_jax.data.writers import common, refcoco, refcocom
 from unires_jax.models.unires import INPUT_KEYS, LOSS_KEYS, compute_loss
@@ -44,7 +45,7 @@ def data(tmp_path_factory):
   tok = tokenizer.train_tokenizer(texts + [config.input.template, config.input.answer],
                                   vocab_size=config.model.llm.vocab_size,
                                   out_dir=str(root / "tokenizer"))
-  return {"scenes": scenes, "raw": raw, "out": out, "tokenize": pipeline.hf_tokenize(tok),
+  return {"scenes": scenes, "raw": raw, "out": out, "tokenize": tokenizer.hf_tokenize(tok),
           "tokenizer_dir": str(root / "tokenizer")}
 
 
@@ -156,7 +157,7 @@ from tests.data.test_pipeline import _config
 out, tok_dir, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
 config = _config(out)
 config.input.seed = seed
-it = iter(pipeline.train_dataset(config, pipeline.hf_tokenize(tokenizer.load_tokenizer(tok_dir)),
+it = iter(pipeline.train_dataset(config, tokenizer.hf_tokenize(tokenizer.load_tokenizer(tok_dir)),
                                  shard=pipeline.ProcessShard(0, 1)))
 h = hashlib.sha256()
 for _ in range(3):

@@ -43,7 +43,7 @@ def test_no_unk_and_round_trip_on_shapes_parts(demo, sentences, config):
   for sentence, row in zip(sentences, ids):
     assert tok.unk_token_id not in row, sentence
     assert tok.decode(row) == sentence
-  # The pipeline's prompt and answer (pipeline.hf_tokenize adds no special tokens).
+  # The pipeline's prompt and answer (tokenizer.hf_tokenize adds no special tokens).
   prompts = [config.input.template.format(expression=s) for s in sentences[:50]]
   prompts.append(config.input.answer)
   for row in tok(prompts, add_special_tokens=False)["input_ids"]:

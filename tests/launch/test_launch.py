@@ -11,7 +11,7 @@ import tempfile
 import pytest
 
 from launch import experiment, tpu
-from unires_jax.config_lib import REPO_ROOT
+from tests.repo import ROOT as REPO_ROOT
 
 
 def _launch(*args, env=None, timeout=120):
@@ -120,10 +120,12 @@ def test_workdir_holding_another_experiment_is_refused(tmp_path):
 def test_local_executor_runs_the_demo_as_two_processes(tmp_path):
   workdir = tmp_path / "demo2"
   steps = 4
-  run = _launch("--config=configs/demo.py", "--executor=local", "--num_processes=2",
+  run = _launch("--program=demo", "--config=configs/demo.py", "--executor=local",
+                "--num_processes=2",
                 f"--workdir={workdir}", f"--set=train.num_steps={steps}", "--set=train.log_every=1",
                 "--set=optimizer.warmup_steps=1",
-                "--set=demo.num_train=32", "--set=demo.num_val=8", "--set=eval.batch_size=8",
+                "--set=demo.num_train=32", "--set=demo.num_val=8",
+                "--set=evals.shapes_parts_val.batch_size=8",
                 "--set=demo.min_baseline_ratio=0.0", "--set=demo.min_n_acc=-1.0",
                 timeout=1200)  # XLA_FLAGS of tests/conftest.py pass through
   assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
@@ -135,7 +137,15 @@ def test_local_executor_runs_the_demo_as_two_processes(tmp_path):
     finals.append(losses[-1][1])
     assert f"[000:{i}] " in run.stdout  # streamed here too
   assert finals[0] == finals[1]
-  assert (workdir / "000" / "eval" / "ref_coco_m_val.json").exists()
+  assert (workdir / "000" / "eval" / f"shapes_parts_val_{steps}.json").exists()
   assert str(steps) in os.listdir(workdir / "000" / "checkpoints")
   launched = json.loads((workdir / "000" / "launch.json").read_text())
   assert "--process_id=1" in launched["command"] and "--num_processes=2" in launched["command"]
+
+
+def test_a_missing_flag_is_one_error_line_not_the_help(tmp_path):
+  run = _refused(tmp_path, "--executor=tpu_vm", "--tpu=v5p-8", "--zone=z",
+                 message="launch.py: error: --executor=tpu_vm needs --project")
+  assert run.stderr.strip().splitlines() == [
+      "launch.py: error: --executor=tpu_vm needs --project",
+      "launch.py: see `launch.py --help` for the flags"]

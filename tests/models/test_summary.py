@@ -7,7 +7,7 @@ import sys
 import jax
 from flax import nnx
 
-from unires_jax.config_lib import REPO_ROOT
+from tests.repo import ROOT as REPO_ROOT
 from unires_jax.config_lib import load_config
 from unires_jax.models import prompt
 from unires_jax.models import summary
@@ -39,7 +39,7 @@ def test_7b_components_are_the_backbones_plus_new_parts():
 
 def test_command_line_prints_a_table():
   out = subprocess.run(
-      [sys.executable, "-m", "unires_jax.models.summary", "--config=configs/tiny.py"],
+      [sys.executable, "-m", "unires_jax.cli.summary", "--config=configs/tiny.py"],
       cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout
   lines = out.strip().splitlines()
   assert lines[0].split() == ["component", "parameters", "share"]

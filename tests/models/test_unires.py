@@ -1,20 +1,17 @@
-"""The tiny UniRES++ end to end: forward, loss parts, overfitting one batch, input errors."""
+"""The tiny UniRES++ end to end: forward, loss parts, overfitting one batch, input errors.
+
+Needs no PyTorch (`pip install -e .` and pytest); the PyTorch backbones' import into the
+assembled model is tests/models/test_unires_import.py."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import timm
-import torch
-import transformers
 from flax import nnx
 
 from unires_jax import models
 from unires_jax.config_lib import load_config
-from unires_jax.convert import clip_vit
-from unires_jax.convert import convnext
-from unires_jax.convert import llama
 from unires_jax.models import prompt
 from unires_jax.models.synthetic import synthetic_batch
 from unires_jax.models.unires import UniRESOutput, compute_loss
@@ -194,36 +191,3 @@ def test_proposals_reach_the_llm_and_absent_slots_do_not(config):
   real = batch["attention_mask"][0].astype(bool)
   np.testing.assert_allclose(out.logits[0, real], base.logits[0, real], atol=1e-6, rtol=0)
   np.testing.assert_allclose(out.mask_logits, base.mask_logits, atol=1e-6, rtol=0)
-
-
-def test_pytorch_backbones_import_into_the_assembled_model(config, tmp_path):
-  """The README's import recipe on the tiny config: all three backbones, then a forward pass."""
-  m = config.model
-  torch.manual_seed(0)
-  transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
-      image_size=m.vision.image_size, patch_size=m.vision.patch_size,
-      hidden_size=m.vision.hidden_size, intermediate_size=m.vision.intermediate_size,
-      num_hidden_layers=m.vision.num_layers, num_attention_heads=m.vision.num_heads,
-  )).save_pretrained(tmp_path / "clip")
-  torch.save(timm.models.convnext.ConvNeXt(depths=m.convnext.depths, dims=m.convnext.dims)
-             .state_dict(), tmp_path / "convnext.pth")
-  hf_llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-      vocab_size=m.llm.vocab_size, hidden_size=m.llm.hidden_size,
-      intermediate_size=m.llm.intermediate_size, num_hidden_layers=m.llm.num_layers,
-      num_attention_heads=m.llm.num_heads, num_key_value_heads=m.llm.num_kv_heads,
-      head_dim=m.llm.head_dim, rms_norm_eps=m.llm.rms_norm_eps, rope_theta=m.llm.rope_theta,
-      max_position_embeddings=m.llm.max_position_embeddings))
-  hf_llama.save_pretrained(tmp_path / "llm")
-
-  model = models.build_model(config, nnx.Rngs(0))
-  added_rows = np.asarray(model.llm.model.embed_tokens.embedding[m.llm.vocab_size:])
-  clip_vit.load_clip_vision(model.vision, str(tmp_path / "clip"), m.vision)
-  convnext.load_convnext(model.convnext, str(tmp_path / "convnext.pth"))
-  llama.load_llama(model.llm, str(tmp_path / "llm"))
-
-  embedding = np.asarray(model.llm.model.embed_tokens.embedding[...])
-  np.testing.assert_array_equal(
-      embedding[:m.llm.vocab_size], hf_llama.model.embed_tokens.weight.detach().numpy())
-  np.testing.assert_array_equal(embedding[m.llm.vocab_size:], added_rows)
-  out = nnx.jit(lambda model, b: model(b))(model, synthetic_batch(m, 1))
-  assert np.isfinite(np.asarray(out.mask_logits)).all()

@@ -6,10 +6,10 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from unires_jax import parallel
+from unires_jax import parallel, utils
 from unires_jax.config_lib import load_config
 from unires_jax.parallel import mesh as mesh_lib
-from unires_jax.train.state import graphdef_and_abstract_params
+from unires_jax.parallel.sharded_model import abstract_model
 
 
 def _mesh(data, fsdp, tensor):
@@ -58,12 +58,12 @@ def test_logical_to_mesh_errors():
 
 
 def _param_specs(config, mesh):
-  _, params = graphdef_and_abstract_params(config)
+  _, params = abstract_model(config)
   shardings = parallel.state_shardings(params, mesh)
   leaves = jax.tree_util.tree_leaves_with_path(
       shardings, is_leaf=lambda x: isinstance(x, nnx.Variable))
   shapes = jax.tree_util.tree_leaves(params)
-  return {parallel.path_str(p): (v.get_value().spec, s.shape) for (p, v), s in zip(leaves, shapes)}
+  return {utils.path_str(p): (v.get_value().spec, s.shape) for (p, v), s in zip(leaves, shapes)}
 
 
 def test_full_model_follows_the_rules():

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from tests.files import corrupt_file
 from tests.tfds_builders import coco_raw, tfds_cli
 from tfds_builders.grefcoco import grefcoco_dataset_builder as grefcoco_builder
 from unires_jax.data.records import RecordError
@@ -94,7 +95,7 @@ def _missing_image(root):
 
 
 def _corrupt_image(root):
-  common.corrupt_file(_image(root, 5))
+  corrupt_file(_image(root, 5))
   return r"grefs\(unc\)\.json, image 5 \(refs 50, .*\): image file .*000000000005\.jpg is corrupt"
 
 

@@ -15,6 +15,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 import pytest
 
+from tests.files import corrupt_file
 from tests.tfds_builders import tfds_cli
 from tfds_builders.mres32m import mres32m_dataset_builder as builder
 from unires_jax.data import raw_io, schema
@@ -279,7 +280,7 @@ def bad_raw(raw, tmp_path_factory) -> dict:
   root = str(tmp_path_factory.mktemp("mres32m_bad")) + "/raw"
   shutil.copytree(raw, root)
   train = _lines(root, "train")
-  common.corrupt_file(os.path.join(root, "images", train[0]["file_name"]))
+  corrupt_file(os.path.join(root, "images", train[0]["file_name"]))
   malformed = os.path.join(root, "train-00001-of-00003.jsonl")
   lines = open(malformed).readlines()
   with open(malformed, "w") as f:
@@ -294,7 +295,7 @@ def test_corrupt_jpeg_fails_the_build_naming_the_line(raw, tmp_path):
   root = str(tmp_path / "raw")
   shutil.copytree(raw, root)
   shard = os.path.join(root, "val-00000-of-00001.jsonl")
-  common.corrupt_file(os.path.join(root, "images", _lines(root, "val")[0]["file_name"]))
+  corrupt_file(os.path.join(root, "images", _lines(root, "val")[0]["file_name"]))
   data_dir = str(tmp_path / "data")
   os.makedirs(data_dir)
   proc = tfds_cli.build(NAME, root, data_dir, ONE_WORKER, check=False)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from tests.files import corrupt_file
 from tests.tfds_builders import coco_raw, tfds_cli
 from tfds_builders.ref_coco import ref_coco_dataset_builder as ref_coco
 from unires_jax.data import raw_io
@@ -125,7 +126,7 @@ def _missing_image(root):
 
 
 def _corrupt_image(root):
-  common.corrupt_file(_image(root, 4))
+  corrupt_file(_image(root, 4))
   return r"refs\(unc\)\.p, image 4 \(refs 40, 41, 42\): image file .*000000000004\.jpg is corrupt"
 
 

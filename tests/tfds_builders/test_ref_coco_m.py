@@ -8,6 +8,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from tests.files import corrupt_file
 from tests.tfds_builders import tfds_cli
 from tfds_builders.ref_coco_m import ref_coco_m_dataset_builder as ref_coco_m
 from unires_jax.data import records
@@ -127,11 +128,11 @@ def test_bad_record_is_named_and_nothing_is_left(tmp_path, damage, message):
   if damage == "missing_image":
     os.remove(raw / "images" / scene.file_name)
   elif damage == "corrupt_image":
-    common.corrupt_file(str(raw / "images" / scene.file_name))
+    corrupt_file(str(raw / "images" / scene.file_name))
   elif damage == "missing_mask":
     os.remove(raw / "masks" / f"{seg}.png")
   elif damage == "corrupt_mask":
-    common.corrupt_file(str(raw / "masks" / f"{seg}.png"))
+    corrupt_file(str(raw / "masks" / f"{seg}.png"))
   elif damage == "mask_size":
     common.write_png(str(raw / "masks" / f"{seg}.png"), np.zeros((5, 7), np.uint8))
   else:
@@ -155,7 +156,7 @@ def test_bad_record_is_named_and_nothing_is_left(tmp_path, damage, message):
 
 def test_skip_bad_counts_and_still_fails_past_the_fraction(tmp_path):
   raw, scenes = _raw(tmp_path)
-  common.corrupt_file(str(raw / "images" / scenes[0].file_name))
+  corrupt_file(str(raw / "images" / scenes[0].file_name))
   builder = _prepare(raw, tmp_path / "out", skip_bad=True, max_bad_fraction=0.4)
   assert builder.info.splits["val"].num_examples == 2
   with pytest.raises(records.TooManyBadRecords, match="1 of 3 records"):

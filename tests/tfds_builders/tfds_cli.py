@@ -11,7 +11,7 @@ import sys
 
 import numpy as np
 
-from unires_jax.config_lib import REPO_ROOT
+from tests.repo import ROOT as REPO_ROOT
 
 BUILDERS_DIR = os.path.join(REPO_ROOT, "tfds_builders")
 _ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}

@@ -1,11 +1,13 @@
 """A small ShapesParts dataset, built once per session, for the training tests."""
 
+import os
+
 import pytest
 
 from unires_jax.config_lib import load_config
 from unires_jax.data import build, shapes_parts, tokenizer
 
-CONFIG = "tests/train/shapes_config.py"
+CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shapes_config.py")
 
 
 @pytest.fixture(scope="session")

@@ -26,7 +26,7 @@ import jax
 import numpy as np
 from absl import app
 
-from unires_jax import parallel
+from unires_jax import utils
 from unires_jax.train import step as step_lib
 from unires_jax.train import trainer
 
@@ -52,7 +52,7 @@ def param_digest(params) -> str:
   digest = hashlib.sha256()
   for path, value in jax.tree_util.tree_leaves_with_path(params):
     array = local_copy(value)
-    digest.update(f"{parallel.path_str(path)}|{array.dtype}|{array.shape}|".encode())
+    digest.update(f"{utils.path_str(path)}|{array.dtype}|{array.shape}|".encode())
     digest.update(np.ascontiguousarray(array).tobytes())
   return digest.hexdigest()
 

@@ -8,24 +8,20 @@ import os
 
 import ml_collections
 
-from unires_jax.config_lib import load_config
+from unires_jax import config_lib
 
 
 def get_config(arg=None):
-  config = load_config("configs/tiny.py")
+  config = config_lib.load_config("configs/tiny.py")
   config.model.max_objects = 6  # ShapesParts: up to 4 objects + 2 distractor proposals
   config.model.max_parts = 16
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   config.optimizer.update(learning_rate=1e-3, warmup_steps=2)
   config.optimizer.lr_multipliers = ml_collections.ConfigDict()
   config.train.update(num_steps=6, log_every=1, checkpoint_every=2, keep_checkpoints=5,
-                      image_summary_every=0, eval_every=0)
+                      image_summary_every=0)
   config.input.update(global_batch_size=8, num_threads=2, prefetch_images=4, shuffle_window=16)
-  config.input.train = ml_collections.ConfigDict(
-      {"shapes_parts": dict(name="ref_coco_m", split="train", weight=1.0)})
-  config.eval.datasets = ml_collections.ConfigDict(
-      {"shapes_parts_val": dict(name="ref_coco_m", split="val")})
-  config.eval.batch_size = 8
+  config.evals.shapes_parts_val.batch_size = 8
   if arg:
     config.input.data_dir = os.path.join(arg, "tfds")
     config.input.tokenizer = os.path.join(arg, "tokenizer")

@@ -5,11 +5,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from unires_jax import parallel
+from unires_jax import parallel, utils
 from unires_jax.config_lib import load_config
 from unires_jax.models.synthetic import synthetic_batch
 from unires_jax.train import step as step_lib
-from unires_jax.train.checkpoint import Checkpointer, restore_params
+from unires_jax.checkpoint import restore_params
+from unires_jax.train.checkpointer import Checkpointer
 from unires_jax.train.state import StateFactory
 
 
@@ -26,7 +27,7 @@ def _batch(config, mesh, seed):
 
 
 def _flat(tree):
-  return {parallel.path_str(p): v.get_value() for p, v in jax.tree_util.tree_leaves_with_path(
+  return {utils.path_str(p): v.get_value() for p, v in jax.tree_util.tree_leaves_with_path(
       tree, is_leaf=lambda x: isinstance(x, nnx.Variable))}
 
 
@@ -62,7 +63,7 @@ def test_restore_onto_another_mesh(tmp_path):
   np.testing.assert_allclose(float(metrics2["grad_norm"]), float(metrics["grad_norm"]),
                              rtol=1e-5)
 
-  params, at = restore_params(str(tmp_path / "ckpt"), factory2.abstract_sharded())
+  params, at = restore_params(str(tmp_path / "ckpt"), factory2.model.abstract_sharded())
   assert at == 2 and all(np.array_equal(np.asarray(v), saved[k])
                          for k, v in _flat(params).items())
 

@@ -6,14 +6,15 @@ import pytest
 from flax import nnx
 
 from tests.train.conftest import CONFIG
-from unires_jax import models, parallel
+from unires_jax import checkpoint, models, utils
 from unires_jax.config_lib import load_config
-from unires_jax.train import checkpoint, trainer
+from unires_jax.train import trainer
 
 
 def _flat(params) -> dict[str, np.ndarray]:
-  return {parallel.path_str(p): np.asarray(v.get_value()) for p, v in
-          jax.tree_util.tree_leaves_with_path(params, is_leaf=lambda x: isinstance(x, nnx.Variable))}
+  leaves = jax.tree_util.tree_leaves_with_path(
+      params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return {utils.path_str(p): np.asarray(v.get_value()) for p, v in leaves}
 
 
 @pytest.mark.slow

@@ -25,11 +25,9 @@ import numpy as np
 import pytest
 
 from tests.train import multiprocess_driver
-from unires_jax import parallel
+from unires_jax import checkpoint, parallel
 from unires_jax.config_lib import load_config
 from unires_jax.data import pipeline
-from unires_jax.train import checkpoint
-from unires_jax.train.state import StateFactory
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 NUM_PROCESSES, LOCAL_DEVICES, NUM_STEPS = 2, 2, 3
@@ -41,7 +39,7 @@ XLA_FLAGS = (f"--xla_force_host_platform_device_count={LOCAL_DEVICES} "
              "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
 TRAIN_FLAGS = (f"--config.train.num_steps={NUM_STEPS}", "--config.train.checkpoint_every=3",
                "--config.train.log_every=1", "--config.optimizer.warmup_steps=1",
-               "--config.eval.batch_size=8", "--progress=false")
+               "--config.evals.shapes_parts_val.batch_size=8", "--progress=false")
 HEADLINE_KEYS = ("mIoU", "cIoU", "gIoU", "N-acc", "T-acc", "count")
 
 
@@ -112,9 +110,9 @@ def _restored_digest(root: str, workdir: str) -> str:
   config = load_config(f"tests/train/shapes_config.py:{root}")
   config.train.num_steps = NUM_STEPS
   config.optimizer.warmup_steps = 1
-  factory = StateFactory(config, parallel.make_mesh(config.mesh))
+  model = parallel.ShardedModel(config, parallel.make_mesh(config.mesh))
   params, step = checkpoint.restore_params(os.path.join(workdir, "checkpoints"),
-                                           factory.abstract_sharded(), step=NUM_STEPS)
+                                           model.abstract_sharded(), step=NUM_STEPS)
   assert step == NUM_STEPS
   return multiprocess_driver.param_digest(params)
 
@@ -168,7 +166,7 @@ def test_two_processes_train_and_agree(shapes_root, tmp_path):
   assert str(NUM_STEPS) in entries and all(e.isdigit() for e in entries), entries
   assert _restored_digest(shapes_root, workdir) == records[0]["param_digest"]
 
-  evaluation = _read_json(os.path.join(workdir, "eval", "ref_coco_m_val.json"))
+  evaluation = _read_json(os.path.join(workdir, "eval", f"shapes_parts_val_{NUM_STEPS}.json"))
   assert (evaluation["dataset"], evaluation["split"], evaluation["step"]) == (
       "ref_coco_m", "val", NUM_STEPS)
   assert set(HEADLINE_KEYS) <= set(evaluation["metrics"]), sorted(evaluation["metrics"])

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from unires_jax import parallel
+from unires_jax import parallel, utils
 from unires_jax.config_lib import load_config
 from unires_jax.models.synthetic import synthetic_batch
 from unires_jax.models.unires import compute_loss
@@ -32,7 +32,7 @@ def _mesh():
 
 
 def _flat(params):
-  return {parallel.path_str(p): np.asarray(v.get_value()) for p, v in
+  return {utils.path_str(p): np.asarray(v.get_value()) for p, v in
           jax.tree_util.tree_leaves_with_path(params,
                                               is_leaf=lambda x: isinstance(x, nnx.Variable))}
 
@@ -88,8 +88,8 @@ def test_frozen_towers_and_multipliers(stage1):
   config, mesh, factory, step = stage1
   state = factory.create()
   before = _flat(state.params)
-  frozen_state = [parallel.path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(
-      state.opt_state) if "vision" in parallel.path_str(p) or "convnext" in parallel.path_str(p)]
+  frozen_state = [utils.path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(
+      state.opt_state) if "vision" in utils.path_str(p) or "convnext" in utils.path_str(p)]
   assert not frozen_state, frozen_state[:3]  # no optimizer state for frozen parameters
   state, metrics = step(state, _batch(config, mesh))
   assert int(metrics["finite"]) == 1 and float(metrics["learning_rate"]) == pytest.approx(LR)

@@ -6,7 +6,7 @@ import optax
 import pytest
 from flax import nnx
 
-from unires_jax import parallel
+from unires_jax import parallel, utils
 from unires_jax.config_lib import load_config
 from unires_jax.models.synthetic import synthetic_batch
 from unires_jax.train import step as step_lib
@@ -49,7 +49,7 @@ def _run_one_step(config, mesh, batch):
 def _flat(tree):
   leaves = jax.tree_util.tree_leaves_with_path(
       tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
-  return {parallel.path_str(p): np.asarray(v.get_value(), np.float64) for p, v in leaves
+  return {utils.path_str(p): np.asarray(v.get_value(), np.float64) for p, v in leaves
           if hasattr(v.get_value(), "shape")}
 
 
@@ -102,9 +102,9 @@ def test_sharded_step_equals_unsharded_and_follows_rules():
   assert checked >= 0.6 * total, f"only {checked} of {total} parameters compared"
 
   # Every parameter is sharded as the rules say, each device holding just its block.
-  arrays = {parallel.path_str(p): v.get_value() for p, v in jax.tree_util.tree_leaves_with_path(
+  arrays = {utils.path_str(p): v.get_value() for p, v in jax.tree_util.tree_leaves_with_path(
       state.params, is_leaf=lambda x: isinstance(x, nnx.Variable))}
-  expected = {parallel.path_str(p): v.get_value() for p, v in jax.tree_util.tree_leaves_with_path(
+  expected = {utils.path_str(p): v.get_value() for p, v in jax.tree_util.tree_leaves_with_path(
       parallel.state_shardings(factory.abstract.params, mesh),
       is_leaf=lambda x: isinstance(x, nnx.Variable))}
   assert arrays.keys() == expected.keys()

@@ -1,1 +1,2 @@
-"""Command-line programs: unires-train, unires-eval, unires-demo."""
+"""Command-line programs: unires-train, -eval, -demo, -convert, -segment, -summary (one shared
+set of flags in `common`)."""

@@ -24,7 +24,6 @@ from unires_jax.cli import common
 
 COMMANDS = ("from-pytorch", "to-pytorch")
 
-_CONFIG = common.define_config()
 _VISION = flags.DEFINE_string("vision", None, "from-pytorch: transformers CLIP directory.")
 _CONVNEXT = flags.DEFINE_string(
     "convnext", None, "from-pytorch: timm / open_clip ConvNeXt state dict (.safetensors, .bin, "
@@ -33,17 +32,13 @@ _LLM = flags.DEFINE_string("llm", None, "from-pytorch: transformers LLaMA direct
 _HEADS = flags.DEFINE_string("heads", None,
                              "from-pytorch: unires_heads.safetensors of an export (default: "
                              "freshly initialised new parts).")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None,
-                                  "to-pytorch: converted checkpoint or training work directory.")
-_STEP = flags.DEFINE_integer("step", None, "to-pytorch: training step (default: the latest).")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
                            "to-pytorch: dtype of the written tensors.")
 _GROUP_MB = flags.DEFINE_integer("group_mb", 1024,
                                  "to-pytorch: read at most this many MiB of parameters at once.")
-_OUT = flags.DEFINE_string("out", None, "Output directory (must not exist).")
-flags.mark_flags_as_required(["out"])
 
-_NEEDS = {"from-pytorch": ("config", "vision", "convnext", "llm"), "to-pytorch": ("checkpoint",)}
+_NEEDS = {"from-pytorch": (common.CONFIG, _VISION, _CONVNEXT, _LLM, common.OUT),
+          "to-pytorch": (common.CHECKPOINT, common.OUT)}
 
 
 def _max_rss_mib() -> float:
@@ -60,27 +55,27 @@ def _max_rss_mib() -> float:
 def from_pytorch() -> None:
   from flax import nnx  # pylint: disable=g-import-not-at-top
 
+  from unires_jax import checkpoint  # pylint: disable=g-import-not-at-top
   from unires_jax.convert import unires  # pylint: disable=g-import-not-at-top
-  from unires_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
 
-  config = _CONFIG.value
+  config = common.CONFIG.value
   model = unires.import_released(config, vision_dir=_VISION.value,
                                  convnext_file=_CONVNEXT.value, llm_dir=_LLM.value,
                                  heads_file=_HEADS.value, seed=config.train.seed)
   tokenizer = _LLM.value if any(os.path.isfile(os.path.join(_LLM.value, name)) for name in (
       "tokenizer.json", "tokenizer_config.json")) else None
-  checkpoint.save_converted(nnx.state(model, nnx.Param), config, _OUT.value, tokenizer)
-  print(f"wrote {_OUT.value} ({'with' if tokenizer else 'without'} a tokenizer); train from it "
-        f"with --config.train.init_from={_OUT.value}")
+  checkpoint.save_converted(nnx.state(model, nnx.Param), config, common.OUT.value, tokenizer)
+  print(f"wrote {common.OUT.value} ({'with' if tokenizer else 'without'} a tokenizer); train from it "
+        f"with --config.train.init_from={common.OUT.value}")
 
 
 def to_pytorch() -> None:
   from unires_jax.convert import unires  # pylint: disable=g-import-not-at-top
 
   before = _max_rss_mib()
-  unires.export_checkpoint(_CHECKPOINT.value, _OUT.value, step=_STEP.value, dtype=_DTYPE.value,
+  unires.export_checkpoint(common.CHECKPOINT.value, common.OUT.value, step=common.STEP.value, dtype=_DTYPE.value,
                            group_bytes=_GROUP_MB.value << 20, progress=print)
-  print(f"wrote {_OUT.value}; peak host memory (max RSS) {_max_rss_mib():.0f} MiB, "
+  print(f"wrote {common.OUT.value}; peak host memory (max RSS) {_max_rss_mib():.0f} MiB, "
         f"{before:.0f} MiB before the conversion began")
 
 
@@ -89,15 +84,13 @@ def main(argv) -> int:
     raise app.UsageError(f"the first argument is the command, one of {COMMANDS}")
   command = argv[1]
   common.start([argv[0], *argv[2:]])
-  missing = [name for name in _NEEDS[command] if flags.FLAGS[name].value is None]
-  if missing:
-    raise app.UsageError(f"{command} needs --{missing[0]}")
+  common.require(*_NEEDS[command], who=command)
   (from_pytorch if command == "from-pytorch" else to_pytorch)()
   return 0
 
 
 def run():
-  app.run(main)
+  common.run(main)
 
 
 if __name__ == "__main__":

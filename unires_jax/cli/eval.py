@@ -1,44 +1,52 @@
-"""unires-eval --config=configs/<name>.py --workdir=DIR [--step=N]
+"""unires-eval --workdir=DIR [--config=configs/<name>.py] [--step=N] [--evals=a,b]
 
-Evaluates DIR's latest (or `--step`) checkpoint on `config.eval.datasets`, on the mesh of
-`config.mesh`, and writes DIR/eval/<dataset>_<split>.json.
+Runs the evaluators of `config.evals` (all, or those `--evals` names) on DIR's latest (or
+`--step`) checkpoint, on the mesh of `config.mesh`, and writes DIR/eval/<name>_<step>.json and
+TensorBoard scalars. The config is `--config` (with any `--config.a.b=value`), or else the run's
+own DIR/config.json. `--workdir` may also be a converted checkpoint (written as step 0).
 """
-
-import os
 
 from absl import app, flags
 
 from unires_jax.cli import common
 
-_CONFIG = common.define_config()
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-flags.mark_flags_as_required(["config", "workdir"])
+_EVALS = flags.DEFINE_list("evals", None, "Evaluators of config.evals to run (default: all).")
 
 
 def main(argv) -> int:
   common.start(argv)
-  from unires_jax import parallel
-  from unires_jax.evaluation import evaluator
-  from unires_jax.train import checkpoint, trainer
-  from unires_jax.train import step as step_lib
-  from unires_jax.train.state import StateFactory
+  common.require(common.WORKDIR)
+  from unires_jax import checkpoint, parallel
+  from unires_jax.data import tokenizer
+  from unires_jax.evaluation import evals, evaluator
+  from unires_jax.metric_writer import MetricWriter
 
-  config = _CONFIG.value
-  if not config.eval.datasets:
-    raise app.UsageError("config.eval.datasets names no dataset")
-  workdir = common.FLAGS.workdir
-  mesh = parallel.make_mesh(config.mesh)
-  factory = StateFactory(config, mesh)
-  params, step = checkpoint.restore_params(os.path.join(workdir, "checkpoints"),
-                                           factory.abstract_sharded(), _STEP.value)
-  results = trainer.evaluate_all(config, params, step_lib.make_predict(factory), mesh,
-                                 trainer.load_tokenize(config), workdir, step)
-  print(evaluator.format_table({label: r.metrics for label, r in results.items()}))
+  workdir = common.WORKDIR.value
+  config = common.CONFIG.value or checkpoint.locate(workdir, common.STEP.value).config()
+  evaluators = evals.from_config(config)
+  if _EVALS.value:
+    unknown = sorted(set(_EVALS.value) - {ev.name for ev in evaluators})
+    if unknown:
+      raise app.UsageError(f"--evals names {unknown[0]!r}, which config.evals does not have "
+                           f"({[ev.name for ev in evaluators]})")
+    evaluators = [ev for ev in evaluators if ev.name in _EVALS.value]
+  if not evaluators:
+    raise app.UsageError("config.evals holds no evaluator")
+  model = parallel.ShardedModel(config, parallel.make_mesh(config.mesh))
+  params, step = checkpoint.restore_params(workdir, model.abstract_sharded(), common.STEP.value)
+  writer = MetricWriter(workdir)
+  try:
+    results = evals.run(evaluators, config, params, parallel.make_predict(model), model.mesh,
+                        tokenizer.load_tokenize(config.input.tokenizer), workdir, step or 0,
+                        writer.scalars)
+  finally:
+    writer.close()
+  print(evaluator.format_table({name: r.metrics for name, r in results.items()}))
   return 0
 
 
 def run():
-  app.run(main)
+  common.run(main)
 
 
 if __name__ == "__main__":

@@ -27,23 +27,18 @@ from absl import app, flags
 
 from unires_jax.cli import common
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None,
-                                  "Training work directory or converted checkpoint.")
-_STEP = flags.DEFINE_integer("step", None, "Training step (default: the latest).")
 _IMAGE = flags.DEFINE_string("image", None, "Image file to segment.")
 _TEXT = flags.DEFINE_string("text", None, "The referring expression (with --image).")
 _BOXES = flags.DEFINE_string("boxes", None,
                              'Proposals as JSON {"object": [[x1, y1, x2, y2], ...], "part": '
                              "[...]} in the image's pixels (default: the whole image).")
-_OUT = flags.DEFINE_string("out", None, "The mask's PNG file (with --image).")
 _BATCH = flags.DEFINE_string("batch", None, "JSON-lines file of (image, text[, boxes]) inputs.")
 _OUT_DIR = flags.DEFINE_string("out_dir", None, "Output folder (with --batch).")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", None,
-                                   "Inputs per model call (default: config.eval.batch_size).")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Inputs per model call.")
 _NO_TARGET_THRESHOLD = flags.DEFINE_float(
     "no_target_threshold", None,
-    "No target when sigmoid(no-target logit) is above it (default: the config's).")
-flags.mark_flag_as_required("checkpoint")
+    "No target when sigmoid(no-target logit) is above it (default: "
+    "config.model.no_target_threshold).")
 
 log = logging.getLogger(__name__)
 
@@ -53,16 +48,16 @@ def _check_flags() -> None:
   if bool(_IMAGE.value) == bool(_BATCH.value):
     raise app.UsageError("give either --image (with --text and --out) or --batch (with --out_dir)")
   mode, needed, unused = (
-      ("--image", (_TEXT, _OUT), (_OUT_DIR,)) if _IMAGE.value
-      else ("--batch", (_OUT_DIR,), (_TEXT, _OUT, _BOXES)))
+      ("--image", (_TEXT, common.OUT), (_OUT_DIR,)) if _IMAGE.value
+      else ("--batch", (_OUT_DIR,), (_TEXT, common.OUT, _BOXES)))
   for flag in needed:
     if flag.value is None:
       raise app.UsageError(f"{mode} needs --{flag.name}")
   for flag in unused:
     if flag.value is not None:
       raise app.UsageError(f"--{flag.name} does not go with {mode}")
-  if _OUT.value and not _OUT.value.endswith(".png"):
-    raise app.UsageError(f"--out={_OUT.value} must name a .png file")
+  if common.OUT.value and not common.OUT.value.endswith(".png"):
+    raise app.UsageError(f"--out={common.OUT.value} must name a .png file")
 
 
 def _requests(model_cfg) -> list:
@@ -90,30 +85,33 @@ def _verdict(request, result, mask_path: str) -> str:
 
 def main(argv) -> int:
   common.start(argv)
+  common.require(common.CHECKPOINT)
   _check_flags()
-  from unires_jax import inference
-  from unires_jax.train import checkpoint
+  from unires_jax import checkpoint, inference, utils
 
   try:
-    config = checkpoint.locate(_CHECKPOINT.value, _STEP.value).config()
+    config = checkpoint.locate(common.CHECKPOINT.value, common.STEP.value).config()
     requests = _requests(config.model)
   except (OSError, ValueError) as e:
     raise app.UsageError(str(e)) from None
   segmenter = inference.Segmenter.from_checkpoint(
-      _CHECKPOINT.value, step=_STEP.value,
-      batch_size=min(_BATCH_SIZE.value or config.eval.batch_size, len(requests)),
+      common.CHECKPOINT.value, step=common.STEP.value,
+      batch_size=min(_BATCH_SIZE.value, len(requests)),
       no_target_threshold=_NO_TARGET_THRESHOLD.value)
   log.info("%d inputs in batches of %d on %d devices", len(requests), segmenter.batch_size,
            segmenter.mesh.size)
   if _BATCH.value:
     paths = [os.path.join(_OUT_DIR.value, f"{i:06d}.png") for i in range(len(requests))]
   else:
-    paths = [_OUT.value]
+    paths = [common.OUT.value]
   os.makedirs(os.path.dirname(paths[0]) or ".", exist_ok=True)
   records = []
   for start in range(0, len(requests), segmenter.batch_size):
     chunk = requests[start:start + segmenter.batch_size]
-    images = [inference.read_image(r.path) for r in chunk]
+    try:  # the header was read before the model ran; a damaged file shows only now
+      images = [inference.read_image(r.path) for r in chunk]
+    except ValueError as e:
+      raise app.UsageError(f"{e}; stopped after {start} of {len(requests)} inputs") from None
     results = segmenter.segment(images, [r.text for r in chunk], [r.boxes for r in chunk])
     for k, (request, image, result) in enumerate(zip(chunk, images, results), start):
       inference.save(result, image, paths[k])
@@ -125,14 +123,14 @@ def main(argv) -> int:
           "overlay": os.path.basename(inference.overlay_path(paths[k])),
           "mask_area_fraction": result.area_fraction, "whole_image": result.whole_image})
   if _BATCH.value:
-    with (inference.replacing(os.path.join(_OUT_DIR.value, "results.jsonl")) as tmp,
+    with (utils.replacing(os.path.join(_OUT_DIR.value, "results.jsonl")) as tmp,
           open(tmp, "w", encoding="utf-8") as f):
       f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
   return 0
 
 
 def run():
-  app.run(main)
+  common.run(main)
 
 
 if __name__ == "__main__":

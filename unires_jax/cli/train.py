@@ -1,33 +1,23 @@
 """unires-train --config=configs/<name>.py --workdir=DIR [--config.key=value ...]
 
-Trains (resuming from DIR's latest checkpoint), then evaluates `config.eval.datasets` into
-DIR/eval/. A config with a `demo` section (configs/demo.py) runs the whole demo: it writes and
-builds its data first and reports against the trivial baselines at the end.
+Trains (resuming from DIR's latest checkpoint), running the evaluators of `config.evals` at the
+steps they ask for and after the last step (results in DIR/eval/<name>_<step>.json).
 """
 
-from absl import app, flags
-
 from unires_jax.cli import common
-
-_CONFIG = common.define_config()
-flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv) -> int:
   common.start(argv)
-  config = _CONFIG.value
-  if "demo" in config:
-    from unires_jax import demo
-
-    return demo.run(config, common.FLAGS.workdir, show_progress=common.FLAGS.progress)
+  common.require(common.CONFIG, common.WORKDIR)
   from unires_jax.train import trainer
 
-  trainer.train(config, common.FLAGS.workdir, show_progress=common.FLAGS.progress)
+  trainer.train(common.CONFIG.value, common.WORKDIR.value, show_progress=common.FLAGS.progress)
   return 0
 
 
 def run():
-  app.run(main)
+  common.run(main)
 
 
 if __name__ == "__main__":

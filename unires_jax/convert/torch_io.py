@@ -11,16 +11,15 @@ Tensors come back as NumPy arrays (bfloat16 through `ml_dtypes`); safetensors te
 at a time, when a converter takes them.
 """
 
-import contextlib
 import json
 import os
-import shutil
-import tempfile
 from typing import Callable, Iterator, Mapping
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from unires_jax import utils
 
 SAFETENSORS_SINGLE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -185,15 +184,11 @@ class TorchState:
     return sorted(set(self._tensors) - self._used)
 
 
-def _path_str(path: tuple) -> str:
-  return "/".join(str(p) for p in path)
-
-
 def iter_params(module: nnx.Module) -> Iterator[tuple[str, nnx.Param]]:
   """(path 'a/b/0/kernel', variable) for every `nnx.Param` of `module`."""
   for path, var in nnx.iter_graph(module):
     if isinstance(var, nnx.Param):
-      yield _path_str(path), var
+      yield utils.path_str(path), var
 
 
 def assign_params(
@@ -281,32 +276,13 @@ def convert_all(
   assign_params(module, values, source, consume=True)
 
 
-@contextlib.contextmanager
-def new_directory(out_dir: str) -> Iterator[str]:
-  """Yields a temporary sibling of `out_dir` to write into, renamed to `out_dir` when the block
-  ends; on an error (or a kill) nothing is left at `out_dir`. An existing `out_dir` is refused,
-  never overwritten."""
-  out_dir = os.path.abspath(out_dir)
-  if os.path.exists(out_dir):
-    raise FileExistsError(f"{out_dir} already exists; choose a new output directory")
-  parent = os.path.dirname(out_dir)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.partial-", dir=parent)
-  try:
-    yield tmp
-    os.rename(tmp, out_dir)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-
-
 def write_model_dir(out_dir: str, config: Mapping, tensors: Mapping[str, np.ndarray],
                     metadata: Mapping[str, str] | None = None) -> None:
   """Writes `config.json` and `model.safetensors` (with `metadata` besides `format: pt`) into a
-  new directory `out_dir` (`new_directory`)."""
+  new directory `out_dir` (`utils.new_directory`)."""
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
 
-  with new_directory(out_dir) as tmp:
+  with utils.new_directory(out_dir) as tmp:
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()},
               os.path.join(tmp, SAFETENSORS_SINGLE), metadata={**(metadata or {}), "format": "pt"})
     with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:

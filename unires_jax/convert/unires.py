@@ -23,10 +23,9 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from unires_jax import models
+from unires_jax import checkpoint, models, utils
 from unires_jax.convert import clip_vit, convnext, llama, torch_io
 from unires_jax.models import prompt
-from unires_jax.train import checkpoint
 
 BACKBONES = ("vision", "convnext", "llm")  # UniRES++ attributes exported through their libraries
 HEADS_FILE = "unires_heads.safetensors"
@@ -168,7 +167,7 @@ def write_export(source, model_config: ml_collections.ConfigDict, out_dir: str, 
     unexported = sorted(set(sub(prefix)) - {p for p, _ in plan.values()})
     if unexported:
       raise ValueError(f"parameter {prefix + unexported[0]!r} has no PyTorch name in the export")
-  with torch_io.new_directory(out_dir) as tmp:
+  with utils.new_directory(out_dir) as tmp:
     for subdir, prefix, plan, config_json, metadata in parts:
       os.makedirs(os.path.join(tmp, subdir))
       _write_json(os.path.join(tmp, subdir, "config.json"), config_json)

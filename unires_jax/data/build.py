@@ -3,16 +3,17 @@
   from unires_jax.data import build
   build.prepare("ref_coco_m", manual_dir=RAW, data_dir=OUT)
 
-The builder module is imported from the repository's `tfds_builders/<name>/` folder, the same
-file the command line loads, so both paths build identical datasets.
+The builder module is imported from the `tfds_builders` package (the repository's
+`tfds_builders/<name>/` folder, installed beside `unires_jax`), the same file the command line
+loads, so both paths build identical datasets.
 """
 
 import importlib
 import os
 
-from unires_jax.config_lib import REPO_ROOT
+import tfds_builders
 
-BUILDERS_DIR = os.path.join(REPO_ROOT, "tfds_builders")
+BUILDERS_DIR = os.path.dirname(os.path.abspath(tfds_builders.__file__))
 
 
 def builder_class(name: str):

@@ -19,7 +19,7 @@ Every stage is deterministic under `config.input.seed`, and the iterator's `get_
 
 import dataclasses
 import os
-from typing import Any, Callable
+from typing import Any
 
 import grain
 import jax
@@ -78,15 +78,6 @@ def open_source(name: str, split: str, data_dir: str | None):
   if split not in splits:
     raise ValueError(f"unknown split {split!r} of dataset {name!r}; it has {splits}")
   return builder.as_data_source(split=split, decoders={"targets": {"mask": decoding.MaskDecoder()}})
-
-
-def hf_tokenize(tokenizer) -> Callable[[list[str]], list[list[int]]]:
-  """A `transformers` tokenizer as `texts -> ids` without added special tokens."""
-
-  def tokenize(texts: list[str]) -> list[list[int]]:
-    return tokenizer(texts, add_special_tokens=False)["input_ids"]
-
-  return tokenize
 
 
 class _Prepare(grain.transforms.RandomMap):
@@ -157,7 +148,7 @@ def train_dataset(config: ml_collections.ConfigDict, tokenize, *,
 
   Args:
     config: the full config (`config.model` for shapes, `config.input` for the data).
-    tokenize: texts -> ids, e.g. `hf_tokenize(tokenizer)`.
+    tokenize: texts -> ids, e.g. `tokenizer.load_tokenize(config.input.tokenizer)`.
     shard: this process's share; defaults to the JAX process.
 
   Each batch holds the model's fields (`unires_jax.models.unires`) plus `granularity`,

@@ -43,7 +43,7 @@ class SampleSpec:
 
   @property
   def max_length(self) -> int:
-    return (self.num_image_tokens + 2 + 3 * (self.max_objects + self.max_parts)
+    return (prompt.visual_prefix_length(self.num_image_tokens, self.max_objects, self.max_parts)
             + self.max_prompt_tokens + 16)
 
 
@@ -51,11 +51,10 @@ def sample_spec(model_cfg, input_cfg) -> SampleSpec:
   """`SampleSpec` for `config.model` and `config.input`."""
   if "{expression}" not in input_cfg.template:
     raise ValueError(f"config.input.template must hold '{{expression}}': {input_cfg.template!r}")
-  grid = model_cfg.vision.image_size // model_cfg.vision.patch_size
-  n_img = grid * grid + (1 if model_cfg.vision.select_feature == "cls_patch" else 0)
   return SampleSpec(
       low_size=model_cfg.vision.image_size, high_size=model_cfg.convnext.image_size,
-      num_image_tokens=n_img, max_objects=model_cfg.max_objects, max_parts=model_cfg.max_parts,
+      num_image_tokens=prompt.num_image_tokens(model_cfg.vision),
+      max_objects=model_cfg.max_objects, max_parts=model_cfg.max_parts,
       max_prompt_tokens=input_cfg.max_prompt_tokens,
       special=prompt.SpecialTokens.appended_to(model_cfg.llm.vocab_size),
       vocab_size=model_cfg.llm.vocab_size, template=input_cfg.template,
@@ -178,6 +177,7 @@ def prepare_image(example: dict[str, Any], spec: SampleSpec,
       "part_boxes": part_boxes, "part_valid": part_valid,
       "num_objects": int(object_valid.sum()), "num_parts": int(part_valid.sum()),
       "prompts": [ids[:spec.max_prompt_tokens] for ids in prompts],
+      "prompt_cut": [len(ids) > spec.max_prompt_tokens for ids in prompts],
       "answer": answer,
       "target_indices": [np.asarray(t, np.int64) for t in exprs["target_indices"]],
       "granularity": [int(g) for g in exprs["granularity"]],

@@ -4,7 +4,7 @@ import io
 import json
 import os
 import pickle
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -130,21 +130,6 @@ def read_json(path: str) -> Any:
     raise RecordError(path, "file does not exist") from None
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise RecordError(path, f"malformed JSON: {e}") from None
-
-
-def iter_json_lines(path: str) -> Iterator[tuple[int, Any | RecordError]]:
-  """Yields `(line_number, value)` of a JSON-lines file; a malformed line yields its RecordError.
-
-  Errors are yielded, not raised, so that a skip-bad policy can count them and go on.
-  """
-  with open(path, "rb") as f:
-    for number, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      try:
-        yield number, json.loads(line)
-      except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        yield number, RecordError(f"{path}:{number}", f"malformed JSON line: {e}")
 
 
 class _PlainUnpickler(pickle.Unpickler):

@@ -12,12 +12,14 @@ The model's own special tokens (<img>, [SEG], ...) are rows appended after its b
 
 import collections
 import os
-import shutil
-import tempfile
-from typing import Iterable
+from typing import Callable, Iterable
 
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 import transformers
+
+from unires_jax import utils
+
+Tokenize = Callable[[list[str]], list[list[int]]]  # texts -> token ids, no special tokens added
 
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
 SPECIAL_TOKENS = (PAD, UNK, BOS, EOS)  # ids 0, 1, 2, 3
@@ -67,39 +69,32 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int,
   tokenizer = transformers.PreTrainedTokenizerFast(
       tokenizer_object=_empty_tokenizer(vocab), pad_token=PAD, unk_token=UNK, bos_token=BOS,
       eos_token=EOS)
-  _save_atomically(tokenizer, out_dir)
-  return tokenizer
-
-
-def _save_atomically(tokenizer: transformers.PreTrainedTokenizerFast, out_dir: str) -> None:
-  """`save_pretrained` into a temporary directory beside `out_dir`, then renamed onto it."""
-  out_dir = os.path.abspath(out_dir)
-  parent, name = os.path.split(out_dir)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(dir=parent, prefix=f".{name}.tmp-")
-  try:
+  with utils.new_directory(out_dir, replace=True) as tmp:
     tokenizer.save_pretrained(tmp)
-    old = None
-    if os.path.exists(out_dir):
-      old = tempfile.mkdtemp(dir=parent, prefix=f".{name}.old-")
-      os.replace(out_dir, old)  # onto an empty directory, which rename(2) allows
-    try:
-      os.replace(tmp, out_dir)
-    except BaseException:
-      if old:
-        os.replace(old, out_dir)
-      raise
-    if old:
-      shutil.rmtree(old)
-  finally:
-    if os.path.exists(tmp):
-      shutil.rmtree(tmp)
+  return tokenizer
 
 
 def load_tokenizer(path: str) -> transformers.PreTrainedTokenizerBase:
   """The tokenizer saved in directory `path` (by `train_tokenizer` or any `save_pretrained`)."""
+  if not path:
+    raise FileNotFoundError("no tokenizer directory given: set config.input.tokenizer to a "
+                            "directory written by save_pretrained (nothing is downloaded)")
   if not os.path.isfile(os.path.join(path, "tokenizer.json")) and not os.path.isfile(
       os.path.join(path, "tokenizer_config.json")):
     raise FileNotFoundError(f"no tokenizer in {path!r}: expected a directory written by "
                             "save_pretrained (tokenizer.json, tokenizer_config.json)")
   return transformers.AutoTokenizer.from_pretrained(path)
+
+
+def hf_tokenize(tokenizer: transformers.PreTrainedTokenizerBase) -> Tokenize:
+  """A `transformers` tokenizer as `texts -> ids` without added special tokens."""
+
+  def tokenize(texts: list[str]) -> list[list[int]]:
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+  return tokenize
+
+
+def load_tokenize(path: str) -> Tokenize:
+  """`hf_tokenize` of the tokenizer saved in directory `path` (`config.input.tokenizer`)."""
+  return hf_tokenize(load_tokenizer(path))

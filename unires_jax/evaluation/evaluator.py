@@ -12,8 +12,6 @@ summed over processes, so every process returns the same result.
 """
 
 import dataclasses
-import json
-import os
 from typing import Any, Callable, Iterator
 
 import jax
@@ -110,27 +108,28 @@ def _all_done(done: bool) -> bool:
   return bool(np.all(multihost_utils.process_allgather(np.array(done))))
 
 
-def evaluate(config, params, predict: Callable, mesh, tokenize, name: str, split: str, *,
-             with_baselines: bool = False, num_examples: int = 0,
+def evaluate(config, params, predict: Callable, mesh, tokenize, dataset: str, split: str, *,
+             batch_size: int, with_baselines: bool = False, num_examples: int = 0,
              progress: Callable[[int], None] | None = None) -> EvalResult:
-  """Metrics of `predict(params, batch)` (see `unires_jax.train.step.make_predict`) on a split.
+  """Metrics of `predict(params, batch)` (see `unires_jax.parallel.make_predict`) on a split.
 
   Args:
-    config: the full config (`config.eval.batch_size` is global; `no_target_threshold`).
-    name, split: the dataset (`pipeline.dataset_dir` naming) and split.
+    config: the full config (`config.input` for the data, `config.model.no_target_threshold`).
+    dataset, split: the dataset (`pipeline.dataset_dir` naming) and split.
+    batch_size: global rows per prediction step.
     with_baselines: also score the trivial baselines (whole image; largest proposal).
     num_examples: keep this many evaluated expressions (this process's first) for overlays.
     progress: called with the number of expressions done after each batch.
   """
-  batch_size = pipeline.ProcessShard.current().batch_size(config.eval.batch_size)
-  dataset = pipeline.eval_dataset(config, name, split, tokenize, batch_size=batch_size)
-  truth = GroundTruth(pipeline.open_source(name, split, config.input.data_dir))
-  threshold = float(config.eval.no_target_threshold)
+  local_batch = pipeline.ProcessShard.current().batch_size(batch_size)
+  data = pipeline.eval_dataset(config, dataset, split, tokenize, batch_size=local_batch)
+  truth = GroundTruth(pipeline.open_source(dataset, split, config.input.data_dir))
+  threshold = float(config.model.no_target_threshold)
   logit_threshold = np.log(threshold / (1 - threshold))
   metrics = RESMetrics()
   base = {"whole_image": RESMetrics(), "largest_proposal": RESMetrics()}
   examples, done = [], 0
-  for batch in _batches_in_step(dataset):
+  for batch in _batches_in_step(data):
     inputs = parallel.shard_batch({k: batch[k] for k in INPUT_KEYS}, mesh)
     out = local_rows(predict(params, inputs), mesh)
     for row in np.flatnonzero(batch["valid"]):
@@ -172,27 +171,6 @@ def _merged(metrics: RESMetrics) -> RESMetrics:
   gathered = np.asarray(multihost_utils.process_allgather(local), np.uint8)
   sums = gathered.reshape(jax.process_count(), -1).copy().view(np.float64).sum(axis=0)
   return RESMetrics.from_state(dict(zip(keys, sums)))
-
-
-def result_path(workdir: str, name: str, split: str) -> str:
-  """`workdir/eval/<name>_<split>.json`, the dataset name's "/" and version dropped."""
-  stem = name.split(":")[0].replace("/", "_")
-  return os.path.join(workdir, "eval", f"{stem}_{split}.json")
-
-
-def write_json(result: EvalResult, workdir: str, name: str, split: str, step: int) -> str:
-  """Writes the metrics (and baselines) atomically on process 0; returns the path."""
-  path = result_path(workdir, name, split)
-  if jax.process_index() == 0:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    record = {"dataset": name, "split": split, "step": int(step), "metrics": result.metrics}
-    if result.baselines:
-      record["baselines"] = result.baselines
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-      json.dump(record, f, indent=1, sort_keys=True, allow_nan=True)
-    os.replace(tmp, path)
-  return path
 
 
 def headline(metrics: dict[str, float]) -> str:

@@ -226,7 +226,7 @@ def masked_cross_attention_pallas(
   Returns:
     [batch, heads, queries, head_dim] in q's dtype.
   """
-  cross_attention_ref.check_shapes(q, k, v, mask_logits, key_valid)
+  key_valid, scale = cross_attention_ref.checked_args(q, k, v, mask_logits, key_valid, scale)
   backend = backend or platform_backend()
   if backend not in BACKENDS:
     raise ValueError(f"unknown Pallas backend {backend!r}; options: {BACKENDS}")
@@ -234,7 +234,6 @@ def masked_cross_attention_pallas(
     interpret = jax.default_backend() == "cpu"
   batch, heads, num_q, head_dim = q.shape
   num_k = k.shape[2]
-  scale = head_dim**-0.5 if scale is None else scale
 
   padded_d = head_dim
   num_warps = 4
@@ -253,10 +252,8 @@ def masked_cross_attention_pallas(
   config = KernelConfig(backend, float(scale), block_q, block_k, interpret,
                         k_splits=min(k_splits or 1, num_k_tiles), num_warps=num_warps)
 
-  if key_valid is None:
-    key_valid = jnp.ones((batch, num_k), bool)
   logits = _pad_to(mask_logits.astype(jnp.float32), (batch, padded_q, padded_k))
-  key_valid = _pad_to(key_valid.astype(bool), (batch, padded_k), False)
+  key_valid = _pad_to(key_valid, (batch, padded_k), False)
   threshold, flags = jax.lax.stop_gradient(plan(logits, key_valid, num_q, block_q, block_k))
   out = _attention(
       config,

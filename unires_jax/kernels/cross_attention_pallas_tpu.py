@@ -65,34 +65,58 @@ def _tile_mask(logits_ref, threshold_ref, valid_ref) -> jax.Array:
   return tile.allowed(logits, _column(threshold_ref), valid)
 
 
+def _tile_steps(step, num_steps, flags_ref, flag_index, scratch, mask_refs, heads, accumulate,
+                store):
+  """The skeleton the three kernels share along their sequential (innermost) grid axis.
+
+  Args:
+    step, num_steps: this program's position on that axis, and the axis' length.
+    flags_ref, flag_index: the pre-pass flags in SMEM and the entry of this program's
+      (query tile, key tile); 0 skips the tile.
+    scratch: (ref, fill value) of each float32 VMEM accumulator, filled at step 0.
+    mask_refs: (logits_ref, threshold_ref, valid_ref), see `_tile_mask`.
+    heads: the number of heads, all handled by this program.
+    accumulate: accumulate(h, mask) adds head h of the tile; mask [block_q, block_k] bool.
+    store: store() writes the outputs from the scratch at the last step.
+  """
+
+  @pl.when(step == 0)
+  def _init():
+    for ref, value in scratch:
+      ref[...] = jnp.full(ref.shape, value, jnp.float32)
+
+  @pl.when(flags_ref[flag_index] != 0)
+  def _accumulate():
+    # The mask is shared by the heads: computed once per tile, not once per head.
+    mask = _tile_mask(*mask_refs)
+    for h in range(heads):
+      accumulate(h, mask)
+
+  pl.when(step == num_steps - 1)(store)
+
+
 def _forward_kernel(flags_ref, fetch_ref, q_ref, k_ref, v_ref, logits_ref, threshold_ref,
                     valid_ref, o_ref, lse_ref, m_ref, l_ref, acc_ref, *, scale, num_q, num_k):
   b, i, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   del fetch_ref  # used by the index maps only
 
-  @pl.when(j == 0)
-  def _init():
-    m_ref[...] = jnp.full(m_ref.shape, -jnp.inf, jnp.float32)
-    l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
-    acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+  def accumulate(h, mask):
+    s = tile.scores(q_ref[h], k_ref[h], scale)
+    m, l, acc = tile.online_softmax_step(
+        s, mask, _column(m_ref, h), _column(l_ref, h), acc_ref[h], v_ref[h])
+    m_ref[h] = jnp.broadcast_to(m, m_ref.shape[1:])
+    l_ref[h] = jnp.broadcast_to(l, l_ref.shape[1:])
+    acc_ref[h] = acc
 
-  @pl.when(flags_ref[(b * num_q + i) * num_k + j] != 0)
-  def _accumulate():
-    mask = _tile_mask(logits_ref, threshold_ref, valid_ref)
-    for h in range(q_ref.shape[0]):
-      s = tile.scores(q_ref[h], k_ref[h], scale)
-      m, l, acc = tile.online_softmax_step(
-          s, mask, _column(m_ref, h), _column(l_ref, h), acc_ref[h], v_ref[h])
-      m_ref[h] = jnp.broadcast_to(m, m_ref.shape[1:])
-      l_ref[h] = jnp.broadcast_to(l, l_ref.shape[1:])
-      acc_ref[h] = acc
-
-  @pl.when(j == num_k - 1)
-  def _store():
+  def store():
     for h in range(q_ref.shape[0]):
       o, lse = tile.finalize(_column(m_ref, h), _column(l_ref, h), acc_ref[h])
       o_ref[h] = o.astype(o_ref.dtype)
       lse_ref[h] = jnp.broadcast_to(lse, lse_ref.shape[1:])
+
+  _tile_steps(j, num_k, flags_ref, (b * num_q + i) * num_k + j,
+              [(m_ref, -jnp.inf), (l_ref, 0.0), (acc_ref, 0.0)],
+              (logits_ref, threshold_ref, valid_ref), q_ref.shape[0], accumulate, store)
 
 
 def _dq_kernel(flags_ref, fetch_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, logits_ref,
@@ -100,24 +124,19 @@ def _dq_kernel(flags_ref, fetch_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta
   b, i, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   del fetch_ref
 
-  @pl.when(j == 0)
-  def _init():
-    acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+  def accumulate(h, mask):
+    k = k_ref[h]
+    s = tile.scores(q_ref[h], k, scale)
+    p = tile.probabilities(s, mask, _column(lse_ref, h))
+    dp = tile.dot_nt(do_ref[h], v_ref[h])
+    ds = tile.score_grad(p, dp, _column(delta_ref, h))
+    acc_ref[h] += scale * jax.lax.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
 
-  @pl.when(flags_ref[(b * num_q + i) * num_k + j] != 0)
-  def _accumulate():
-    mask = _tile_mask(logits_ref, threshold_ref, valid_ref)
-    for h in range(q_ref.shape[0]):
-      k = k_ref[h]
-      s = tile.scores(q_ref[h], k, scale)
-      p = tile.probabilities(s, mask, _column(lse_ref, h))
-      dp = tile.dot_nt(do_ref[h], v_ref[h])
-      ds = tile.score_grad(p, dp, _column(delta_ref, h))
-      acc_ref[h] += scale * jax.lax.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
-
-  @pl.when(j == num_k - 1)
-  def _store():
+  def store():
     dq_ref[...] = acc_ref[...].astype(dq_ref.dtype)
+
+  _tile_steps(j, num_k, flags_ref, (b * num_q + i) * num_k + j, [(acc_ref, 0.0)],
+              (logits_ref, threshold_ref, valid_ref), q_ref.shape[0], accumulate, store)
 
 
 def _dkv_kernel(flags_ref, fetch_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, logits_ref,
@@ -126,28 +145,24 @@ def _dkv_kernel(flags_ref, fetch_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delt
   b, j, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   del fetch_ref
 
-  @pl.when(i == 0)
-  def _init():
-    dk_acc_ref[...] = jnp.zeros(dk_acc_ref.shape, jnp.float32)
-    dv_acc_ref[...] = jnp.zeros(dv_acc_ref.shape, jnp.float32)
+  def accumulate(h, mask):
+    q, do = q_ref[h], do_ref[h]
+    s = tile.scores(q, k_ref[h], scale)
+    p = tile.probabilities(s, mask, _column(lse_ref, h))
+    dv_acc_ref[h] += jax.lax.dot(p.T.astype(do.dtype), do, preferred_element_type=jnp.float32)
+    dp = tile.dot_nt(do, v_ref[h])
+    ds = tile.score_grad(p, dp, _column(delta_ref, h))
+    dk_acc_ref[h] += scale * jax.lax.dot(ds.T.astype(q.dtype), q,
+                                         preferred_element_type=jnp.float32)
 
-  @pl.when(flags_ref[(b * num_q + i) * num_k + j] != 0)
-  def _accumulate():
-    mask = _tile_mask(logits_ref, threshold_ref, valid_ref)
-    for h in range(q_ref.shape[0]):
-      q, do = q_ref[h], do_ref[h]
-      s = tile.scores(q, k_ref[h], scale)
-      p = tile.probabilities(s, mask, _column(lse_ref, h))
-      dv_acc_ref[h] += jax.lax.dot(p.T.astype(do.dtype), do, preferred_element_type=jnp.float32)
-      dp = tile.dot_nt(do, v_ref[h])
-      ds = tile.score_grad(p, dp, _column(delta_ref, h))
-      dk_acc_ref[h] += scale * jax.lax.dot(ds.T.astype(q.dtype), q,
-                                           preferred_element_type=jnp.float32)
-
-  @pl.when(i == num_q - 1)
-  def _store():
+  def store():
     dk_ref[...] = dk_acc_ref[...].astype(dk_ref.dtype)
     dv_ref[...] = dv_acc_ref[...].astype(dv_ref.dtype)
+
+  # Query tiles are the sequential axis here; flags stay [batch, query tiles, key tiles].
+  _tile_steps(i, num_q, flags_ref, (b * num_q + i) * num_k + j,
+              [(dk_acc_ref, 0.0), (dv_acc_ref, 0.0)],
+              (logits_ref, threshold_ref, valid_ref), q_ref.shape[0], accumulate, store)
 
 
 def _key_valid_rows(key_valid: jax.Array) -> jax.Array:

@@ -23,8 +23,15 @@ def allowed_keys(mask_logits: jax.Array, key_valid: jax.Array | None = None) -> 
   return jnp.where(empty, valid, allowed)
 
 
-def check_shapes(q, k, v, mask_logits, key_valid) -> None:
-  """Raises a ValueError naming the argument whose shape does not fit `q [b, h, Q, D]`."""
+def checked_args(q, k, v, mask_logits, key_valid, scale) -> tuple[jax.Array, float]:
+  """Checks the shapes and fills in the defaults, alike for the reference and the kernels.
+
+  Raises a ValueError naming the argument whose shape does not fit `q [b, h, Q, D]`.
+
+  Returns:
+    key_valid: [batch, keys] bool, all True for None.
+    scale: as given, or 1 / sqrt(head_dim) for None.
+  """
   batch, heads, num_q, head_dim = q.shape
   num_k = k.shape[2]
   if k.shape != (batch, heads, num_k, head_dim) or v.shape != k.shape:
@@ -35,6 +42,9 @@ def check_shapes(q, k, v, mask_logits, key_valid) -> None:
                      f"got {mask_logits.shape}")
   if key_valid is not None and key_valid.shape != (batch, num_k):
     raise ValueError(f"key_valid must be [batch, keys] = {(batch, num_k)}, got {key_valid.shape}")
+  if key_valid is None:
+    key_valid = jnp.ones((batch, num_k), bool)
+  return key_valid.astype(bool), head_dim**-0.5 if scale is None else scale
 
 
 def masked_cross_attention_ref(
@@ -71,10 +81,7 @@ def masked_cross_attention_ref(
   Returns:
     [batch, heads, queries, head_dim] in q's dtype.
   """
-  check_shapes(q, k, v, mask_logits, key_valid)
-  head_dim = q.shape[-1]
-  if scale is None:
-    scale = head_dim**-0.5
+  key_valid, scale = checked_args(q, k, v, mask_logits, key_valid, scale)
   allowed = jax.lax.stop_gradient(allowed_keys(mask_logits, key_valid))[:, None]  # [b, 1, q, k]
 
   scores = scale * jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)

@@ -137,19 +137,12 @@ class CLIPVisionEmbeddings(nnx.Module):
     return jnp.concatenate([cls, patches], axis=1) + positions.astype(patches.dtype)
 
 
-class CLIPAttention(nnx.Module):
+class CLIPAttention(layers.AttentionProjections):
   """Bidirectional multi-head self-attention with separate q/k/v/out projections."""
 
   def __init__(self, cfg, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
-    width = cfg.hidden_size
-    if width % cfg.num_heads:
-      raise ValueError(f"hidden_size {width} is not divisible by num_heads {cfg.num_heads}")
-    self.num_heads = cfg.num_heads
-    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.q_proj = layers.linear(width, width, ("embed", "heads"), **kw)
-    self.k_proj = layers.linear(width, width, ("embed", "heads"), **kw)
-    self.v_proj = layers.linear(width, width, ("embed", "heads"), **kw)
-    self.out_proj = layers.linear(width, width, ("heads", "embed"), **kw)
+    super().__init__(cfg.hidden_size, cfg.num_heads, dtype=dtype, param_dtype=param_dtype,
+                     rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """[batch, tokens, width] -> [batch, tokens, width]."""

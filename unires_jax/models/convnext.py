@@ -16,7 +16,6 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from unires_jax import parallel
 from unires_jax.models import layers
 
 STEM_PATCH = 4
@@ -65,39 +64,36 @@ class ConvNeXtBlock(nnx.Module):
   broadcast over height, width and channels is exactly timm's `DropPath`, and it brings the
   `deterministic` attribute that `model.train()` / `model.eval()` toggle and its own fork of
   the 'dropout' rng stream.
+
+  `cfg` is `config.model.convnext` (`layer_scale_init`, `norm_eps`, and
+  `grouped_conv_grad_bug_workaround`, which runs the depthwise convolution per device on its own
+  rows: see `ConvNeXt`).
   """
 
-  def __init__(
-      self,
-      dim: int,
-      *,
-      drop_path: float,
-      layer_scale_init: float,
-      norm_eps: float,
-      dtype: Any,
-      param_dtype: Any,
-      rngs: nnx.Rngs,
-  ):
+  def __init__(self, dim: int, *, drop_path: float, cfg: ml_collections.ConfigDict, dtype: Any,
+               param_dtype: Any, rngs: nnx.Rngs):
     pad = KERNEL_SIZE // 2
     self.conv_dw = layers.conv(
         dim, dim, KERNEL_SIZE, padding=((pad, pad), (pad, pad)), feature_group_count=dim,
         dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.norm = layers.layer_norm(
-        dim, "conv_out", epsilon=norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        dim, "conv_out", epsilon=cfg.norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.mlp = Mlp(dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.gamma = layers.param(
-        rngs, nnx.initializers.constant(layer_scale_init), (dim,), ("conv_out",), param_dtype)
+        rngs, nnx.initializers.constant(cfg.layer_scale_init), (dim,), ("conv_out",), param_dtype)
     # timm uses an identity for rate 0 (the first block always); so do we, without an rng.
     self.drop_path = (
         nnx.Dropout(drop_path, broadcast_dims=(1, 2, 3), rngs=rngs) if drop_path > 0 else None)
     self.dtype = dtype
+    self.conv_per_device = bool(cfg.grouped_conv_grad_bug_workaround)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """`[batch, height, width, dim]` -> same shape."""
-    # The depthwise conv runs per device on its rows: XLA's partitioner (jaxlib 0.10.2) doubles
-    # its kernel gradient when the batch is split over two mesh axes.
-    graphdef, conv_params = nnx.split(self.conv_dw)
-    y = parallel.batch_local(lambda x, p: nnx.merge(graphdef, p)(x), x, conv_params)
+    if self.conv_per_device:
+      graphdef, conv_params = nnx.split(self.conv_dw)
+      y = layers.batch_local(lambda x, p: nnx.merge(graphdef, p)(x), x, conv_params)
+    else:
+      y = self.conv_dw(x)
     y = self.mlp(self.norm(y))
     y = y * jnp.asarray(self.gamma[...], self.dtype or y.dtype)
     if self.drop_path is not None:
@@ -106,33 +102,20 @@ class ConvNeXtBlock(nnx.Module):
 
 
 class ConvNeXtStage(nnx.Module):
-  """Optional downsample (LayerNorm + conv 2x2/2), then `depth` blocks."""
+  """Optional downsample (LayerNorm + conv 2x2/2), then one block per `drop_path` rate; `dd`
+  holds the layers' dtype, param_dtype and rngs."""
 
-  def __init__(
-      self,
-      in_dim: int,
-      dim: int,
-      *,
-      downsample: bool,
-      drop_path: list[float],
-      layer_scale_init: float,
-      norm_eps: float,
-      dtype: Any,
-      param_dtype: Any,
-      rngs: nnx.Rngs,
-  ):
-    dd = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+  def __init__(self, in_dim: int, dim: int, *, downsample: bool, drop_path: list[float],
+               cfg: ml_collections.ConfigDict, **dd):
     if downsample:
       self.downsample = nnx.List([
-          layers.layer_norm(in_dim, "conv_out", epsilon=norm_eps, **dd),
+          layers.layer_norm(in_dim, "conv_out", epsilon=cfg.norm_eps, **dd),
           layers.conv(in_dim, dim, 2, strides=2, padding="VALID", **dd),
       ])
     else:
       self.downsample = None
     self.blocks = nnx.List([
-        ConvNeXtBlock(dim, drop_path=rate, layer_scale_init=layer_scale_init,
-                      norm_eps=norm_eps, **dd)
-        for rate in drop_path
+        ConvNeXtBlock(dim, drop_path=rate, cfg=cfg, **dd) for rate in drop_path
     ])
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -152,7 +135,15 @@ class ConvNeXt(nnx.Module):
   `drop_path_rate > 0`), as `nnx.Dropout` is; call `model.eval()` for inference.
 
   Config fields (`config.model.convnext`): image_size, in_chans, depths, dims,
-  layer_scale_init, drop_path_rate, norm_eps.
+  layer_scale_init, drop_path_rate, norm_eps, grouped_conv_grad_bug_workaround.
+
+  `grouped_conv_grad_bug_workaround`: jaxlib 0.10.2's SPMD partitioner gets the kernel gradient
+  of a grouped (e.g. depthwise) convolution wrong when the batch is not split over every mesh
+  axis: it comes out multiplied by the number of devices that hold the same rows (2x on a
+  data=2, fsdp=2, tensor=2 mesh; `tests/models/test_convnext.py` reproduces it on a bare
+  convolution and fails once jaxlib is fixed). With the switch on, the depthwise convolutions
+  run per device on their own rows (`layers.batch_local`), whose gradient is right; the
+  outputs are the same either way.
   """
 
   def __init__(
@@ -181,8 +172,7 @@ class ConvNeXt(nnx.Module):
     rates = drop_path_rates(cfg.drop_path_rate, depths)
     self.stages = nnx.List([
         ConvNeXtStage(
-            dims[max(i - 1, 0)], dims[i], downsample=i > 0, drop_path=rates[i],
-            layer_scale_init=cfg.layer_scale_init, norm_eps=cfg.norm_eps, **dd)
+            dims[max(i - 1, 0)], dims[i], downsample=i > 0, drop_path=rates[i], cfg=cfg, **dd)
         for i in range(NUM_STAGES)
     ])
 

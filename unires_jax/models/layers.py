@@ -21,11 +21,14 @@ Logical axis names used by the models:
 A dimension that is never sharded (e.g. a size-1 output) is named None.
 """
 
+import math
 from typing import Any, Callable, Sequence
 
+import flax.core.spmd
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec
 
 Initializer = Callable[..., jax.Array]
 
@@ -37,11 +40,6 @@ ONES = nnx.initializers.ones_init()
 def axes(*names: str | None) -> dict[str, Any]:
   """Metadata giving a variable logical axis names (one per dimension), created unsharded."""
   return {"out_sharding": tuple(names), "eager_sharding": False}
-
-
-def with_axes(init: Initializer, *names: str | None) -> Initializer:
-  """An initializer whose variables carry the logical axis `names`."""
-  return nnx.with_partitioning(init, tuple(names), eager_sharding=False)
 
 
 def param(
@@ -140,6 +138,28 @@ def conv(
   )
 
 
+class AttentionProjections(nnx.Module):
+  """The q/k/v/out projections of multi-head attention over one width, each `[dim, dim]` + bias.
+
+  The base of the attention modules whose PyTorch originals hold four such Linear layers (CLIP's
+  attention; `nn.MultiheadAttention` with its in-projection split): parameters are
+  `q_proj`, `k_proj`, `v_proj` and `out_proj` (each `kernel`, `bias`) under the module, the names
+  the converters map. Kernels are named (`embed`, `heads`), the output one (`heads`, `embed`).
+  Subclasses add the attention itself.
+  """
+
+  def __init__(self, dim: int, num_heads: int, *, dtype: Any = None,
+               param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+    if dim % num_heads:
+      raise ValueError(f"num_heads={num_heads} must divide the attention width {dim}")
+    self.num_heads = num_heads
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.q_proj = linear(dim, dim, ("embed", "heads"), **kw)
+    self.k_proj = linear(dim, dim, ("embed", "heads"), **kw)
+    self.v_proj = linear(dim, dim, ("embed", "heads"), **kw)
+    self.out_proj = linear(dim, dim, ("heads", "embed"), **kw)
+
+
 def quick_gelu(x: jax.Array) -> jax.Array:
   """CLIP's activation: x * sigmoid(1.702 x)."""
   return x * jax.nn.sigmoid(1.702 * x)
@@ -189,3 +209,30 @@ def parse_dtype(name: Any) -> Any:
     return jnp.dtype(name)
   except TypeError as e:
     raise ValueError(f"unknown dtype {name!r} in config") from e
+
+
+def batch_local(fn: Callable[..., jax.Array], x: jax.Array, *replicated: Any) -> jax.Array:
+  """`fn(x, *replicated)` computed per device on its own rows of `x` `[batch, ...]`, the
+  `replicated` arguments (e.g. a module's parameters) whole on every device.
+
+  The mesh is the one the caller traces under (`jax.set_mesh`) and the rows are split as the
+  logical axis "batch" maps under the current rules (`nnx.logical_axis_rules`);
+  `unires_jax.parallel.on_mesh` sets both, so no model module names a mesh axis. Outside a mesh
+  this is `fn(x, *replicated)`. Differentiating it sums the replicated arguments' gradients over
+  the batch shards (`jax.shard_map`'s transpose), a path that does not rely on XLA's partitioner.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return fn(x, *replicated)
+  rules = dict(flax.core.spmd.get_logical_axis_rules())
+  if "batch" not in rules:
+    raise ValueError("batch_local runs under a mesh but no logical axis rule maps 'batch' to "
+                     "mesh axes: trace it under unires_jax.parallel.on_mesh (or "
+                     "nnx.logical_axis_rules)")
+  axes = rules["batch"]
+  axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+  if x.shape[0] % math.prod(mesh.shape[a] for a in axes):
+    axes = ()  # rows that do not divide evenly stay whole on every device
+  rows = PartitionSpec(axes or None)
+  return jax.shard_map(fn, mesh=mesh, in_specs=(rows,) + (PartitionSpec(),) * len(replicated),
+                       out_specs=rows)(x, *replicated)

@@ -159,18 +159,8 @@ class MLP(nnx.Module):
     return x
 
 
-class Attention(nnx.Module):
+class Attention(layers.AttentionProjections):
   """Multi-head attention projections (`nn.MultiheadAttention` with the in-projection split)."""
-
-  def __init__(self, dim: int, num_heads: int, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
-    if dim % num_heads:
-      raise ValueError(f"num_heads={num_heads} must divide hidden_dim={dim}")
-    self.num_heads = num_heads
-    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.q_proj = layers.linear(dim, dim, ("embed", "heads"), **kw)
-    self.k_proj = layers.linear(dim, dim, ("embed", "heads"), **kw)
-    self.v_proj = layers.linear(dim, dim, ("embed", "heads"), **kw)
-    self.out_proj = layers.linear(dim, dim, ("heads", "embed"), **kw)
 
   def split_heads(self, x: jax.Array) -> jax.Array:
     """[batch, n, dim] -> [batch, heads, n, head_dim]."""

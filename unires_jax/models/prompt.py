@@ -64,6 +64,18 @@ def num_special_tokens() -> int:
   return len(SPECIAL_TOKEN_FIELDS)
 
 
+def num_image_tokens(vision_cfg) -> int:
+  """`<img_patch>` placeholders per sequence (`config.model.vision`): CLIP's patch grid at the
+  configured image size, plus the CLS token when `select_feature` is "cls_patch"."""
+  grid = vision_cfg.image_size // vision_cfg.patch_size
+  return grid * grid + int(vision_cfg.select_feature == "cls_patch")
+
+
+def visual_prefix_length(num_image: int, max_objects: int, max_parts: int) -> int:
+  """Tokens before the prompt: `<img>`, the image tokens, `</img>`, and 3 per region slot."""
+  return num_image + 2 + 3 * (max_objects + max_parts)
+
+
 def build_sequence(
     prompt_ids: Sequence[int],
     answer_ids: Sequence[int],

@@ -31,9 +31,9 @@ def synthetic_batch(
   rng = np.random.default_rng(seed)
   special = prompt.SpecialTokens.appended_to(cfg.llm.vocab_size)
   s_low, s_high = cfg.vision.image_size, cfg.convnext.image_size
-  grid = s_low // cfg.vision.patch_size
-  n_img = grid * grid + (1 if cfg.vision.select_feature == "cls_patch" else 0)
-  max_length = n_img + 2 + 3 * (cfg.max_objects + cfg.max_parts) + prompt_length + 2
+  n_img = prompt.num_image_tokens(cfg.vision)
+  max_length = (prompt.visual_prefix_length(n_img, cfg.max_objects, cfg.max_parts)
+                + prompt_length + 2)
 
   out = {k: [] for k in ("image_high", "object_boxes", "object_valid", "part_boxes",
                          "part_valid", "masks", "no_target", "input_ids", "attention_mask",

@@ -115,9 +115,7 @@ class UniRESPP(nnx.Module):
   @property
   def num_image_tokens(self) -> int:
     """`<img_patch>` placeholders per sequence at the configured image size."""
-    grid = self.cfg.vision.image_size // self.cfg.vision.patch_size
-    cls = 1 if self.cfg.vision.select_feature == "cls_patch" else 0
-    return grid * grid + cls
+    return prompt.num_image_tokens(self.cfg.vision)
 
   def check_batch(self, batch: Mapping[str, Any]) -> None:
     """Raises a ValueError naming the field when `batch` does not fit this model.

@@ -1,17 +1,19 @@
-"""Device mesh, the logical-to-mesh sharding rules, and sharded placement of arrays."""
+"""Device mesh, the logical-to-mesh sharding rules, sharded placement of arrays, and the model
+on a mesh (sharded parameters, the jitted forward)."""
 
 from unires_jax.parallel.mesh import MESH_AXES
 from unires_jax.parallel.mesh import batch_sharding
 from unires_jax.parallel.mesh import make_mesh
 from unires_jax.parallel.mesh import shard_batch
 from unires_jax.parallel.rules import LOGICAL_AXIS_RULES
-from unires_jax.parallel.rules import batch_local
 from unires_jax.parallel.rules import logical_to_mesh
-from unires_jax.parallel.rules import path_str
 from unires_jax.parallel.rules import state_shardings
 from unires_jax.parallel.rules import variable_sharding
+from unires_jax.parallel.sharded_model import ShardedModel
+from unires_jax.parallel.sharded_model import make_predict
+from unires_jax.parallel.sharded_model import on_mesh
 
 __all__ = [
-    "LOGICAL_AXIS_RULES", "MESH_AXES", "batch_local", "batch_sharding", "logical_to_mesh", "make_mesh",
-    "path_str", "shard_batch", "state_shardings", "variable_sharding",
+    "LOGICAL_AXIS_RULES", "MESH_AXES", "ShardedModel", "batch_sharding", "logical_to_mesh",
+    "make_mesh", "make_predict", "on_mesh", "shard_batch", "state_shardings", "variable_sharding",
 ]

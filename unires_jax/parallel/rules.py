@@ -24,6 +24,8 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from unires_jax import utils
+
 LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("batch", ("data", "fsdp")),  # activations
     ("embed", "fsdp"),
@@ -81,11 +83,6 @@ def variable_sharding(variable: nnx.Variable, mesh: Mesh, *, where: str = "varia
                                              where=where))
 
 
-def path_str(path) -> str:
-  """A pytree key path as "llm/model/layers/0/mlp/up_proj/kernel"."""
-  return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
-
-
 def state_shardings(tree: Any, mesh: Mesh,
                     rules: Sequence[tuple[str, str | None]] = LOGICAL_AXIS_RULES) -> Any:
   """`NamedSharding`s for a pytree holding `nnx.Variable`s (an `nnx.State`, a train state with
@@ -100,23 +97,8 @@ def state_shardings(tree: Any, mesh: Mesh,
     if isinstance(leaf, nnx.Variable) and not hasattr(leaf.get_value(), "shape"):
       return leaf  # e.g. optax's MaskedNode: a placeholder without arrays
     if isinstance(leaf, nnx.Variable):
-      return leaf.replace(variable_sharding(leaf, mesh, where=path_str(path), rules=rules))
+      return leaf.replace(variable_sharding(leaf, mesh, where=utils.path_str(path), rules=rules))
     return replicated
 
   return jax.tree_util.tree_map_with_path(
       one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
-
-
-def batch_local(fn, x: jax.Array, *replicated: Any) -> jax.Array:
-  """`fn(x, *replicated)` computed per device on its own rows of `x` `[batch, ...]`, the
-  `replicated` arguments (e.g. a module's parameters) whole on every device; unchanged outside a
-  mesh. Differentiating it sums the replicated arguments' gradients over the batch shards
-  (`jax.shard_map`'s transpose), a path that does not rely on the partitioner.
-  """
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
-    return fn(x, *replicated)
-  rows = logical_to_mesh(("batch",), x.shape[:1], mesh, where="batch_local")
-  specs = (PartitionSpec(*rows),) + (PartitionSpec(),) * len(replicated)
-  return jax.shard_map(lambda x, *r: fn(x, *r), mesh=mesh, in_specs=specs,
-                       out_specs=PartitionSpec(*rows))(x, *replicated)

@@ -300,8 +300,7 @@ def count_flops(config: ml_collections.ConfigDict, batch_size: int, seq_len: int
   `config.train.accum_steps` (micro-batches split the same work) nor on the dtype.
   """
   m = config.model
-  side = m.vision.image_size // m.vision.patch_size
-  num_image = side * side + (m.vision.select_feature == "cls_patch")
+  num_image = prompt.num_image_tokens(m.vision)
   if seq_len < num_image + m.max_objects + m.max_parts + 1:
     raise ValueError(f"seq_len={seq_len} cannot hold {num_image} image tokens, "
                      f"{m.max_objects + m.max_parts} region tokens and [SEG]")

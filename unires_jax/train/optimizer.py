@@ -14,7 +14,7 @@ import ml_collections
 import optax
 from flax import nnx
 
-from unires_jax.parallel import path_str
+from unires_jax.utils import path_str
 
 
 def lr_multiplier(path: str, multipliers: Mapping[str, float]) -> float:

@@ -1,10 +1,5 @@
-"""The train state, created sharded on the mesh.
-
-Parameters are created where they live: the init runs under `jax.jit` with the shardings the
-rules give as `out_shardings`, so no host ever holds a full copy of the model.
-"""
-
-from typing import Any
+"""The train state, created sharded on the mesh around the model's sharded parameters
+(`unires_jax.parallel.ShardedModel`): the optimizer is built here, for training only."""
 
 import flax.struct
 import jax
@@ -14,7 +9,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from unires_jax import models, parallel
+from unires_jax import parallel
 from unires_jax.train import optimizer as optimizer_lib
 
 
@@ -36,34 +31,31 @@ class TrainState:
   nonfinite_total: jax.Array
 
 
-def _build(config: ml_collections.ConfigDict) -> nnx.Module:
-  return models.build_model(config, nnx.Rngs(params=config.train.seed))
-
-
-def graphdef_and_abstract_params(config: ml_collections.ConfigDict) -> tuple[nnx.GraphDef, Any]:
-  """The model's static graph and its parameters as ShapeDtypeStructs (nothing allocated)."""
-  model = nnx.eval_shape(lambda: _build(config))
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  if jax.tree_util.tree_leaves(rest):
-    raise ValueError("the model holds non-parameter state, which the train state does not carry")
-  return graphdef, params
-
-
 class StateFactory:
-  """Builds the optimizer, the abstract state and the sharded state of a config on a mesh."""
+  """Builds the optimizer, the abstract state and the sharded state of a config on a mesh.
+
+  Attributes:
+    model: the `ShardedModel` (graph, parameter shardings, the predict function's source).
+    tx: the optimizer of the trainable parameters.
+    abstract: the `TrainState` as ShapeDtypeStructs; `shardings`: its `NamedSharding`s.
+  """
 
   def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh):
     self.config, self.mesh = config, mesh
-    self.graphdef, abstract_params = graphdef_and_abstract_params(config)
+    self.model = parallel.ShardedModel(config, mesh)
     multipliers = dict(config.optimizer.lr_multipliers)
-    optimizer_lib.check_multipliers(abstract_params, multipliers)
-    trainable, _ = optimizer_lib.split_trainable(abstract_params, multipliers)
+    optimizer_lib.check_multipliers(self.model.abstract, multipliers)
+    trainable, _ = optimizer_lib.split_trainable(self.model.abstract, multipliers)
     self.tx = optimizer_lib.make_optimizer(config.optimizer, config.train.num_steps, trainable)
     self.abstract = jax.eval_shape(self._init)
     self.shardings = parallel.state_shardings(self.abstract, mesh)
 
+  @property
+  def graphdef(self) -> nnx.GraphDef:
+    return self.model.graphdef
+
   def _init(self) -> TrainState:
-    return self._start_from(nnx.state(_build(self.config), nnx.Param))
+    return self._start_from(self.model.init_params())
 
   def _start_from(self, params: nnx.State) -> TrainState:
     trainable, _ = optimizer_lib.split_trainable(params, dict(self.config.optimizer.lr_multipliers))

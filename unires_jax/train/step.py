@@ -1,4 +1,5 @@
-"""The jitted train step and prediction function, with explicit in/out shardings.
+"""The jitted train step, with explicit in/out shardings (the prediction function, which needs
+no optimizer, is `unires_jax.parallel.make_predict`).
 
 One step: split the global batch into `config.train.accum_steps` micro-batches, sum their
 gradients in a `lax.scan` (memory holds one micro-batch of activations) and average, clip, update
@@ -116,40 +117,6 @@ def make_train_step(factory: StateFactory) -> Callable[[TrainState, Batch], tupl
     return state, metrics
 
   replicated = NamedSharding(factory.mesh, PartitionSpec())
-  return _on_mesh(factory.mesh, jax.jit(
+  return parallel.on_mesh(factory.mesh, jax.jit(
       step, in_shardings=(factory.shardings, parallel.batch_sharding(factory.mesh)),
       out_shardings=(factory.shardings, replicated), donate_argnums=(0,)))
-
-
-def _on_mesh(mesh, jitted):
-  """`jitted`, traced under `mesh` (the models' per-device sections read it)."""
-
-  def call(*args):
-    with jax.set_mesh(mesh):
-      return jitted(*args)
-
-  def lower(*args):
-    with jax.set_mesh(mesh):
-      return jitted.lower(*args)
-
-  call.lower = lower  # AOT use (cost analysis, benchmarks), as on the jitted function
-  return call
-
-
-def make_predict(factory: StateFactory) -> Callable[[nnx.State, Batch], dict[str, jax.Array]]:
-  """`(params, batch) -> {"mask_logits": [batch, s_high, s_high], "no_target_logits": [batch]}`.
-
-  `batch` holds `INPUT_KEYS`. Mask logits are upsampled (bilinear) from the decoder's 1/4
-  resolution to the letterboxed high-resolution view; outputs are sharded over the batch.
-  """
-  graphdef, size = factory.graphdef, factory.config.model.convnext.image_size
-
-  def predict(params, batch):
-    out = nnx.merge(graphdef, params)(batch)
-    logits = jax.image.resize(out.mask_logits.astype(jnp.float32),
-                              (out.mask_logits.shape[0], size, size), "bilinear")
-    return {"mask_logits": logits, "no_target_logits": out.no_target_logits.astype(jnp.float32)}
-
-  rows = parallel.batch_sharding(factory.mesh)
-  return _on_mesh(factory.mesh, jax.jit(
-      predict, in_shardings=(factory.shardings.params, rows), out_shardings=rows))

@@ -4,7 +4,8 @@
   together with the input iterator's position; or, in a new run, the parameters of
   `config.train.init_from`: a converted checkpoint or another run);
   loop {batch -> train_step -> log -> checkpoint};
-  evaluate `config.eval.datasets` every `config.train.eval_every` steps and at the end.
+  run the evaluators of `config.evals` (`unires_jax.evaluation.evals`) at the steps they ask
+  for and after the last one.
 
 SIGTERM saves a checkpoint at the current step and returns (`TrainResult.preempted`); a rerun
 with the same workdir resumes from it. A run killed outright resumes from its last complete
@@ -14,21 +15,19 @@ checkpoint and, the input being deterministic, repeats exactly the steps it had 
 import dataclasses
 import logging
 import os
-import time
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 
-from unires_jax import config_lib, parallel
+from unires_jax import checkpoint, config_lib, parallel
 from unires_jax.data import pipeline, tokenizer
-from unires_jax.evaluation import evaluator, overlays
+from unires_jax.evaluation import evals, evaluator, overlays
+from unires_jax.metric_writer import MetricWriter
 from unires_jax.models.unires import INPUT_KEYS
-from unires_jax.train import checkpoint
 from unires_jax.train import step as step_lib
-from unires_jax.train.checkpoint import Checkpointer
-from unires_jax.train.metric_writer import MetricWriter
+from unires_jax.train.checkpointer import Checkpointer
 from unires_jax.train.preemption import PreemptionGuard
 from unires_jax.train.progress import Progress
 from unires_jax.train.state import StateFactory, TrainState
@@ -49,10 +48,6 @@ class TrainResult:
   eval_results: dict[str, evaluator.EvalResult]
 
 
-def load_tokenize(config: ml_collections.ConfigDict):
-  return pipeline.hf_tokenize(tokenizer.load_tokenizer(config.input.tokenizer))
-
-
 def train(config: ml_collections.ConfigDict, workdir: str, *, show_progress: bool = True,
           final_eval: bool = True) -> TrainResult:
   """Trains `config` in `workdir` (resuming when it holds a checkpoint); see the module doc.
@@ -60,15 +55,16 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, show_progress: boo
   `final_eval=False` skips the evaluation at the end (the caller runs its own).
   """
   tcfg = config.train
+  evaluators = evals.from_config(config)
   mesh = parallel.make_mesh(config.mesh)
   log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size,
            jax.process_count())
   if jax.process_index() == 0:
     config_lib.write_config_json(config, workdir)  # what unires-convert and unires-segment read
-  tokenize = load_tokenize(config)
+  tokenize = tokenizer.load_tokenize(config.input.tokenizer)
   factory = StateFactory(config, mesh)
   train_step = step_lib.make_train_step(factory)
-  predict = step_lib.make_predict(factory)
+  predict = parallel.make_predict(factory.model)
   data = iter(pipeline.train_dataset(config, tokenize))
   checkpoints = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=tcfg.checkpoint_every,
                              keep=tcfg.keep_checkpoints, async_save=tcfg.async_checkpointing)
@@ -76,7 +72,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, show_progress: boo
     state = checkpoints.restore(factory.abstract_sharded(), data)
     log.info("resumed from step %d of %s", int(state.step), checkpoints.directory)
   elif tcfg.init_from:
-    params, _ = checkpoint.restore_params(tcfg.init_from, factory.abstract_sharded())
+    params, _ = checkpoint.restore_params(tcfg.init_from, factory.model.abstract_sharded())
     state = factory.create(params)
     log.info("parameters from %s", tcfg.init_from)
   else:
@@ -101,9 +97,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, show_progress: boo
         if tcfg.image_summary_every and done % tcfg.image_summary_every == 0:
           writer.images(done, _summary_images(predict, state.params, batch, mesh))
         saved = checkpoints.save(done, state, data)
-        if tcfg.eval_every and done % tcfg.eval_every == 0 and done < tcfg.num_steps:
-          eval_results = evaluate_all(config, state.params, predict, mesh, tokenize, workdir,
-                                      done, writer)
+        due = [ev for ev in evaluators if ev.due(done) and done < tcfg.num_steps]
+        if due:
+          eval_results = evals.run(due, config, state.params, predict, mesh, tokenize, workdir,
+                                   done, writer.scalars)
         if guard.requested(done):
           if not saved:
             checkpoints.save(done, state, data, force=True)
@@ -116,9 +113,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, show_progress: boo
     if not preempted and final not in checkpoints.all_steps():
       checkpoints.save(final, state, data, force=True)
     checkpoints.wait_until_finished()
-    if not preempted and final_eval and config.eval.datasets:
-      eval_results = evaluate_all(config, state.params, predict, mesh, tokenize, workdir,
-                                  final, writer)
+    if not preempted and final_eval and evaluators:
+      eval_results = evals.run(evaluators, config, state.params, predict, mesh, tokenize,
+                               workdir, final, writer.scalars)
   finally:
     progress.close()
     checkpoints.close()
@@ -145,19 +142,3 @@ def _summary_images(predict, params, batch, mesh, count: int = 4) -> dict[str, n
     images[f"train/prediction_{i}"] = overlays.side_by_side(
         image, logits[i] > 0, batch["masks"][i] > 0.5)
   return images
-
-
-def evaluate_all(config, params, predict, mesh, tokenize, workdir: str, step: int,
-                 writer: MetricWriter | None = None) -> dict[str, evaluator.EvalResult]:
-  """Evaluates every dataset of `config.eval.datasets`; writes `workdir/eval/<name>_<split>.json`."""
-  results = {}
-  for label, d in sorted(config.eval.datasets.items()):
-    t0 = time.time()
-    result = evaluator.evaluate(config, params, predict, mesh, tokenize, d.name, d.split)
-    path = evaluator.write_json(result, workdir, d.name, d.split, step)
-    log.info("eval %s (%s/%s) at step %d in %.0f s: %s -> %s", label, d.name, d.split, step,
-             time.time() - t0, evaluator.headline(result.metrics), path)
-    if writer is not None:
-      writer.scalars(step, result.metrics, prefix=f"eval/{label}/")
-    results[label] = result
-  return results

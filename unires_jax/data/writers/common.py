@@ -6,7 +6,6 @@ released datasets, so that the builders are tested on real files, never on mocke
 
 import dataclasses
 import os
-import tempfile
 from typing import Sequence
 
 import numpy as np
@@ -70,19 +69,6 @@ def write_png(path: str, array: np.ndarray) -> None:
   Image.fromarray(array).save(path, format="PNG")
 
 
-def atomic_write_bytes(path: str, data: bytes) -> None:
-  """Writes `data` to `path` through a temporary file and a rename (never half a file)."""
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
-
-
 def polygon_mask(polygon: Sequence[float], height: int, width: int) -> np.ndarray:
   """The mask of a polygon as pycocotools rasterises it (what a COCO reader will see)."""
   from pycocotools import mask as mask_utils
@@ -139,12 +125,3 @@ def random_scene(rng: np.random.Generator, image_id: int, *, height: int = 48, w
   is_part = np.array([s.part is not None for s in segments], bool)
   return Scene(image_id, file_name or f"COCO_train2014_{image_id:012d}.jpg", pixels, segments,
                refs, object_proposals=boxes[~is_part], part_proposals=boxes[is_part])
-
-
-def corrupt_file(path: str) -> None:
-  """Truncates a file to its first bytes (a corrupt JPEG/PNG for the bad-input tests)."""
-  with open(path, "rb") as f:
-    head = f.read(20)
-  with open(path, "wb") as f:
-    f.write(head)
-

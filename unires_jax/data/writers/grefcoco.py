@@ -11,7 +11,8 @@ Documented field by field in tfds_builders/grefcoco/README.md. Scenes from
 import json
 import os
 
-from unires_jax.data.writers.common import Scene, atomic_write_bytes
+from unires_jax import utils
+from unires_jax.data.writers.common import Scene
 from unires_jax.data.writers.refcoco import instances, sentences, write_images
 
 NO_TARGET_ID = -1  # gRefCOCO's `ann_id` and `category_id` of a ref that names nothing: [-1].
@@ -39,6 +40,6 @@ def write(root: str, splits: dict[str, list[Scene]], *,
   grefs = [gref_record(scene, ref, split, category_ids)
            for split, split_scenes in splits.items() for scene in split_scenes
            for ref in scene.refs]
-  atomic_write_bytes(os.path.join(root, "instances.json"), json.dumps(coco).encode())
-  atomic_write_bytes(os.path.join(root, "grefs(unc).json"), json.dumps(grefs).encode())
+  utils.write_atomic(os.path.join(root, "instances.json"), json.dumps(coco).encode())
+  utils.write_atomic(os.path.join(root, "grefs(unc).json"), json.dumps(grefs).encode())
   write_images(root, scenes)

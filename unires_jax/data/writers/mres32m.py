@@ -15,7 +15,8 @@ import os
 
 import numpy as np
 
-from unires_jax.data.writers.common import Scene, Segment, atomic_write_bytes, write_jpeg
+from unires_jax import utils
+from unires_jax.data.writers.common import Scene, Segment, write_jpeg
 
 
 def shard_name(split: str, index: int, num_shards: int) -> str:
@@ -81,4 +82,4 @@ def write(root: str, splits: dict[str, list[Scene]], num_shards: int | dict[str,
       write_jpeg(os.path.join(root, "images", scene.file_name), scene.pixels)
     for index, chunk in enumerate(np.array_split(np.arange(len(scenes)), n)):
       lines = [json.dumps(image_record(scenes[i])) + "\n" for i in chunk]
-      atomic_write_bytes(os.path.join(root, shard_name(split, index, n)), "".join(lines).encode())
+      utils.write_atomic(os.path.join(root, shard_name(split, index, n)), "".join(lines).encode())

@@ -15,7 +15,8 @@ import pickle
 
 import numpy as np
 
-from unires_jax.data.writers.common import (Scene, Segment, atomic_write_bytes, polygon_mask,
+from unires_jax import utils
+from unires_jax.data.writers.common import (Scene, Segment, polygon_mask,
                                             write_jpeg)
 
 # How an annotation's `segmentation` is written: COCO polygons, compressed RLE (counts a string,
@@ -129,11 +130,11 @@ def write(root: str, dataset: str, refs: dict[str, dict[str, list[Scene]]], *,
   coco = instances(list(scenes.values()), segmentation_kind)
   category_ids = {c["name"]: c["id"] for c in coco["categories"]}
   folder = os.path.join(root, dataset)
-  atomic_write_bytes(os.path.join(folder, "instances.json"), json.dumps(coco).encode())
+  utils.write_atomic(os.path.join(folder, "instances.json"), json.dumps(coco).encode())
   for split_by, by_split in refs.items():
     records = [ref_record(scene, ref, split, category_ids)
                for split, split_scenes in by_split.items() for scene in split_scenes
                for ref in scene.refs]
-    atomic_write_bytes(os.path.join(folder, f"refs({split_by}).p"),
+    utils.write_atomic(os.path.join(folder, f"refs({split_by}).p"),
                        pickle.dumps(records, protocol=2))
   write_images(root, list(scenes.values()))

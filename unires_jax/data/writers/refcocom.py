@@ -12,7 +12,8 @@ import os
 
 import numpy as np
 
-from unires_jax.data.writers.common import Scene, atomic_write_bytes, write_jpeg, write_png
+from unires_jax import utils
+from unires_jax.data.writers.common import Scene, write_jpeg, write_png
 
 
 def reference_record(scene: Scene, ref, height: int, width: int) -> dict:
@@ -56,8 +57,8 @@ def write(root: str, splits: dict[str, list[Scene]], *, with_proposals: bool = T
                   for x1, y1, x2, y2 in np.asarray(boxes).reshape(-1, 4)]
             for key, boxes in (("object_boxes", scene.object_proposals),
                                ("part_boxes", scene.part_proposals))}
-    atomic_write_bytes(os.path.join(root, "annotations", f"{split}.json"),
+    utils.write_atomic(os.path.join(root, "annotations", f"{split}.json"),
                        json.dumps(annotations).encode())
     if with_proposals and proposals:
-      atomic_write_bytes(os.path.join(root, "proposals", f"{split}.json"),
+      utils.write_atomic(os.path.join(root, "proposals", f"{split}.json"),
                          json.dumps(proposals).encode())

@@ -1,18 +1,14 @@
-"""Orbax checkpoints of the train state together with the Grain iterator's position.
+"""A model's parameters on disk: a training run's checkpoints or a converted checkpoint.
 
-A checkpoint `workdir/checkpoints/<step>/` holds `state` (the sharded `TrainState`; each process
-writes its own shards) and `data` (every process's input-iterator state). Orbax writes into a
-temporary folder and renames it when complete, so a run killed at any moment leaves only complete
-checkpoints behind; `latest_step()` sees complete ones only. Saves are asynchronous: the step loop
-goes on while the arrays are written.
-
-Restoring takes an abstract state carrying the *current* mesh's shardings, so a checkpoint saved
-on one mesh (e.g. data=8) restores onto another (e.g. fsdp=4, tensor=2).
-
-A run's `config.json` sits beside its `checkpoints/`. A converted checkpoint (`unires-convert
-from-pytorch`) holds the parameters alone. `locate` finds the parameters in either,
-`restore_params` restores them sharded, `param_shapes` / `read_params` read them tensor by tensor
-on the host (conversion to PyTorch).
+Two layouts hold parameters:
+  * a training work directory: `config.json` beside `checkpoints/<step>/state`, the Orbax PyTree
+    of a train state whose `params` entry is the model's `nnx.State` of parameters
+    (`unires_jax.train.checkpointer` writes it);
+  * a converted checkpoint (`unires-convert from-pytorch`, `save_converted`): `params/` (Orbax, the
+    `nnx.State` alone), `config.json` and, when there is one, `tokenizer/`.
+`locate` finds the parameters in either; `restore_params` restores them sharded onto a mesh (each
+process reads its own shards, nothing else of a train state is read: no optimizer is needed);
+`param_shapes` / `read_params` read them tensor by tensor on the host (conversion to PyTorch).
 """
 
 import dataclasses
@@ -20,81 +16,21 @@ import os
 import shutil
 from typing import Any
 
-import grain
 import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from unires_jax import config_lib, parallel
-from unires_jax.convert import torch_io
-from unires_jax.train.state import TrainState
+from unires_jax import config_lib, utils
 
 PARAMS_DIR = "params"  # a converted checkpoint: params/ (Orbax) + config.json (+ tokenizer/)
 TOKENIZER_DIR = "tokenizer"
-
-
-class Checkpointer:
-  """Saves every `save_every` steps, keeps the newest `keep`.
-
-  Args:
-    directory: where the step folders go (created if absent).
-    save_every: `save()` writes only at multiples of it (unless forced).
-    keep: how many checkpoints to keep (older ones are deleted).
-    async_save: write in a background thread.
-  """
-
-  def __init__(self, directory: str, *, save_every: int, keep: int, async_save: bool = True):
-    if save_every < 1 or keep < 1:
-      raise ValueError(f"checkpoint_every={save_every} and keep_checkpoints={keep} must be >= 1")
-    self.directory = os.path.abspath(directory)
-    policies = ocp.checkpoint_managers
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
-        # Multiples of `save_every` and preemption (Orbax's default also saves a run's first
-        # step, which costs a save for nothing).
-        save_decision_policy=policies.AnySavePolicy([
-            policies.FixedIntervalPolicy(save_every), policies.PreemptionCheckpointingPolicy()]))
-    self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                          item_names=("state", "data"))
-
-  def latest_step(self) -> int | None:
-    return self._manager.latest_step()
-
-  def all_steps(self) -> list[int]:
-    return list(self._manager.all_steps())
-
-  def save(self, step: int, state: TrainState, data_iterator: Any | None,
-           *, force: bool = False) -> bool:
-    """Saves `state` (and the iterator's position) as step `step` when due (or `force`)."""
-    items = {"state": ocp.args.StandardSave(state)}
-    if data_iterator is not None:
-      items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-    return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
-
-  def restore(self, abstract_state: TrainState, data_iterator: Any | None,
-              step: int | None = None) -> TrainState:
-    """The state of `step` (default: the latest) placed as `abstract_state`'s shardings say;
-    `data_iterator` (when given) is moved to where the saved one was."""
-    step = self.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint in {self.directory}")
-    items = {"state": ocp.args.StandardRestore(abstract_state)}
-    if data_iterator is not None:
-      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-    return restored["state"]
-
-  def wait_until_finished(self) -> None:
-    self._manager.wait_until_finished()
-
-  def close(self) -> None:
-    self._manager.close()
+STATE_DIR = "state"  # the train state's item in a training checkpoint's step folder
 
 
 def _step_dirs(directory: str) -> list[int]:
   return sorted(int(n) for n in os.listdir(directory)
-                if n.isdigit() and os.path.isdir(os.path.join(directory, n, "state")))
+                if n.isdigit() and os.path.isdir(os.path.join(directory, n, STATE_DIR)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,19 +88,22 @@ def locate(path: str, step: int | None = None) -> Located:
   step = steps[-1] if step is None else step
   if step not in steps:
     raise FileNotFoundError(f"no checkpoint of step {step} in {directory} (it has {steps})")
-  return Located(os.path.join(directory, str(step), "state"), ("params",), step,
+  return Located(os.path.join(directory, str(step), STATE_DIR), ("params",), step,
                  os.path.dirname(directory))
 
 
-def restore_params(path: str, abstract_state: TrainState, step: int | None = None
+def restore_params(path: str, abstract_params: Any, step: int | None = None
                    ) -> tuple[Any, int | None]:
-  """(params, step) of a checkpoint `locate` finds under `path` (step None for a converted one),
-  placed as `abstract_state`'s shardings say: each process reads only its own shards, and the
-  rest of a train state (the optimizer's moments) is not read."""
+  """(params, step) of a checkpoint `locate` finds under `path` (step None for a converted one).
+
+  `abstract_params`: the model's parameters as ShapeDtypeStructs carrying the shardings to
+  restore onto (`parallel.ShardedModel.abstract_sharded()`): each process reads only its own
+  shards, and the rest of a train state (the optimizer's moments) is not read.
+  """
   where = locate(path, step)
-  check_shapes(where, abstract_state.params)
-  item, restore_args = abstract_state.params, ocp.checkpoint_utils.construct_restore_args(
-      abstract_state.params)
+  check_shapes(where, abstract_params)
+  item, restore_args = abstract_params, ocp.checkpoint_utils.construct_restore_args(
+      abstract_params)
   for key in reversed(where.prefix):
     item, restore_args = {key: item}, {key: restore_args}
   tree = ocp.PyTreeCheckpointer().restore(where.tree_dir, args=ocp.args.PyTreeRestore(
@@ -181,7 +120,7 @@ def param_shapes(where: Located) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     tree = tree[key]
   flat = {}
   for keys, meta in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    name = parallel.path_str(keys)
+    name = utils.path_str(keys)
     if not name.endswith("/value"):
       raise ValueError(f"{where.tree_dir}: unexpected leaf {name} (not a parameter)")
     flat[name.removesuffix("/value")] = (tuple(meta.shape), np.dtype(meta.dtype))
@@ -194,7 +133,7 @@ def check_shapes(where: Located, abstract_params: Any) -> None:
   saved = param_shapes(where)
   wanted = {}
   for keys, leaf in jax.tree_util.tree_flatten_with_path(abstract_params)[0]:
-    wanted[parallel.path_str(keys).removesuffix("/value")] = tuple(leaf.shape)
+    wanted[utils.path_str(keys).removesuffix("/value")] = tuple(leaf.shape)
   for name in sorted(saved.keys() | wanted.keys()):
     have, want = saved.get(name, (None,))[0], wanted.get(name)
     if have != want:
@@ -233,7 +172,7 @@ def save_converted(params: Any, config: ml_collections.ConfigDict, out_dir: str,
   of parameters), `config.json` and, when given, `tokenizer/` (a copy of `tokenizer_dir`, which
   `Located.config` makes the config's tokenizer). Written into a temporary sibling renamed at the
   end: a failure leaves nothing at `out_dir`."""
-  with torch_io.new_directory(out_dir) as tmp:
+  with utils.new_directory(out_dir) as tmp:
     if tokenizer_dir:
       shutil.copytree(tokenizer_dir, os.path.join(tmp, TOKENIZER_DIR))
     checkpointer = ocp.StandardCheckpointer()

@@ -1,0 +1,64 @@
+"""Configs by path or name from any directory, `get_config(arg)` variants, config.json."""
+
+import os
+
+import pytest
+
+from unires_jax import config_lib
+
+
+def test_names_resolve_to_the_installed_configs(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  installed = os.path.join(config_lib.installed_configs_dir(), "tiny.py")
+  assert config_lib.resolve("configs/tiny.py") == installed
+  assert config_lib.resolve("tiny.py") == config_lib.resolve("tiny") == installed
+  assert config_lib.installed_configs() == ["demo", "tiny", "unires_pp_7b"]
+
+
+def test_a_path_from_the_working_directory_wins(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / "configs").mkdir()
+  (tmp_path / "configs" / "tiny.py").write_text(
+      "import ml_collections\n"
+      "def get_config(arg=None):\n"
+      "  return ml_collections.ConfigDict({'arg': arg})\n")
+  assert config_lib.resolve("configs/tiny.py") == "configs/tiny.py"
+  assert config_lib.load_config("configs/tiny.py:x=1").arg == "x=1"
+
+
+def test_unknown_config_is_refused_with_the_known_names(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(ValueError, match=r"'configs/big.py' not found .*\['demo', 'tiny'"):
+    config_lib.resolve("configs/big.py")
+  with pytest.raises(ValueError, match="not found"):
+    config_lib.resolve("elsewhere/tiny.py")  # only configs/NAME.py names an installed one
+
+
+def test_parse_arg_types_and_errors():
+  arg = config_lib.parse_arg("layers=4,rate=0.5,name=x,fast", layers=32, rate=1.0, name="",
+                             fast=False)
+  assert (arg.layers, arg.rate, arg.name, arg.fast) == (4, 0.5, "x", True)
+  assert config_lib.parse_arg(None, layers=32).layers == 32
+  assert config_lib.parse_arg("fast=false", fast=True).fast is False
+  with pytest.raises(ValueError, match=r"unknown config argument 'layer' .* \['layers'\]"):
+    config_lib.parse_arg("layer=4", layers=32)
+  with pytest.raises(ValueError, match="layers='four' is not int"):
+    config_lib.parse_arg("layers=four", layers=32)
+  with pytest.raises(ValueError, match=r"'layers' needs a value"):
+    config_lib.parse_arg("layers", layers=32)
+  with pytest.raises(ValueError, match="takes no argument"):
+    config_lib.load_config("configs/tiny.py:llm_layers=4")
+
+
+def test_7b_variant_cuts_the_llm_only():
+  full, small = (config_lib.load_config(s) for s in ("unires_pp_7b", "unires_pp_7b:llm_layers=4"))
+  assert (full.model.llm.num_layers, small.model.llm.num_layers) == (32, 4)
+  small.model.llm.num_layers = 32
+  assert small.to_dict() == full.to_dict()
+
+
+def test_config_json_round_trip(tmp_path):
+  config = config_lib.load_config("demo")
+  config_lib.write_config_json(config, str(tmp_path))
+  assert config_lib.read_config_json(str(tmp_path)).to_dict() == config.to_dict()
+  assert os.listdir(tmp_path) == ["config.json"]  # no temporary file left
