@@ -30,12 +30,12 @@ from absl import app, flags
 from ml_collections import config_flags
 from PIL import Image
 
-from unires_jax.config_lib import REPO_ROOT
+from unires_jax import config_lib
 from unires_jax.data import build, pipeline, preprocess, raw_io, tokenizer
 from unires_jax.data.writers import common, refcocom
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", f"{REPO_ROOT}/configs/unires_pp_7b.py", "Config (model sizes, config.input).")
+    "config", config_lib.resolve("configs/unires_pp_7b.py"), "Config (model sizes, config.input).")
 _NUM_IMAGES = flags.DEFINE_integer("num_images", 64, "Images in the generated raw dataset.")
 _NUM_EXAMPLES = flags.DEFINE_integer(
     "num_examples", 256, "Samples timed per loader and run; keep it a multiple of "
@@ -130,7 +130,7 @@ def main(argv: Sequence[str]) -> None:
   tok = tokenizer.train_tokenizer(
       sentences + [config.input.template, config.input.answer],
       vocab_size=config.model.llm.vocab_size, out_dir=os.path.join(workdir, "tokenizer"))
-  tokenize = pipeline.hf_tokenize(tok)
+  tokenize = tokenizer.hf_tokenize(tok)
   spec = preprocess.sample_spec(config.model, config.input)
   print(f"{len(sentences)} expressions on {_NUM_IMAGES.value} images; views "
         f"{spec.low_size}/{spec.high_size} px; batch {_BATCH.value}; one process, one thread")
