@@ -191,3 +191,19 @@ def test_proposals_reach_the_llm_and_absent_slots_do_not(config):
   real = batch["attention_mask"][0].astype(bool)
   np.testing.assert_allclose(out.logits[0, real], base.logits[0, real], atol=1e-6, rtol=0)
   np.testing.assert_allclose(out.mask_logits, base.mask_logits, atol=1e-6, rtol=0)
+
+
+def test_without_proposals_the_no_target_logit_is_the_text_prior(config):
+  """Evaluating on an image without proposals used to give a logit of prior + 1e4 - log(8):
+  "no target" for every expression at any threshold. Now it is the text prior, from the same
+  [SEG] state that a batch with proposals would score against them."""
+  model = models.build_model(config, nnx.Rngs(0))
+  batch = synthetic_batch(config.model, 8, proposals=False)
+  assert not batch["object_valid"].any() and not batch["part_valid"].any()
+  out = nnx.jit(lambda m, b: m(b))(model, batch)
+  logits = np.asarray(out.no_target_logits)
+  assert np.all(np.isfinite(logits)) and np.all(np.abs(logits) < 1e3), logits
+  threshold = config.model.no_target_threshold
+  no_target = logits > np.log(threshold / (1 - threshold))
+  assert not no_target.all(), logits
+  np.testing.assert_array_equal(np.asarray(out.region_logits), -1e4)

@@ -61,7 +61,7 @@ def exported(tmp_path_factory):
 
 def test_pytorch_model_matches_jax(exported):
   model, config, out = exported
-  batch = _batch(config.model, [(3, 2), (1, 0)])
+  batch = _batch(config.model, [(3, 2), (1, 0), (0, 0)])  # (0, 0): the text prior alone
   want = nnx.jit(lambda m, b: m(b))(model, batch)  # compiling beats op-by-op: 4 s, not 20 s
   torch_model = UniRESPP.from_pretrained(str(out))
   with torch.no_grad():

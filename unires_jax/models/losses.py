@@ -6,6 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from unires_jax.models.no_target import evidence
+
 
 def lm_cross_entropy(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array) -> jax.Array:
   """Next-token cross-entropy averaged over the target tokens.
@@ -117,12 +119,15 @@ def region_selection_ce(match_logits: jax.Array, no_target_logits: jax.Array,
   """Cross-entropy of "which proposal, or none" (`models.no_target` defines the logits).
 
   The classes are the proposals and a null class whose logit is
-  `no_target_logit + logsumexp(match_logits)`. The target distribution is uniform over the
-  proposals of `targets`, or all on the null class for a no-target expression; expressions with
-  a target but no proposal marked in `targets` do not count.
+  `no_target_logit + evidence(match_logits)` (the logsumexp of the valid proposals' logits, or 0
+  without one: what the head subtracts), so the null class's log-odds against all proposals is
+  the no-target logit. A row without a valid proposal leaves the null class alone against padded
+  slots: probability 1, no loss. The target distribution is uniform over the proposals of
+  `targets`, or all on the null class for a no-target expression; expressions with a target but
+  no proposal marked in `targets` do not count.
 
   Args:
-    match_logits: `[batch, regions]` (very negative for padded proposals).
+    match_logits: `[batch, regions]` (`no_target.INVALID_LOGIT` for padded proposals).
     no_target_logits: `[batch]`.
     targets: `[batch, regions]` in {0, 1}, from `region_targets`.
     no_target: `[batch]` bool.
@@ -132,7 +137,7 @@ def region_selection_ce(match_logits: jax.Array, no_target_logits: jax.Array,
   """
   match_logits = match_logits.astype(jnp.float32)
   none = no_target.astype(jnp.float32)
-  null = no_target_logits.astype(jnp.float32) + jax.nn.logsumexp(match_logits, axis=-1)
+  null = no_target_logits.astype(jnp.float32) + evidence(match_logits)
   logits = jnp.concatenate([match_logits, null[:, None]], axis=-1)
   dist = jnp.concatenate([targets * (1.0 - none)[:, None], none[:, None]], axis=-1)
   mass = jnp.sum(dist, axis=-1)

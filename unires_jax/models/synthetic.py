@@ -18,6 +18,7 @@ def synthetic_batch(
     seed: int = 0,
     no_target_every: int = 0,
     prompt_length: int = 6,
+    proposals: bool = True,
 ) -> dict[str, np.ndarray]:
   """A batch for `UniRESPP(cfg)` (see the field list in `unires_jax.models.unires`).
 
@@ -27,6 +28,8 @@ def synthetic_batch(
     seed: NumPy seed; the same seed gives the same batch.
     no_target_every: every n-th sample (n > 0) refers to nothing; 0 for none.
     prompt_length: tokens of the (random) expression.
+    proposals: False leaves every proposal slot padding (an image in which the detector found
+      nothing); True gives one object and one part proposal.
   """
   rng = np.random.default_rng(seed)
   special = prompt.SpecialTokens.appended_to(cfg.llm.vocab_size)
@@ -38,6 +41,7 @@ def synthetic_batch(
   out = {k: [] for k in ("image_high", "object_boxes", "object_valid", "part_boxes",
                          "part_valid", "masks", "no_target", "input_ids", "attention_mask",
                          "loss_mask")}
+  present = int(proposals)
   for i in range(batch_size):
     no_target = no_target_every > 0 and i % no_target_every == no_target_every - 1
     image = rng.normal(0.0, 0.3, (s_high, s_high, 3)).astype(np.float32)
@@ -50,14 +54,14 @@ def synthetic_batch(
       image[y1:y1 + h, x1:x1 + w] += 1.5
     objects = np.zeros((cfg.max_objects, 4), np.float32)
     objects[0] = box
-    object_valid = np.arange(cfg.max_objects) < 1
+    object_valid = np.arange(cfg.max_objects) < present
     parts = np.zeros((cfg.max_parts, 4), np.float32)
     parts[0] = [box[0], box[1], box[0] + w / 2, box[1] + h / 2]
-    part_valid = np.arange(cfg.max_parts) < 1
+    part_valid = np.arange(cfg.max_parts) < present
     answer = [int(rng.integers(1, cfg.llm.vocab_size)), special.seg]
     seq = prompt.build_sequence(
         rng.integers(1, cfg.llm.vocab_size, prompt_length).tolist(), answer,
-        special=special, num_image_tokens=n_img, num_objects=1, num_parts=1,
+        special=special, num_image_tokens=n_img, num_objects=present, num_parts=present,
         max_objects=cfg.max_objects, max_parts=cfg.max_parts, max_length=max_length)
     for key, value in (("image_high", image), ("object_boxes", objects),
                        ("object_valid", object_valid), ("part_boxes", parts),

@@ -45,7 +45,8 @@ class Projector(nn.Module):
 
 
 class NoTargetHead(nn.Module):
-  """`no_target_logit = prior([SEG]) - logsumexp(match([SEG], regions))`.
+  """`no_target_logit = prior([SEG]) - evidence(match([SEG], regions))`: the logsumexp of the
+  valid proposals' match logits, 0 without a valid proposal.
 
   See `unires_jax.models.no_target` for the design.
   """
@@ -76,4 +77,6 @@ class NoTargetHead(nn.Module):
     hidden = F.gelu(self.match_fc1(F.gelu(q * r + q + r)))
     match = torch.where(region_valid, self.match_fc2(hidden)[..., 0].float(), INVALID_LOGIT)
     prior = self.fc2(F.gelu(self.fc1(seg_state)))[..., 0]
-    return prior.float() - torch.logsumexp(match, dim=-1), match
+    evidence = torch.where((match > INVALID_LOGIT).any(dim=-1), torch.logsumexp(match, dim=-1),
+                           torch.zeros((), dtype=match.dtype))
+    return prior.float() - evidence, match
