@@ -33,7 +33,9 @@ def get_config(arg=None):
 
   config.input.train = ml_collections.ConfigDict(
       {"shapes_parts": dict(name="ref_coco_m", split="train", weight=1.0)})
+  # ShapesParts holds no-target expressions, which `classic` would not judge: `lisa`.
   config.evals = ml_collections.ConfigDict({"shapes_parts_val": dict(
-      dataset="ref_coco_m", split="val", batch_size=64, protocol="lisa", every=0)})
+      dataset="ref_coco_m", split="val", batch_size=64, protocol="lisa", resolution=0,
+      every=0)})
   config.input.tokenizer = ml_collections.config_dict.placeholder(str)  # a trained word-level one
   return config

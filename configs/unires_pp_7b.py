@@ -136,13 +136,16 @@ def get_config(arg=None):
 
   # Evaluators (unires_jax/evaluation/evals.py), run by unires-eval and during training: name ->
   # dataset (a TFDS name in config.input.data_dir) and split, global batch size, scoring
-  # protocol, and `every` (training runs it at each multiple of `every` steps, 0: never, and
-  # after the last step). Results: workdir/eval/<name>_<step>.json and TensorBoard.
+  # protocol (`classic`: RefCOCO/+/g and RefCOCOm as LAVT scores them; `rela`: gRefCOCO as ReLA
+  # does), scoring resolution (0: each image's original size, as LISA-style models are scored;
+  # 480 gives LAVT's and ReLA's own 480 x 480 grid), and `every` (training runs it at each
+  # multiple of `every` steps, 0: never, and after the last step). Results:
+  # workdir/eval/<name>_<step>.json and TensorBoard.
   config.evals = ml_collections.ConfigDict(dict(
-      refcocom_val=dict(dataset="ref_coco_m", split="val", batch_size=64, protocol="lisa",
-                        every=5000),
-      grefcoco_val=dict(dataset="grefcoco", split="val", batch_size=64, protocol="lisa",
-                        every=5000),
+      refcocom_val=dict(dataset="ref_coco_m", split="val", batch_size=64, protocol="classic",
+                        resolution=0, every=5000),
+      grefcoco_val=dict(dataset="grefcoco", split="val", batch_size=64, protocol="rela",
+                        resolution=0, every=5000),
   ))
 
   # The input pipeline (unires_jax/data/pipeline.py). Datasets are TFDS names (with their builder

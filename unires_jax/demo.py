@@ -105,7 +105,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, show_progress: bool 
   model = result.factory.model
   ev = evaluator.evaluate(config, result.state.params, parallel.make_predict(model), model.mesh,
                           result.tokenize, val.dataset, val.split, batch_size=val.batch_size,
-                          with_baselines=True, num_examples=config.demo.num_overlays)
+                          protocol=val.protocol, resolution=val.resolution, with_baselines=True,
+                          num_examples=config.demo.num_overlays)
   path = evals.write_json(ev, val, workdir, int(result.state.step))
   failures = check(ev.metrics, ev.baselines, config.demo)
   if not lead:

@@ -1,10 +1,15 @@
-"""Evaluators from `config.evals`: every field read, a bad entry named, when each one runs."""
+"""Evaluators from `config.evals`: every field read, a bad entry named, when each one runs, and
+what its JSON records."""
+
+import json
+import os
 
 import ml_collections
 import pytest
 
+from tests.repo import ROOT
 from unires_jax.config_lib import load_config
-from unires_jax.evaluation import evals
+from unires_jax.evaluation import evals, evaluator
 
 
 def _config(**entries) -> ml_collections.ConfigDict:
@@ -25,6 +30,28 @@ def test_entries_become_evaluators_by_name():
       evals.Evaluator("b", "ref_coco_m", "testA", 8, "lisa", 0)]
 
 
+def test_protocol_and_resolution_are_read():
+  config = _config(g=_entry(dataset="grefcoco", protocol="rela", resolution=480),
+                   r=_entry(protocol="classic"))
+  assert evals.from_config(config) == [
+      evals.Evaluator("g", "grefcoco", "val", 8, "rela", 2, resolution=480),
+      evals.Evaluator("r", "ref_coco_m", "val", 8, "classic", 2, resolution=0)]
+
+
+def test_json_records_protocol_and_resolution(tmp_path):
+  ev = evals.Evaluator("g", "grefcoco", "val", 8, "rela", 2, resolution=480)
+  result = evaluator.EvalResult(metrics={"gIoU": 0.5, "N-acc": float("nan"), "count": 2},
+                                baselines={}, examples=[])
+  path = evals.write_json(result, ev, str(tmp_path), 7)
+  with open(path, encoding="utf-8") as f:
+    record = json.load(f)
+  assert {k: record[k] for k in ("evaluator", "dataset", "split", "protocol", "resolution",
+                                 "step")} == {
+      "evaluator": "g", "dataset": "grefcoco", "split": "val", "protocol": "rela",
+      "resolution": 480, "step": 7}
+  assert record["metrics"]["gIoU"] == 0.5
+
+
 def test_due_at_multiples_of_every_and_never_for_zero():
   every2, end_only = (evals.Evaluator("x", "d", "s", 1, "lisa", e) for e in (2, 0))
   assert [s for s in range(1, 7) if every2.due(s)] == [2, 4, 6]
@@ -32,7 +59,10 @@ def test_due_at_multiples_of_every_and_never_for_zero():
 
 
 @pytest.mark.parametrize("entry, message", [
-    (_entry(protocol="ReLA"), r"config.evals.x.protocol='ReLA'; protocols: \('lisa',\)"),
+    (_entry(protocol="ReLA"),
+     r"config.evals.x.protocol='ReLA'; protocols: \('classic', 'rela', 'lisa'\)"),
+    (_entry(resolution=-1), r"config.evals.x.resolution=-1 must be an int >= 0"),
+    (_entry(resolution=480.0), r"config.evals.x.resolution=480.0 must be an int >= 0"),
     ({k: v for k, v in _entry().items() if k != "split"}, "config.evals.x: missing field 'split'"),
     (_entry(datasett="y"), "config.evals.x: unknown field 'datasett'"),
     (_entry(every=-1), "config.evals.x: batch_size=8 must be >= 1 and every=-1 >= 0"),
@@ -49,4 +79,14 @@ def test_result_path_names_evaluator_and_step():
 
 @pytest.mark.parametrize("name", ["unires_pp_7b", "tiny", "demo"])
 def test_shipped_configs_have_valid_evaluators(name):
-  assert evals.from_config(load_config(name))
+  assert evals.from_config(_checkout_config(name))
+
+
+def _checkout_config(name):
+  return load_config(os.path.join(ROOT, "configs", f"{name}.py"))
+
+
+def test_benchmark_evaluators_use_the_benchmarks_protocols():
+  by_name = {ev.name: ev for ev in evals.from_config(_checkout_config("unires_pp_7b"))}
+  assert (by_name["refcocom_val"].protocol, by_name["grefcoco_val"].protocol) == ("classic",
+                                                                                  "rela")

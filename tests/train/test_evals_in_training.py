@@ -13,7 +13,8 @@ from tests.train.conftest import CONFIG
 from unires_jax.config_lib import load_config
 from unires_jax.train import trainer
 
-EVALS = {"every2": 2, "every3": 3}
+# name -> (every, protocol, resolution)
+EVALS = {"every2": (2, "lisa", 0), "every3": (3, "classic", 24)}
 NUM_STEPS = 4
 
 
@@ -26,8 +27,9 @@ def test_two_evaluators_run_at_their_steps_and_by_unires_eval(shapes_root, tmp_p
   config = load_config(f"{CONFIG}:{shapes_root}")
   config.train.update(num_steps=NUM_STEPS, checkpoint_every=2)
   config.evals = ml_collections.ConfigDict({
-      name: dict(dataset="ref_coco_m", split="val", batch_size=8, protocol="lisa", every=every)
-      for name, every in EVALS.items()})
+      name: dict(dataset="ref_coco_m", split="val", batch_size=8, protocol=protocol,
+                 resolution=resolution, every=every)
+      for name, (every, protocol, resolution) in EVALS.items()})
   workdir = str(tmp_path / "run")
   result = trainer.train(config, workdir, show_progress=False)
 
@@ -36,8 +38,10 @@ def test_two_evaluators_run_at_their_steps_and_by_unires_eval(shapes_root, tmp_p
   with open(os.path.join(workdir, "eval", "every3_3.json"), encoding="utf-8") as f:
     record = json.load(f)
   assert (record["evaluator"], record["dataset"], record["split"], record["protocol"],
-          record["step"]) == ("every3", "ref_coco_m", "val", "lisa", 3)
+          record["resolution"], record["step"]) == ("every3", "ref_coco_m", "val", "classic", 24,
+                                                    3)
   assert record["metrics"]["count"] > 0
+  assert "N-acc" not in record["metrics"] and "part/mIoU" in record["metrics"]
   # The last step's results are what train returns, and TensorBoard's scalars are logged too.
   with open(os.path.join(workdir, "eval", "every2_4.json"), encoding="utf-8") as f:
     assert json.load(f)["metrics"] == pytest.approx(result.eval_results["every2"].metrics,
@@ -56,3 +60,6 @@ def test_two_evaluators_run_at_their_steps_and_by_unires_eval(shapes_root, tmp_p
   assert eval_cli.main(["unires-eval"]) == 0
   assert "every3_2.json" in _eval_files(workdir)
   assert len(_eval_files(workdir)) == 5
+  with open(os.path.join(workdir, "eval", "every3_2.json"), encoding="utf-8") as f:
+    record = json.load(f)
+  assert (record["protocol"], record["resolution"]) == ("classic", 24)

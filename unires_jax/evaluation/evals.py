@@ -2,15 +2,26 @@
 `unires-eval`.
 
   config.evals.refcocom_val = dict(dataset="ref_coco_m", split="val", batch_size=64,
-                                   protocol="lisa", every=5000)
+                                   protocol="classic", resolution=0, every=5000)
 
 Each entry is one evaluator, named by its key:
   dataset, split  a built dataset (TFDS name, with its builder config, in config.input.data_dir)
   batch_size      global rows per prediction step
-  protocol        how predictions are scored (`PROTOCOLS`)
+  protocol        how predictions are scored (`PROTOCOLS`; formulas in `metrics`):
+                    classic  RefCOCO/+/g, RefCOCOm as LAVT and CRIS score them: every expression
+                             gets its mask, the no-target head is not consulted; mIoU, cIoU, Pr@X
+                    rela     gRefCOCO as ReLA scores it: the no-target verdict (sigmoid of the
+                             no-target logit above config.model.no_target_threshold) decides
+                             "no target"; gIoU, cIoU, N-acc, T-acc, Pr@0.7..0.9
+                    lisa     the verdict empties the predicted mask, and an empty prediction
+                             counts as "no target", as LISA-style models are scored
+  resolution      optional, default 0: score at each image's original resolution; N > 0: at N x N,
+                  the prediction and the ground truth both resized to the square (ReLA and LAVT
+                  score at 480 x 480; `evaluator` says how each is resized)
   every           during training, at each multiple of `every` steps (0: at the end only); the
                   trainer also runs every evaluator after its last step
-Results go to `workdir/eval/<name>_<step>.json` and to TensorBoard as `eval/<name>/<metric>`.
+Results go to `workdir/eval/<name>_<step>.json` (with the evaluator's fields) and to TensorBoard as
+`eval/<name>/<metric>`.
 """
 
 import dataclasses
@@ -25,14 +36,12 @@ import ml_collections
 
 from unires_jax import utils
 from unires_jax.evaluation import evaluator
+from unires_jax.evaluation.metrics import PROTOCOLS
 
 log = logging.getLogger(__name__)
 
-# lisa: the no-target verdict (sigmoid of the no-target logit above
-# config.model.no_target_threshold) empties the predicted mask, and an empty prediction counts as
-# "no target" (`RESMetrics`), as LISA-style models are scored.
-PROTOCOLS = ("lisa",)
-FIELDS = ("dataset", "split", "batch_size", "protocol", "every")
+FIELDS = ("dataset", "split", "batch_size", "protocol", "every")  # required
+OPTIONAL = {"resolution": 0}  # field -> default (run configs written before it lack it)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +54,7 @@ class Evaluator:
   batch_size: int
   protocol: str
   every: int
+  resolution: int = 0
 
   def due(self, step: int) -> bool:
     """Whether training runs it after `step` (the last step aside)."""
@@ -60,16 +70,19 @@ def from_config(config: ml_collections.ConfigDict) -> list[Evaluator]:
     if not isinstance(entry, ml_collections.ConfigDict):
       raise ValueError(f"{where} must be a dict of {FIELDS}, got {entry!r}")
     missing = [f for f in FIELDS if f not in entry]
-    unknown = sorted(set(entry) - set(FIELDS))
+    unknown = sorted(set(entry) - set(FIELDS) - set(OPTIONAL))
     if missing or unknown:
       raise ValueError(f"{where}: " + (f"missing field {missing[0]!r}" if missing
-                                      else f"unknown field {unknown[0]!r}") + f"; fields: {FIELDS}")
-    ev = Evaluator(name, **{f: entry[f] for f in FIELDS})
+                                      else f"unknown field {unknown[0]!r}")
+                       + f"; fields: {FIELDS}, optional: {tuple(OPTIONAL)}")
+    ev = Evaluator(name, **{f: entry[f] for f in FIELDS},
+                   **{f: entry.get(f, default) for f, default in OPTIONAL.items()})
     if ev.protocol not in PROTOCOLS:
       raise ValueError(f"{where}.protocol={ev.protocol!r}; protocols: {PROTOCOLS}")
     if ev.batch_size < 1 or ev.every < 0:
       raise ValueError(f"{where}: batch_size={ev.batch_size} must be >= 1 and every={ev.every} "
                        ">= 0")
+    evaluator.check_resolution(ev.resolution, f"{where}.resolution")
     out.append(ev)
   return out
 
@@ -85,7 +98,8 @@ def write_json(result: evaluator.EvalResult, ev: Evaluator, workdir: str, step: 
   path = result_path(workdir, ev.name, step)
   if jax.process_index() == 0:
     record = {"evaluator": ev.name, "dataset": ev.dataset, "split": ev.split,
-              "protocol": ev.protocol, "step": int(step), "metrics": result.metrics}
+              "protocol": ev.protocol, "resolution": ev.resolution, "step": int(step),
+              "metrics": result.metrics}
     if result.baselines:
       record["baselines"] = result.baselines
     # NaN stays NaN (a metric without samples, e.g. N-acc on a split with no empty target).
@@ -104,10 +118,13 @@ def run(evaluators: list[Evaluator], config: ml_collections.ConfigDict, params: 
   for ev in evaluators:
     t0 = time.time()
     result = evaluator.evaluate(config, params, predict, mesh, tokenize, ev.dataset, ev.split,
-                                batch_size=ev.batch_size)
+                                batch_size=ev.batch_size, protocol=ev.protocol,
+                                resolution=ev.resolution)
     path = write_json(result, ev, workdir, step)
-    log.info("eval %s (%s/%s) at step %d in %.0f s: %s -> %s", ev.name, ev.dataset, ev.split,
-             step, time.time() - t0, evaluator.headline(result.metrics), path)
+    log.info("eval %s (%s/%s, %s, %s) at step %d in %.0f s: %s -> %s", ev.name, ev.dataset,
+             ev.split, ev.protocol, f"{ev.resolution}x{ev.resolution}" if ev.resolution
+             else "original size", step, time.time() - t0, evaluator.headline(result.metrics),
+             path)
     if scalars is not None:
       scalars(step, result.metrics, f"eval/{ev.name}/")
     results[ev.name] = result
