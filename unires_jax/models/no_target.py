@@ -43,9 +43,10 @@ INVALID_LOGIT = -1e4  # match logit of padded proposals: exp() of it is 0 in flo
 def evidence(match_logits: jax.Array) -> jax.Array:
   """`[batch, regions]` match logits (INVALID_LOGIT where padded) -> `[batch]` float32: their
   logsumexp over the valid proposals, 0 for a row without one (see the module doc). A slot is
-  valid when its logit is above INVALID_LOGIT, which the head writes in every padded slot."""
+  valid when its logit is above INVALID_LOGIT / 2: the head writes INVALID_LOGIT in every padded
+  slot, and the margin keeps that true after a round trip through bfloat16 (-1e4 -> -9984)."""
   match_logits = match_logits.astype(jnp.float32)
-  any_valid = jnp.any(match_logits > INVALID_LOGIT, axis=-1)
+  any_valid = jnp.any(match_logits > 0.5 * INVALID_LOGIT, axis=-1)
   return jnp.where(any_valid, jax.nn.logsumexp(match_logits, axis=-1), 0.0)
 
 
