@@ -77,6 +77,7 @@ class NoTargetHead(nn.Module):
     hidden = F.gelu(self.match_fc1(F.gelu(q * r + q + r)))
     match = torch.where(region_valid, self.match_fc2(hidden)[..., 0].float(), INVALID_LOGIT)
     prior = self.fc2(F.gelu(self.fc1(seg_state)))[..., 0]
-    evidence = torch.where((match > 0.5 * INVALID_LOGIT).any(dim=-1), torch.logsumexp(match, dim=-1),
+    any_valid = (match > 0.5 * INVALID_LOGIT).any(dim=-1)
+    evidence = torch.where(any_valid, torch.logsumexp(match, dim=-1),
                            torch.zeros((), dtype=match.dtype))
     return prior.float() - evidence, match
