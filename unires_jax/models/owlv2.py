@@ -43,21 +43,23 @@ def _config(*, image_size: int, patch_size: int, vision_width: int, vision_layer
 
 
 def base_patch16() -> ml_collections.ConfigDict:
-  """google/owlv2-base-patch16(-ensemble): ViT-B/16 at 960 x 960 (60 x 60 patches)."""
+  """google/owlv2-base-patch16(-ensemble): ViT-B/16 at 960 x 960 (60 x 60 patches), 155.0M
+  parameters."""
   return _config(image_size=960, patch_size=16, vision_width=768, vision_layers=12,
                  vision_heads=12, text_width=512, text_layers=12, text_heads=8,
                  projection_dim=512)
 
 
 def large_patch14() -> ml_collections.ConfigDict:
-  """google/owlv2-large-patch14(-ensemble): ViT-L/14 at 1008 x 1008 (72 x 72 patches)."""
+  """google/owlv2-large-patch14(-ensemble): ViT-L/14 at 1008 x 1008 (72 x 72 patches), 437.6M
+  parameters."""
   return _config(image_size=1008, patch_size=14, vision_width=1024, vision_layers=24,
                  vision_heads=16, text_width=768, text_layers=12, text_heads=12,
                  projection_dim=768)
 
 
 def tiny() -> ml_collections.ConfigDict:
-  """A few-thousand-parameter OWLv2 for tests and CPU demos (32 x 32 images, 4 x 4 patches)."""
+  """A 56k-parameter OWLv2 for tests and CPU demos (32 x 32 images, 4 x 4 patches)."""
   return _config(image_size=32, patch_size=8, vision_width=32, vision_layers=2, vision_heads=4,
                  text_width=24, text_layers=2, text_heads=2, projection_dim=24, vocab_size=100,
                  max_position_embeddings=8)
