@@ -75,13 +75,17 @@ def vision_config_from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
   """
   hf = hf.get("vision_config", hf)
   out = {ours: hf.get(theirs, _HF_DEFAULTS[theirs]) for ours, theirs in _FIELDS.items()}
-  if out["hidden_act"] not in _ACTIVATIONS:
-    raise ValueError(
-        f"config.json hidden_act {out['hidden_act']!r} is not supported; known: "
-        f"{sorted(_ACTIVATIONS)}"
-    )
-  out["hidden_act"] = _ACTIVATIONS[out["hidden_act"]]
+  out["hidden_act"] = activation_from_hf(out["hidden_act"])
   return out
+
+
+def activation_from_hf(name: str) -> str:
+  """A config.json `hidden_act` -> our activation name (`models.layers.ACTIVATIONS`)."""
+  if name not in _ACTIVATIONS:
+    raise ValueError(
+        f"config.json hidden_act {name!r} is not supported; known: {sorted(_ACTIVATIONS)}"
+    )
+  return _ACTIVATIONS[name]
 
 
 def check_vision_config(cfg: Mapping[str, Any], hf: Mapping[str, Any]) -> None:
@@ -100,30 +104,43 @@ def _is_allowed_unused(name: str) -> bool:
   )
 
 
+def encoder_values(state: torch_io.TorchState, prefix: str,
+                   num_layers: int) -> dict[str, np.ndarray]:
+  """`<prefix>encoder.layers.<i>.*` of a CLIP-style encoder (`models.clip_vit.CLIPEncoder`,
+  also OWLv2's text tower) -> {'encoder/layers/<i>/...': array}."""
+  out = {}
+  for i in range(num_layers):
+    for theirs, ours, convert in _LAYER_RULES:
+      tree = convert(state, f"{prefix}encoder.layers.{i}.{theirs}")
+      out.update(torch_io.flatten_prefixed(f"encoder/layers/{i}/{ours}", tree))
+  return out
+
+
+def vision_tower_values(state: torch_io.TorchState, prefix: str, num_layers: int,
+                        pre_norm: str = "pre_layrnorm") -> dict[str, np.ndarray]:
+  """A CLIP vision transformer's tensors under `prefix` -> {our `CLIPVisionTransformer` path:
+  array}. `pre_norm` is the source's name of the norm before the encoder (OWLv2 spells it
+  'pre_layernorm')."""
+  take = lambda name: state.take(prefix + name)
+  out = {
+      "embeddings/class_embedding": take("embeddings.class_embedding"),
+      "embeddings/position_embedding": take("embeddings.position_embedding.weight"),
+  }
+  out.update(
+      torch_io.flatten_prefixed(
+          "embeddings/patch_embedding",
+          torch_io.convert_conv(state, prefix + "embeddings.patch_embedding", bias=False),
+      )
+  )
+  for theirs, ours in ((pre_norm, "pre_layrnorm"), ("post_layernorm", "post_layernorm")):
+    out.update(torch_io.flatten_prefixed(ours, torch_io.convert_norm(state, prefix + theirs)))
+  out.update(encoder_values(state, prefix, num_layers))
+  return out
+
+
 def _rules(prefix: str, num_layers: int):
   """The converter: transformers names under `prefix` -> our parameter paths."""
-
-  def rules(state: torch_io.TorchState) -> dict[str, np.ndarray]:
-    take = lambda name: state.take(prefix + name)
-    out = {
-        "embeddings/class_embedding": take("embeddings.class_embedding"),
-        "embeddings/position_embedding": take("embeddings.position_embedding.weight"),
-    }
-    out.update(
-        torch_io.flatten_prefixed(
-            "embeddings/patch_embedding",
-            torch_io.convert_conv(state, prefix + "embeddings.patch_embedding", bias=False),
-        )
-    )
-    for norm in ("pre_layrnorm", "post_layernorm"):
-      out.update(torch_io.flatten_prefixed(norm, torch_io.convert_norm(state, prefix + norm)))
-    for i in range(num_layers):
-      for theirs, ours, convert in _LAYER_RULES:
-        tree = convert(state, f"{prefix}encoder.layers.{i}.{theirs}")
-        out.update(torch_io.flatten_prefixed(f"encoder/layers/{i}/{ours}", tree))
-    return out
-
-  return rules
+  return lambda state: vision_tower_values(state, prefix, num_layers)
 
 
 def load_clip_vision(module, model_dir: str, cfg: Mapping[str, Any] | None = None) -> None:

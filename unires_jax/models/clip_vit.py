@@ -138,17 +138,22 @@ class CLIPVisionEmbeddings(nnx.Module):
 
 
 class CLIPAttention(layers.AttentionProjections):
-  """Bidirectional multi-head self-attention with separate q/k/v/out projections."""
+  """Multi-head self-attention with separate q/k/v/out projections: bidirectional, or under a
+  mask (CLIP's text tower: causal and padding)."""
 
   def __init__(self, cfg, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
     super().__init__(cfg.hidden_size, cfg.num_heads, dtype=dtype, param_dtype=param_dtype,
                      rngs=rngs)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """[batch, tokens, width] -> [batch, tokens, width]."""
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """[batch, tokens, width] -> [batch, tokens, width].
+
+    mask: None (every token attends to every token), or bool [batch, 1, tokens, tokens], True
+      where query token i may attend to key token j.
+    """
     split = lambda y: y.reshape(*y.shape[:-1], self.num_heads, -1)
     q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
-    out = jax.nn.dot_product_attention(q, k, v)
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask)
     return self.out_proj(out.reshape(x.shape[:-1] + (-1,)))
 
 
@@ -175,13 +180,13 @@ class CLIPEncoderLayer(nnx.Module):
     self.mlp = CLIPMLP(cfg, **kw)
     self.layer_norm2 = layers.layer_norm(cfg.hidden_size, "embed", epsilon=cfg.layer_norm_eps, **kw)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    x = x + self.self_attn(self.layer_norm1(x))
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    x = x + self.self_attn(self.layer_norm1(x), mask)
     return x + self.mlp(self.layer_norm2(x))
 
 
-def _call_layer(layer, x):
-  return layer(x)
+def _call_layer(layer, x, mask):
+  return layer(x, mask)
 
 
 class CLIPEncoder(nnx.Module):
@@ -195,12 +200,15 @@ class CLIPEncoder(nnx.Module):
         for _ in range(cfg.num_layers)
     ])
 
-  def __call__(self, x: jax.Array) -> tuple[jax.Array, ...]:
-    """[batch, tokens, width] -> the input and every layer's output, each [batch, tokens, width]."""
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> tuple[jax.Array, ...]:
+    """[batch, tokens, width] -> the input and every layer's output, each [batch, tokens, width].
+
+    mask: as `CLIPAttention`'s, the same for every layer.
+    """
     hidden_states = [x]
     call = layers.remat(_call_layer, self.remat)
     for layer in self.layers:
-      hidden_states.append(call(layer, hidden_states[-1]))
+      hidden_states.append(call(layer, hidden_states[-1], mask))
     return tuple(hidden_states)
 
 
