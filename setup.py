@@ -69,6 +69,7 @@ setuptools.setup(
             "unires-demo=unires_jax.cli.demo:run",
             "unires-segment=unires_jax.cli.segment:run",
             "unires-convert=unires_jax.cli.convert:run",
+            "unires-propose=unires_jax.cli.propose:run",
         ],
     },
 )

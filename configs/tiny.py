@@ -38,4 +38,6 @@ def get_config(arg=None):
       dataset="ref_coco_m", split="val", batch_size=64, protocol="lisa", resolution=0,
       every=0)})
   config.input.tokenizer = ml_collections.config_dict.placeholder(str)  # a trained word-level one
+  # ShapesParts's stored proposals already hold the targets' boxes (moved) and distractors.
+  config.input.add_target_boxes = 0.0
   return config

@@ -167,9 +167,38 @@ def get_config(arg=None):
   # Training on a dataset without stored proposals: the targets' boxes, jittered by this fraction.
   # None: no proposals there. Evaluation always uses the stored proposals only.
   config.input.target_box_jitter = 0.1
+  # Training on a dataset with stored proposals (unires-propose): each target's box, jittered as
+  # above, joins the detector's with this probability, so the no-target head sees both images
+  # whose referent no proposal holds and images where one does. 0: the detector's boxes only.
+  config.input.add_target_boxes = 0.5
   config.input.global_batch_size = 128
   config.input.shuffle_window = 256  # expressions
   config.input.num_threads = 8  # decoding threads per process
   config.input.prefetch_images = 64
   config.input.seed = 0
+
+  # Object and part proposals from an OWLv2 detector (unires-propose, unires-segment --detector;
+  # unires_jax/propose.py). Objects: the top object_k boxes by objectness above object_min_score
+  # after NMS; parts: boxes scoring above part_min_score against "a photo of a <part>" for a
+  # part of part_vocabulary, NMS, top part_k. The model keeps the first max_objects / max_parts.
+  config.proposals = ml_collections.ConfigDict(dict(
+      batch_size=8,  # images per detector step and process (a multiple of its devices)
+      object_k=16, object_min_score=0.0, object_nms_iou=0.5,
+      part_k=16, part_min_score=0.1, part_nms_iou=0.5,
+      part_vocabulary=PART_VOCABULARY, query_template="a photo of a {part}",
+      pad_value=0.5,  # OWLv2's gray padding to a square (transformers 5 pads with 0.0)
+      shard_images=256,  # images per shard file (a rerun skips finished shards)
+  ))
   return config
+
+
+# Part names for OWLv2's text queries: RefCOCOm's part classes (people, animals, vehicles,
+# furniture, household objects) in plain words.
+PART_VOCABULARY = (
+    "head", "hair", "face", "eye", "ear", "nose", "mouth", "neck", "arm", "hand", "finger",
+    "torso", "shoulder", "leg", "knee", "foot", "tail", "paw", "wing", "beak", "horn", "mane",
+    "wheel", "tire", "window", "windshield", "door", "handle", "headlight", "mirror", "seat",
+    "roof", "bumper", "license plate", "engine", "propeller", "sail", "screen", "keyboard",
+    "button", "backrest", "armrest", "cushion", "drawer", "shelf", "lid",
+    "spout", "blade", "strap", "collar", "sleeve", "pocket", "hat", "shoe",
+)

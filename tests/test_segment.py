@@ -56,7 +56,8 @@ def test_mask_overlay_and_verdict(segmenter, tiny, tmp_path, monkeypatch):
   (result,) = segmenter.segment([image], ["the red cup"])
   assert result.mask.shape == (50, 37) and result.mask.dtype == bool
   assert 0.02 < result.area_fraction < 0.98  # a real mask, not all or nothing
-  assert result.whole_image and not result.no_target and result.no_target_prob < 0.5
+  assert result.proposals == "whole_image"
+  assert not result.no_target and result.no_target_prob < 0.5
 
   inference.save(result, image, str(tmp_path / "m.png"))
   mask = np.asarray(Image.open(tmp_path / "m.png"))
@@ -142,8 +143,9 @@ def test_cli_single_and_batch(segmenter, tiny, tmp_path, capsys):
     records = [json.loads(r) for r in f]
   assert sorted(os.listdir(out_dir)) == sorted(
       ["results.jsonl"] + [f"00000{i}{s}.png" for i in range(3) for s in ("", "_overlay")])
-  assert [(r["image"], r["text"], r["whole_image"]) for r in records] == [
-      ("a.png", TEXTS[0], True), ("b.png", TEXTS[1], True), ("b.png", TEXTS[1], False)]
+  assert [(r["image"], r["text"], r["proposals"]) for r in records] == [
+      ("a.png", TEXTS[0], "whole_image"), ("b.png", TEXTS[1], "whole_image"),
+      ("b.png", TEXTS[1], "given")]
   expected = segmenter.segment([_image(root, n) for n in ("a.png", "b.png", "b.png")],
                                [r["text"] for r in lines], [None, None, boxes])
   for record, result in zip(records, expected):
@@ -210,3 +212,24 @@ def test_segment_rejects_too_many_boxes(segmenter):
   with pytest.raises(ValueError, match="input 1: 5 object boxes"):
     segmenter.segment([np.zeros((8, 8, 3), np.uint8)] * 2, ["x", "x"],
                       [None, {"object": [[0, 0, 1, 1]] * 5}])
+
+
+def test_a_detector_proposes_for_inputs_without_boxes(segmenter, tiny, tmp_path):
+  from tests.owlv2_files import write_tiny_detector  # pylint: disable=g-import-not-at-top
+  from unires_jax import propose  # pylint: disable=g-import-not-at-top
+
+  cfg = load_config("tiny").proposals
+  cfg.update(query_template="{part}", part_vocabulary=("cup", "wheel"), batch_size=8,
+             object_k=3, part_k=2)
+  detector = propose.Detector(write_tiny_detector(str(tmp_path / "owlv2")), cfg)
+  with_detector = inference.Segmenter.from_checkpoint(tiny[0], batch_size=1, detector=detector)
+  images = [_image(tiny[2], "a.png"), _image(tiny[2], "b.png")]
+  found = detector(images)
+  assert len(found[0].object_boxes) == 3  # objectness above 0: the top 3 after NMS
+  results = with_detector.segment(images, TEXTS[:2], [None, {"object": [[0, 0, 5, 5]]}])
+  assert [r.proposals for r in results] == ["detector", "given"]
+  # The detector's boxes are what the model saw: the same as giving them.
+  (given,) = segmenter.segment(images[:1], TEXTS[:1], [
+      {"object": found[0].object_boxes, "part": found[0].part_boxes}])
+  np.testing.assert_array_equal(results[0].mask, given.mask)
+  assert results[0].no_target_prob == pytest.approx(given.no_target_prob, abs=1e-6)

@@ -11,10 +11,12 @@ the image's region of the letterboxed logits, resized bilinearly to the original
 and the verdict by the evaluator's rule (sigmoid of the no-target logit above
 `config.model.no_target_threshold`). A no-target verdict empties the mask.
 
-Proposals: the model scores the expression against object and part proposal boxes, and with none
-its no-target head always answers "no target". Boxes given in the original image's pixels
-(x1, y1, x2, y2) are scaled with the letterbox; without boxes the whole image is the one object
-proposal (`Result.whole_image`).
+Proposals: the model scores the expression against object and part proposal boxes. Boxes given
+in the original image's pixels (x1, y1, x2, y2) are scaled with the letterbox; without boxes, a
+`detector` (`propose.Detector`, OWLv2) proposes them, as `unires-propose` does for datasets (the
+first `max_objects` / `max_parts` it finds; none found: the no-target head falls back on the
+text prior, `models.no_target`); without a detector the whole image is the one object proposal
+(`Result.proposals` says which).
 
 Mesh: the local devices on the `fsdp` axis (`data=1, fsdp=n, tensor=1`), whatever mesh the
 checkpoint was trained on (a checkpoint restores onto any mesh). The rows of a batch are split
@@ -35,7 +37,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from unires_jax import checkpoint, parallel, utils
+from unires_jax import checkpoint, parallel, propose, utils
 from unires_jax.data import preprocess, tokenizer
 from unires_jax.evaluation import evaluator, overlays
 from unires_jax.models.unires import INPUT_KEYS
@@ -43,6 +45,7 @@ from unires_jax.models.unires import INPUT_KEYS
 log = logging.getLogger(__name__)
 
 BOX_KINDS = ("object", "part")
+PROPOSAL_SOURCES = ("given", "detector", "whole_image")
 DEFAULT_BATCH_SIZE = 8  # rows per model call, rounded up to a multiple of the devices
 Boxes = dict[str, np.ndarray]  # {"object": [n, 4], "part": [m, 4]} float32 x1, y1, x2, y2
 
@@ -54,13 +57,14 @@ class Result:
   mask:            [height, width] bool at the image's size; empty when `no_target`
   no_target:       the expression refers to nothing in the image
   no_target_prob:  sigmoid of the no-target logit
-  whole_image:     no boxes were given: the whole image was the one object proposal
+  proposals:       where the proposals came from (`PROPOSAL_SOURCES`): given with the input,
+                   found by the detector, or the whole image as the one object proposal
   """
 
   mask: np.ndarray
   no_target: bool
   no_target_prob: float
-  whole_image: bool
+  proposals: str
 
   @property
   def area_fraction(self) -> float:
@@ -112,12 +116,15 @@ class Segmenter:
     batch_size: rows of every model call, rounded up to a multiple of the batch's shards.
     no_target_threshold: predict "no target" when the sigmoid of the no-target logit is above
       it; default `config.model.no_target_threshold`.
+    detector: proposes boxes for inputs given without (None: the whole image is the proposal).
   """
 
   def __init__(self, model: parallel.ShardedModel, params: Any, tokenize, *,
-               batch_size: int = DEFAULT_BATCH_SIZE, no_target_threshold: float | None = None):
+               batch_size: int = DEFAULT_BATCH_SIZE, no_target_threshold: float | None = None,
+               detector: propose.Detector | None = None):
     config = model.config
     self.config, self.mesh, self.params = config, model.mesh, params
+    self.detector = detector
     self._spec = preprocess.sample_spec(config.model, config.input)
     self._tokenize = tokenize
     self._predict = parallel.make_predict(model)
@@ -145,29 +152,37 @@ class Segmenter:
     Args:
       images: `[height, width, 3]` uint8 each.
       texts: the referring expression of each image.
-      boxes: per image, None (the whole image is the proposal) or proposals in the image's
-        pixels, as `parse_boxes` reads them.
+      boxes: per image, proposals in the image's pixels, as `parse_boxes` reads them, or None
+        (the detector's, or else the whole image as the proposal).
     """
     boxes = [None] * len(images) if boxes is None else list(boxes)
     if not len(images) == len(texts) == len(boxes):
       raise ValueError(f"{len(images)} images, {len(texts)} texts and {len(boxes)} box sets")
+    sources = ["given" if b is not None else "detector" if self.detector else "whole_image"
+               for b in boxes]
     results = []
     for start in range(0, len(images), self.batch_size):
       rows = range(start, min(start + self.batch_size, len(images)))
-      samples = [self._sample(images[i], texts[i], boxes[i], f"input {i}") for i in rows]
-      results += self._predict_rows(samples, [boxes[i] is None for i in rows])
+      checked = {i: _checked_image(images[i], f"input {i}") for i in rows}
+      detect = [i for i in rows if sources[i] == "detector"]
+      found = dict(zip(detect, self.detector([checked[i] for i in detect]) if detect else []))
+      samples = []
+      for i in rows:
+        h, w = checked[i].shape[:2]
+        if sources[i] == "given":
+          image_boxes = parse_boxes(boxes[i], self.config.model, f"input {i}")
+        elif sources[i] == "detector":  # none found is allowed: the no-target head's fallback
+          image_boxes = {"object": found[i].object_boxes[:self.config.model.max_objects],
+                         "part": found[i].part_boxes[:self.config.model.max_parts]}
+        else:
+          image_boxes = {"object": np.array([[0, 0, w, h]], np.float32),
+                         "part": np.zeros((0, 4), np.float32)}
+        samples.append(self._sample(checked[i], texts[i], image_boxes, f"input {i}"))
+      results += self._predict_rows(samples, [sources[i] for i in rows])
     return results
 
-  def _sample(self, image: np.ndarray, text: str, boxes: Any, where: str) -> dict[str, Any]:
+  def _sample(self, image: np.ndarray, text: str, boxes: Boxes, where: str) -> dict[str, Any]:
     """The model sample of one pair (`preprocess.expand`)."""
-    image = np.asarray(image)
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-      raise ValueError(f"{where}: expected a [height, width, 3] uint8 image, got "
-                       f"{image.dtype} {image.shape}")
-    h, w = image.shape[:2]
-    if boxes is None:
-      boxes = {"object": [[0, 0, w, h]]}
-    boxes = parse_boxes(boxes, self.config.model, where)
     example = {  # the schema's fields that preprocessing reads; no targets
         "image": image,
         "targets": {"mask": []},
@@ -183,8 +198,7 @@ class Segmenter:
                   self._spec.template)
     return preprocess.expand(prepared, self._spec)[0]
 
-  def _predict_rows(self, samples: list[dict[str, Any]], whole_image: list[bool]
-                    ) -> list[Result]:
+  def _predict_rows(self, samples: list[dict[str, Any]], sources: list[str]) -> list[Result]:
     """One model call on `samples`, padded to `batch_size` rows."""
     rows = samples + [preprocess.padding_like(samples[0])] * (self.batch_size - len(samples))
     batch = {k: np.stack([r[k] for r in rows]) for k in INPUT_KEYS}
@@ -200,8 +214,16 @@ class Segmenter:
       mask = evaluator.to_original(mask_logits[i], sample["original_size"], sample["scale"])
       results.append(Result(mask=mask & (not no_target), no_target=no_target,
                             no_target_prob=float(0.5 + 0.5 * np.tanh(logit / 2)),  # sigmoid
-                            whole_image=whole_image[i]))
+                            proposals=sources[i]))
     return results
+
+
+def _checked_image(image: Any, where: str) -> np.ndarray:
+  image = np.asarray(image)
+  if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+    raise ValueError(f"{where}: expected a [height, width, 3] uint8 image, got "
+                     f"{image.dtype} {image.shape}")
+  return image
 
 
 @dataclasses.dataclass(frozen=True)

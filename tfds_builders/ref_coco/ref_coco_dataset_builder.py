@@ -11,6 +11,7 @@ import os
 import tensorflow_datasets as tfds
 
 from unires_jax.data import builder_lib, coco_refs, raw_io, records
+from unires_jax.data import proposals as proposal_files
 from unires_jax.data.records import RecordError
 
 # Config name -> the splits its refs file holds (refcocog_google released no test split).
@@ -53,6 +54,7 @@ class Builder(builder_lib.Builder):
     manual_dir/refcocog/refs(umd).p       manual_dir/refcocog/refs(google).p
     manual_dir/refcocog/instances.json
     manual_dir/images/train2014/COCO_train2014_*.jpg
+    manual_dir/proposals/<config>/<split>.json   (optional region proposals: unires-propose)
   """
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
@@ -73,11 +75,18 @@ class Builder(builder_lib.Builder):
                         f"{list(cfg.splits)}")
     to_record = functools.partial(_to_record, coco, os.path.join(root, "images", "train2014"),
                                   refs_path)
-    return {split: self._generate_examples(groups[split], to_record, f"{cfg.name} {split}")
+    return {split: self._generate_examples(root, split, groups[split], to_record,
+                                           f"{cfg.name} {split}")
             for split in cfg.splits}
 
-  def _generate_examples(self, images: dict[int, list[coco_refs.Ref]], to_record, what: str):
-    """`(image id, example)` per image of one split; `images` maps image id -> its refs."""
+  def _generate_examples(self, root: str, split: str, images: dict[int, list[coco_refs.Ref]],
+                         to_record, what: str):
+    """`(image id, example)` per image of one split; `images` maps image id -> its refs. The
+    split's proposal file (`unires_jax.data.proposals.path`), when RAW has one, gives the
+    images their proposals."""
+    path = proposal_files.path(root, "ref_coco", split, self.builder_config.name)
+    proposals = proposal_files.read(path) if os.path.exists(path) else None
+    to_record = functools.partial(to_record, proposals)
     yield from self.examples(images.items(), to_record, what)
 
 
@@ -90,6 +99,6 @@ def _parse_ref(path: str, splits: tuple[str, ...], item) -> coco_refs.Ref:
   return coco_refs.Ref(ann_ids=[ann_id], **common)
 
 
-def _to_record(coco, image_root, refs_path, item):
+def _to_record(coco, image_root, refs_path, proposals, item):
   image_id, refs = item
-  return coco_refs.image_record(coco, image_root, refs_path, image_id, refs)
+  return coco_refs.image_record(coco, image_root, refs_path, image_id, refs, proposals)

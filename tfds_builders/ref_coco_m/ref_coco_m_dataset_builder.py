@@ -9,10 +9,10 @@ import functools
 import os
 from typing import Any
 
-import numpy as np
 import tensorflow_datasets as tfds
 
 from unires_jax.data import builder_lib, raw_io, schema
+from unires_jax.data import proposals as proposal_files
 from unires_jax.data.records import RecordError
 
 SPLITS = ("train", "val", "testA", "testB")  # train: ShapesParts; RefCOCOm releases the others.
@@ -37,7 +37,7 @@ class Builder(builder_lib.Builder):
     manual_dir/annotations/{val,testA,testB}.json
     manual_dir/masks/<segment_id>.png
     manual_dir/images/COCO_train2014_*.jpg   (COCO train2014 images, or a link to that folder)
-    manual_dir/proposals/<split>.json        (optional region proposals)
+    manual_dir/proposals/<split>.json        (optional region proposals: unires-propose)
   """
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
@@ -54,8 +54,8 @@ class Builder(builder_lib.Builder):
     annotations = raw_io.read_json(path)
     if not isinstance(annotations, list):
       raise RecordError(path, f"expected a list of references, got {type(annotations).__name__}")
-    proposals_path = os.path.join(root, "proposals", f"{split}.json")
-    proposals = raw_io.read_json(proposals_path) if os.path.exists(proposals_path) else {}
+    proposals_path = proposal_files.path(root, "ref_coco_m", split)
+    proposals = proposal_files.read(proposals_path) if os.path.exists(proposals_path) else {}
     by_image = collections.defaultdict(list)
     for index, record in enumerate(annotations):
       where = f"{path}, record {index}"
@@ -98,16 +98,9 @@ def _to_record(root: str, path: str, proposals: dict, item) -> schema.ImageRecor
       expressions.append(schema.Expression(
           text=_field(sentence, "sent", rwhere), id=_field(sentence, "sent_id", rwhere),
           ref_id=record.get("ref_id", index), targets=[index_of[s] for s in seg_ids]))
-  boxes = proposals.get(img_name)
-  object_boxes = part_boxes = None
-  if boxes is not None:
-    object_boxes = [raw_io.xywh_to_xyxy(b) for b in boxes.get("object_boxes", [])]
-    part_boxes = [raw_io.xywh_to_xyxy(b) for b in boxes.get("part_boxes", [])]
+  boxes = proposals.get(img_name, {})
   image_id = indexed[0][1].get("image_id", os.path.splitext(img_name)[0])
   return schema.ImageRecord(
       where=where, image_id=str(image_id), file_name=img_name, image=image, height=height,
       width=width, targets=targets, expressions=expressions,
-      object_proposals=np.asarray(object_boxes, np.float32).reshape(-1, 4)
-      if object_boxes is not None else None,
-      part_proposals=np.asarray(part_boxes, np.float32).reshape(-1, 4)
-      if part_boxes is not None else None)
+      object_proposals=boxes.get("object_boxes"), part_proposals=boxes.get("part_boxes"))

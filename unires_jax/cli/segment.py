@@ -1,5 +1,5 @@
 """unires-segment --checkpoint=CKPT --image=PATH --text=TEXT --out=mask.png [--boxes=JSON]
-unires-segment --checkpoint=CKPT --batch=FILE.jsonl --out_dir=DIR
+unires-segment --checkpoint=CKPT --batch=FILE.jsonl --out_dir=DIR [--detector=OWLV2_DIR]
 
 Segments what a sentence refers to (`unires_jax.inference`). CKPT is a training work directory
 (its latest checkpoint, or `--step`) or a converted checkpoint. Each input gives a mask PNG at the
@@ -9,12 +9,15 @@ image's size (0 or 255; empty for a no-target verdict), the image with the mask 
   cup.jpg "the red cup": target (no-target p=0.12), mask 5.3% of the image -> mask.png
 
 `--boxes='{"object": [[x1, y1, x2, y2], ...], "part": [...]}'` gives proposals in the image's
-pixels; without them the whole image is the one object proposal (the line says so).
+pixels. Inputs without boxes get the proposals of `--detector` (an OWLv2 directory, with the
+settings of the checkpoint config's `proposals` section, as `unires-propose` makes them for
+datasets); without a detector the whole image is the one object proposal (the line says so).
 
 `--batch`: one `{"image": PATH, "text": TEXT}` object per line, `"boxes"` optional, PATH relative
 to the file; blank lines are skipped. Writes DIR/000000.png, 000001.png, ... (one per line, in
 order), their overlays, and DIR/results.jsonl, a record per line: image, text, no_target,
-no_target_prob, mask, overlay (file names in DIR), mask_area_fraction, whole_image. Every line is
+no_target_prob, mask, overlay (file names in DIR), mask_area_fraction, proposals (given,
+detector or whole_image). Every line is
 checked before the model runs; the model runs `--batch_size` lines at a time, the last batch
 padded (one compiled shape). Files are replaced atomically.
 """
@@ -31,7 +34,10 @@ _IMAGE = flags.DEFINE_string("image", None, "Image file to segment.")
 _TEXT = flags.DEFINE_string("text", None, "The referring expression (with --image).")
 _BOXES = flags.DEFINE_string("boxes", None,
                              'Proposals as JSON {"object": [[x1, y1, x2, y2], ...], "part": '
-                             "[...]} in the image's pixels (default: the whole image).")
+                             "[...]} in the image's pixels (default: --detector's, else the "
+                             "whole image).")
+_DETECTOR = flags.DEFINE_string("detector", None, "A transformers OWLv2 directory that proposes "
+                                "boxes for inputs given without.")
 _BATCH = flags.DEFINE_string("batch", None, "JSON-lines file of (image, text[, boxes]) inputs.")
 _OUT_DIR = flags.DEFINE_string("out_dir", None, "Output folder (with --batch).")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Inputs per model call.")
@@ -79,7 +85,8 @@ def _verdict(request, result, mask_path: str) -> str:
   found = (f"no target (no-target p={result.no_target_prob:.2f}), empty mask" if result.no_target
            else f"target (no-target p={result.no_target_prob:.2f}), mask "
                 f"{100 * result.area_fraction:.1f}% of the image")
-  note = "; no boxes given, the whole image is the proposal" if result.whole_image else ""
+  note = {"given": "", "detector": "; proposals from the detector",
+          "whole_image": "; no boxes given, the whole image is the proposal"}[result.proposals]
   return f"{request.image} {json.dumps(request.text, ensure_ascii=False)}: {found} -> {mask_path}{note}"
 
 
@@ -94,10 +101,21 @@ def main(argv) -> int:
     requests = _requests(config.model)
   except (OSError, ValueError) as e:
     raise app.UsageError(str(e)) from None
+  detector = None
+  if _DETECTOR.value:
+    import jax
+    from unires_jax import config_lib, propose
+
+    if "proposals" not in config:  # a checkpoint made before unires-propose
+      config.proposals = config_lib.load_config(
+          config_lib.resolve("configs/unires_pp_7b.py")).proposals
+      log.info("the checkpoint's config has no proposals section: using unires_pp_7b.py's")
+    config.proposals.batch_size = len(jax.local_devices())  # one image per device and step
+    detector = propose.Detector(_DETECTOR.value, config.proposals)
   segmenter = inference.Segmenter.from_checkpoint(
       common.CHECKPOINT.value, step=common.STEP.value,
       batch_size=min(_BATCH_SIZE.value, len(requests)),
-      no_target_threshold=_NO_TARGET_THRESHOLD.value)
+      no_target_threshold=_NO_TARGET_THRESHOLD.value, detector=detector)
   log.info("%d inputs in batches of %d on %d devices", len(requests), segmenter.batch_size,
            segmenter.mesh.size)
   if _BATCH.value:
@@ -121,7 +139,7 @@ def main(argv) -> int:
           "image": request.image, "text": request.text, "no_target": result.no_target,
           "no_target_prob": result.no_target_prob, "mask": os.path.basename(paths[k]),
           "overlay": os.path.basename(inference.overlay_path(paths[k])),
-          "mask_area_fraction": result.area_fraction, "whole_image": result.whole_image})
+          "mask_area_fraction": result.area_fraction, "proposals": result.proposals})
   if _BATCH.value:
     with (utils.replacing(os.path.join(_OUT_DIR.value, "results.jsonl")) as tmp,
           open(tmp, "w", encoding="utf-8") as f):

@@ -134,9 +134,11 @@ def target(coco: CocoIndex, ann_id: int, image_id: int, height: int, width: int,
 
 
 def image_record(coco: CocoIndex, image_root: str, refs_path: str, image_id: int,
-                 refs: list[Ref]) -> schema.ImageRecord:
+                 refs: list[Ref], proposals: dict[str, dict] | None = None
+                 ) -> schema.ImageRecord:
   """One image with all of its `refs` (of one split): every referred annotation once as a target,
-  every sentence as an expression.
+  every sentence as an expression; its proposals from `proposals` (a proposal file as
+  `unires_jax.data.proposals.read` gives it, by file name) when that holds the image.
 
   Raises:
     RecordError: an image missing from instances.json or from `image_root`, a corrupt image, a
@@ -162,5 +164,8 @@ def image_record(coco: CocoIndex, image_root: str, refs_path: str, image_id: int
     indices = [index_of[a] for a in ref.ann_ids]
     expressions.extend(schema.Expression(text=text, id=sent_id, ref_id=ref.ref_id, targets=indices)
                        for sent_id, text in ref.sentences)
+  boxes = (proposals or {}).get(file_name, {})
   return schema.ImageRecord(where=where, image_id=str(image_id), file_name=file_name, image=image,
-                            height=height, width=width, targets=targets, expressions=expressions)
+                            height=height, width=width, targets=targets, expressions=expressions,
+                            object_proposals=boxes.get("object_boxes"),
+                            part_proposals=boxes.get("part_boxes"))

@@ -40,6 +40,10 @@ class SampleSpec:
   # Datasets without stored proposals (RefCOCO, gRefCOCO) get the boxes of the image's targets,
   # each side moved by up to this fraction of the box size, as a detector's would be (training).
   target_box_jitter: float | None = None
+  # Datasets with stored proposals (a detector's, `unires-propose`): each target's box, jittered
+  # as above, joins them with this probability (training), so that the no-target head sees
+  # images whose referent the detector missed and images where a box holds it.
+  add_target_boxes: float = 0.0
 
   @property
   def max_length(self) -> int:
@@ -58,7 +62,14 @@ def sample_spec(model_cfg, input_cfg) -> SampleSpec:
       max_prompt_tokens=input_cfg.max_prompt_tokens,
       special=prompt.SpecialTokens.appended_to(model_cfg.llm.vocab_size),
       vocab_size=model_cfg.llm.vocab_size, template=input_cfg.template,
-      answer=input_cfg.answer, target_box_jitter=input_cfg.target_box_jitter)
+      answer=input_cfg.answer, target_box_jitter=input_cfg.target_box_jitter,
+      add_target_boxes=_probability(input_cfg.add_target_boxes, "config.input.add_target_boxes"))
+
+
+def _probability(value: float, name: str) -> float:
+  if not 0.0 <= value <= 1.0:
+    raise ValueError(f"{name}={value} must lie in [0, 1]")
+  return float(value)
 
 
 # CLIP normalisation of every uint8 value, per channel: `[3, 256]`, the float32 arithmetic of
@@ -129,6 +140,27 @@ def proposals_from_targets(targets: dict[str, Any], jitter: float, height: int, 
           "part_boxes": rng.permutation(moved[is_part])}
 
 
+def with_target_boxes(stored: dict[str, np.ndarray], targets: dict[str, Any], spec: SampleSpec,
+                      height: int, width: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+  """Stored proposals with each target's box added with probability `spec.add_target_boxes`
+  (jittered by `spec.target_box_jitter`, 0 when None).
+
+  The added boxes come first, the stored ones (best first) fill the remaining slots
+  (`max_objects`, `max_parts`), and the kept boxes are shuffled, so that no slot tells a target's
+  box from a detector's.
+
+  Returns:
+    {"object_boxes": [<= max_objects, 4], "part_boxes": [<= max_parts, 4]} float32.
+  """
+  added = proposals_from_targets(targets, spec.target_box_jitter or 0.0, height, width, rng)
+  out = {}
+  for key, limit in (("object_boxes", spec.max_objects), ("part_boxes", spec.max_parts)):
+    extra = added[key][rng.random(len(added[key])) < spec.add_target_boxes]
+    kept = np.concatenate([extra, np.asarray(stored[key], np.float32).reshape(-1, 4)])[:limit]
+    out[key] = rng.permutation(kept).astype(np.float32)
+  return out
+
+
 def _text(value: Any) -> str:
   return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
@@ -144,8 +176,9 @@ def prepare_image(example: dict[str, Any], spec: SampleSpec,
     spec: static shapes.
     tokenize: texts -> token ids (no special tokens added).
     extra: per-image values copied into every sample (e.g. the dataset index).
-    rng: for the target-box proposals of an example without stored proposals; None keeps the
-      example's proposals as they are (evaluation).
+    rng: for the target-box proposals of an example without stored proposals, or those added
+      to stored ones (`spec.add_target_boxes`); None keeps the example's proposals as they are
+      (evaluation).
 
   Returns:
     a dict with `image_low [low, low, 3]`, `image_high [high, high, 3]` float32,
@@ -159,6 +192,8 @@ def prepare_image(example: dict[str, Any], spec: SampleSpec,
   stored = len(proposals["object_boxes"]) + len(proposals["part_boxes"])
   if not stored and rng is not None and spec.target_box_jitter is not None:
     proposals = proposals_from_targets(targets, spec.target_box_jitter, h, w, rng)
+  elif stored and rng is not None and spec.add_target_boxes > 0:
+    proposals = with_target_boxes(proposals, targets, spec, h, w, rng)
   object_boxes, object_valid = _fixed_boxes(proposals["object_boxes"], scale, spec.max_objects)
   part_boxes, part_valid = _fixed_boxes(proposals["part_boxes"], scale, spec.max_parts)
   exprs = example["expressions"]
