@@ -5,8 +5,6 @@ tools."""
 import json
 import os
 
-import numpy as np
-
 
 def _byte_chars() -> list[str]:
   """CLIP's byte-level alphabet: one printable character per byte value (bytes_to_unicode)."""
@@ -41,12 +39,15 @@ def write_tiny_detector(path: str, seed: int = 0, image_size: int = 32) -> str:
                        eos_token_id=len(vocab) - 1, **tower),
       projection_dim=24)
   torch.manual_seed(seed)
-  transformers.Owlv2ForObjectDetection(config).save_pretrained(path)
+  model = transformers.Owlv2ForObjectDetection(config)
+  # transformers draws the heads' matrices with std 1, which saturates the tiny model's boxes
+  # and scores (every box a line at the image's edge): matrices with std 1 / sqrt(fan_in).
+  with torch.no_grad():
+    for p in model.parameters():
+      if p.ndim >= 2:
+        p.copy_(torch.randn(p.shape) / p[0].numel() ** 0.5)
+  model.save_pretrained(path)
   transformers.CLIPTokenizer(vocab=vocab, merges=[], pad_token="!").save_pretrained(path)
   with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
     assert json.load(f)["text_config"]["vocab_size"] == len(vocab)
   return path
-
-
-def random_image(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
-  return rng.integers(0, 256, (height, width, 3), np.uint8)
