@@ -84,3 +84,51 @@ def test_expand_shares_the_union_of_the_same_targets():
     assert sample["masks"].dtype == np.float32
     np.testing.assert_array_equal(sample["masks"], union.astype(np.float32))
   assert samples[0]["masks"] is samples[2]["masks"]
+
+
+def _spec(add_target_boxes: float, max_objects: int = 4, max_parts: int = 3):
+  config = load_config("tiny")
+  config.model.update(max_objects=max_objects, max_parts=max_parts)
+  config.input.update(add_target_boxes=add_target_boxes, target_box_jitter=0.0)
+  return preprocess.sample_spec(config.model, config.input)
+
+
+_TARGETS = {"box": np.array([[0, 0, 10, 10], [5, 5, 20, 20], [1, 1, 4, 4]], np.float32),
+            "granularity": np.array([0, 0, 1])}
+_STORED = {"object_boxes": np.array([[30, 30, 40, 40], [31, 31, 41, 41], [32, 32, 42, 42]],
+                                    np.float32),
+           "part_boxes": np.array([[50, 50, 55, 55]], np.float32)}
+
+
+def _rows(boxes: np.ndarray) -> set[tuple[float, ...]]:
+  return {tuple(b) for b in boxes.tolist()}
+
+
+def test_target_boxes_join_stored_proposals_with_the_configured_probability():
+  rng = np.random.default_rng(0)
+  none = preprocess.with_target_boxes(_STORED, _TARGETS, _spec(0.0), 64, 64, rng)
+  assert _rows(none["object_boxes"]) == _rows(_STORED["object_boxes"])
+  assert _rows(none["part_boxes"]) == _rows(_STORED["part_boxes"])
+
+  # Probability 1: every target's box, then the stored ones (best first) while slots remain.
+  every = preprocess.with_target_boxes(_STORED, _TARGETS, _spec(1.0), 64, 64, rng)
+  assert _rows(every["object_boxes"]) == _rows(np.concatenate(
+      [_TARGETS["box"][:2], _STORED["object_boxes"][:2]]))
+  assert _rows(every["part_boxes"]) == _rows(np.concatenate(
+      [_TARGETS["box"][2:], _STORED["part_boxes"]]))
+
+  # Shuffled: a target's box is not always in the first slot.
+  firsts = {tuple(preprocess.with_target_boxes(_STORED, _TARGETS, _spec(1.0), 64, 64, rng)
+                  ["object_boxes"][0]) for _ in range(20)}
+  assert len(firsts) > 2
+
+  # About half of 2000 target boxes at probability 0.5.
+  spec = _spec(0.5, max_objects=16)
+  added = sum(len(preprocess.with_target_boxes(_STORED, _TARGETS, spec, 64, 64, rng)
+                  ["object_boxes"]) - 3 for _ in range(1000))
+  assert 900 < added < 1100
+
+
+def test_add_target_boxes_out_of_range_is_refused():
+  with pytest.raises(ValueError, match=r"config.input.add_target_boxes=1.5 must lie in \[0, 1\]"):
+    _spec(1.5)
