@@ -187,6 +187,7 @@ def get_config(arg=None):
       part_k=16, part_min_score=0.1, part_nms_iou=0.5,
       part_vocabulary=PART_VOCABULARY, query_template="a photo of a {part}",
       pad_value=0.5,  # OWLv2's gray padding to a square (transformers 5 pads with 0.0)
+      preprocess_threads=8,  # host threads that resize images for the detector
       shard_images=256,  # images per shard file (a rerun skips finished shards)
   ))
   return config

@@ -39,7 +39,7 @@ def detector_dir(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def detector(detector_dir):
-  return propose.Detector(detector_dir, _config())
+  return propose.Detector.from_pretrained(detector_dir, _config())
 
 
 @pytest.fixture(scope="module")

@@ -221,7 +221,8 @@ def test_a_detector_proposes_for_inputs_without_boxes(segmenter, tiny, tmp_path)
   cfg = load_config("tiny").proposals
   cfg.update(query_template="{part}", part_vocabulary=("cup", "wheel"), batch_size=8,
              object_k=3, part_k=2)
-  detector = propose.Detector(write_tiny_detector(str(tmp_path / "owlv2")), cfg)
+  detector = propose.Detector.from_pretrained(write_tiny_detector(str(tmp_path / "owlv2")),
+                                              cfg)
   with_detector = inference.Segmenter.from_checkpoint(tiny[0], batch_size=1, detector=detector)
   images = [_image(tiny[2], "a.png"), _image(tiny[2], "b.png")]
   found = detector(images)

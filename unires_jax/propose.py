@@ -18,6 +18,7 @@ folder holds the settings it was made with (`settings.json`); a rerun with other
 and names it.
 """
 
+import concurrent.futures
 import dataclasses
 import hashlib
 import json
@@ -36,13 +37,13 @@ from PIL import Image
 from unires_jax import utils
 from unires_jax.convert import owlv2 as convert_owlv2
 from unires_jax.data import proposals, raw_images
-from unires_jax.models import detection
+from unires_jax.models import detection, owlv2
 
 log = logging.getLogger(__name__)
 
 FIELDS = ("batch_size", "object_k", "object_min_score", "object_nms_iou", "part_k",
           "part_min_score", "part_nms_iou", "part_vocabulary", "query_template", "pad_value",
-          "shard_images")
+          "preprocess_threads", "shard_images")
 
 
 def check_config(cfg: ml_collections.ConfigDict) -> None:
@@ -50,7 +51,7 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
   missing = [f for f in FIELDS if f not in cfg]
   if missing:
     raise ValueError(f"config.proposals has no field {missing[0]!r}; fields: {FIELDS}")
-  for field in ("batch_size", "shard_images"):
+  for field in ("batch_size", "preprocess_threads", "shard_images"):
     if cfg[field] < 1:
       raise ValueError(f"config.proposals.{field}={cfg[field]} must be >= 1")
   for field in ("object_k", "part_k"):
@@ -78,24 +79,18 @@ class Detector:
   """OWLv2 -> object and part proposals of images (see the module doc).
 
   Args:
-    detector_dir: a transformers OWLv2 directory (`Owlv2ForObjectDetection.save_pretrained`
-      with its tokenizer, e.g. google/owlv2-base-patch16-ensemble).
+    model: the detector (`models.owlv2.Owlv2ForObjectDetection`) and `model_cfg` its config.
+    query_ids, query_mask: `[queries, tokens]` the tokenized part queries (`from_pretrained`
+      writes `cfg.part_vocabulary` into `cfg.query_template` and tokenizes them).
     cfg: `config.proposals`.
-    dtype: the computation dtype (None: float32).
   """
 
-  def __init__(self, detector_dir: str, cfg: ml_collections.ConfigDict, *, dtype: Any = None):
-    import transformers  # pylint: disable=g-import-not-at-top  (a heavy import, needed here only)
-
+  def __init__(self, model: owlv2.Owlv2ForObjectDetection, model_cfg: ml_collections.ConfigDict,
+               query_ids: np.ndarray, query_mask: np.ndarray, cfg: ml_collections.ConfigDict):
     check_config(cfg)
-    self.cfg = cfg
-    model, self.model_cfg = convert_owlv2.from_pretrained(detector_dir, dtype=dtype)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(detector_dir)
-    queries = [cfg.query_template.format(part=p) for p in cfg.part_vocabulary] or [""]
-    tokens = tokenizer(queries, padding="max_length", truncation=True, return_tensors="np",
-                       max_length=self.model_cfg.text.max_position_embeddings)
-    self._ids = jnp.asarray(tokens["input_ids"], jnp.int32)  # [queries, tokens]
-    self._mask = jnp.asarray(tokens["attention_mask"], jnp.int32)
+    self.cfg, self.model_cfg = cfg, model_cfg
+    self._ids = jnp.asarray(query_ids, jnp.int32)
+    self._mask = jnp.asarray(query_mask, jnp.int32)
     devices = jax.local_devices()
     if cfg.batch_size % len(devices):
       raise ValueError(f"config.proposals.batch_size={cfg.batch_size} is not a multiple of this "
@@ -103,8 +98,8 @@ class Detector:
     mesh = jax.sharding.Mesh(np.array(devices), ("batch",))
     rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
     graphdef, state = nnx.split(model)
-    self._state = jax.device_put(state, jax.sharding.NamedSharding(mesh,
-                                                                    jax.sharding.PartitionSpec()))
+    self._state = jax.device_put(
+        state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
 
     def forward(state, pixels, ids, mask):
       """pixels `[batch, size, size, 3]` -> objectness `[batch, patches]`, part logits
@@ -117,17 +112,45 @@ class Detector:
 
     self._forward = jax.jit(forward, in_shardings=(None, rows, None, None), out_shardings=rows)
 
+  @classmethod
+  def from_pretrained(cls, detector_dir: str, cfg: ml_collections.ConfigDict, *,
+                      dtype: Any = None) -> "Detector":
+    """The detector of a transformers OWLv2 directory (`Owlv2ForObjectDetection.save_pretrained`
+    with its tokenizer, e.g. google/owlv2-base-patch16-ensemble), computing in `dtype` (None:
+    float32)."""
+    import transformers  # pylint: disable=g-import-not-at-top  (heavy; needed here only)
+
+    check_config(cfg)
+    model, model_cfg = convert_owlv2.from_pretrained(detector_dir, dtype=dtype)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(detector_dir)
+    queries = [cfg.query_template.format(part=p) for p in cfg.part_vocabulary] or [""]
+    tokens = tokenizer(queries, padding="max_length", truncation=True, return_tensors="np",
+                       max_length=model_cfg.text.max_position_embeddings)
+    return cls(model, model_cfg, tokens["input_ids"], tokens["attention_mask"], cfg)
+
+  def pixels(self, images: Sequence[np.ndarray]) -> np.ndarray:
+    """Images -> `[batch_size, size, size, 3]` detector input, zero rows after the images."""
+    size = self.model_cfg.vision.image_size
+    out = np.zeros((self.cfg.batch_size, size, size, 3), np.float32)  # one compiled shape
+
+    def fill(i: int) -> None:
+      out[i] = detection.owlv2_preprocess(images[i], size, self.cfg.pad_value)
+
+    # NumPy's array work releases the GIL: threads preprocess images side by side.
+    with concurrent.futures.ThreadPoolExecutor(self.cfg.preprocess_threads) as pool:
+      list(pool.map(fill, range(len(images))))
+    return out
+
+  def raw_outputs(self, pixels: np.ndarray) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`pixels` -> (objectness, part logits, boxes) on the devices (not waited for)."""
+    return self._forward(self._state, pixels, self._ids, self._mask)
+
   def __call__(self, images: Sequence[np.ndarray]) -> list[ImageProposals]:
     """RGB uint8 images `[h, w, 3]` (any number) -> their proposals, in order."""
     out = []
-    size, n = self.model_cfg.vision.image_size, self.cfg.batch_size
-    for start in range(0, len(images), n):
-      chunk = images[start:start + n]
-      pixels = np.zeros((n, size, size, 3), np.float32)  # a fixed shape: one compilation
-      for i, image in enumerate(chunk):
-        pixels[i] = detection.owlv2_preprocess(image, size, self.cfg.pad_value)
-      objectness, logits, boxes = jax.device_get(
-          self._forward(self._state, pixels, self._ids, self._mask))
+    for start in range(0, len(images), self.cfg.batch_size):
+      chunk = images[start:start + self.cfg.batch_size]
+      objectness, logits, boxes = jax.device_get(self.raw_outputs(self.pixels(chunk)))
       for i, image in enumerate(chunk):
         out.append(self._boxes(objectness[i], logits[i], boxes[i], image.shape[:2]))
     return out
@@ -164,7 +187,7 @@ def settings(detector_dir: str, cfg: ml_collections.ConfigDict) -> dict[str, Any
                    for name in os.listdir(detector_dir)
                    if name.endswith((".safetensors", ".bin")))
   fields = {k: (list(v) if isinstance(v, (tuple, list)) else v) for k, v in cfg.items()
-            if k not in ("batch_size",)}
+            if k not in ("batch_size", "preprocess_threads")}
   return {"detector_config_sha256": detector, "detector_weights": weights, "proposals": fields}
 
 

@@ -55,7 +55,7 @@ def main(argv) -> int:
   from unires_jax import propose  # pylint: disable=g-import-not-at-top  (jax, transformers)
 
   cfg = common.CONFIG.value.proposals
-  detector = propose.Detector(_DETECTOR.value, cfg)
+  detector = propose.Detector.from_pretrained(_DETECTOR.value, cfg)
   rate = propose.Rate(f"propose {_DATASET.value} {_SPLIT.value}",
                       show_bar=common.FLAGS.progress)
   try:

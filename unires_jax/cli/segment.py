@@ -111,7 +111,7 @@ def main(argv) -> int:
           config_lib.resolve("configs/unires_pp_7b.py")).proposals
       log.info("the checkpoint's config has no proposals section: using unires_pp_7b.py's")
     config.proposals.batch_size = len(jax.local_devices())  # one image per device and step
-    detector = propose.Detector(_DETECTOR.value, config.proposals)
+    detector = propose.Detector.from_pretrained(_DETECTOR.value, config.proposals)
   segmenter = inference.Segmenter.from_checkpoint(
       common.CHECKPOINT.value, step=common.STEP.value,
       batch_size=min(_BATCH_SIZE.value, len(requests)),
