@@ -214,7 +214,7 @@ def test_segment_rejects_too_many_boxes(segmenter):
                       [None, {"object": [[0, 0, 1, 1]] * 5}])
 
 
-def test_a_detector_proposes_for_inputs_without_boxes(segmenter, tiny, tmp_path):
+def test_a_detector_proposes_for_inputs_without_boxes(segmenter, tiny, tmp_path, capsys):
   from tests.owlv2_files import write_tiny_detector  # pylint: disable=g-import-not-at-top
   from unires_jax import propose  # pylint: disable=g-import-not-at-top
 
@@ -234,3 +234,16 @@ def test_a_detector_proposes_for_inputs_without_boxes(segmenter, tiny, tmp_path)
       {"object": found[0].object_boxes, "part": found[0].part_boxes}])
   np.testing.assert_array_equal(results[0].mask, given.mask)
   assert results[0].no_target_prob == pytest.approx(given.no_target_prob, abs=1e-6)
+
+  # unires-segment --detector: the checkpoint config's `proposals` settings (the tiny config's).
+  ckpt, _, root = tiny
+  out = tmp_path / "cli" / "mask.png"
+  assert _segment_cli(f"--checkpoint={ckpt}", f"--image={root / 'a.png'}", f"--text={TEXTS[0]}",
+                      f"--out={out}", f"--detector={tmp_path / 'owlv2'}") == 0
+  assert capsys.readouterr().out.strip().endswith(f"-> {out}; proposals from the detector")
+  cli_detector = propose.Detector.from_pretrained(str(tmp_path / "owlv2"),
+                                                  load_config("tiny").proposals)
+  (found,) = cli_detector(images[:1])
+  (expected,) = segmenter.segment(images[:1], TEXTS[:1], [
+      {"object": found.object_boxes[:4], "part": found.part_boxes[:4]}])
+  np.testing.assert_array_equal(np.asarray(Image.open(out)) == 255, expected.mask)
