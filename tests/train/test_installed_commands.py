@@ -80,10 +80,10 @@ def test_config_variants_from_another_directory(installed, tmp_path):
     return int(next(line.split()[1] for line in out.splitlines()
                     if line.startswith("llm ")).replace(",", ""))
 
-  full, four = llm_parameters("configs/unires_pp_7b.py"), llm_parameters(
-      "configs/unires_pp_7b.py:llm_layers=4")
+  # Few layers: the summary builds the model abstractly, and 32 layers take ~30 s on a CPU.
+  one, two = (llm_parameters(f"configs/unires_pp_7b.py:llm_layers={n}") for n in (1, 2))
   # Vicuna-7B: 202,383,360 parameters per decoder layer (4 x 4096^2 + 3 x 4096 x 11008 + 2 x 4096).
-  assert full - four == 28 * 202_383_360
+  assert two - one == 202_383_360
   run = subprocess.run([os.path.join(installed, "unires-summary"),
                         "--config=configs/unires_pp_7b.py:llm_layer=4"], cwd=tmp_path,
                        capture_output=True, text=True, check=False)
