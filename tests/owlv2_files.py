@@ -22,6 +22,24 @@ def tokenizer_vocab() -> dict[str, int]:
   return {w: i for i, w in enumerate(words)}
 
 
+def hf_config(cfg, eos_token_id: int):
+  """The `transformers.Owlv2Config` of our config `cfg` (`unires_jax.models.owlv2`); the text
+  tower's start and end tokens are `eos_token_id - 1` and `eos_token_id`."""
+  import transformers  # pylint: disable=g-import-not-at-top
+
+  tower = lambda c: dict(hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+                         num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
+                         layer_norm_eps=c.layer_norm_eps, hidden_act=c.hidden_act)
+  return transformers.Owlv2Config(
+      vision_config=dict(image_size=cfg.vision.image_size, patch_size=cfg.vision.patch_size,
+                         num_channels=cfg.vision.num_channels, **tower(cfg.vision)),
+      text_config=dict(vocab_size=cfg.text.vocab_size, bos_token_id=eos_token_id - 1,
+                       eos_token_id=eos_token_id,
+                       max_position_embeddings=cfg.text.max_position_embeddings,
+                       **tower(cfg.text)),
+      projection_dim=cfg.projection_dim)
+
+
 def write_tiny_detector(path: str, seed: int = 0, image_size: int = 32) -> str:
   """Writes a tiny `Owlv2ForObjectDetection` (random weights, `seed`) with its tokenizer to
   `path`; returns `path`. Queries are one token per character, 16 at most."""

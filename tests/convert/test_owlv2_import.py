@@ -12,28 +12,16 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 from safetensors.numpy import load_file, save_file  # pylint: disable=g-import-not-at-top
 
+from tests.owlv2_files import hf_config  # pylint: disable=g-import-not-at-top
 from unires_jax.convert import owlv2 as convert_owlv2  # pylint: disable=g-import-not-at-top
 from unires_jax.convert import torch_io  # pylint: disable=g-import-not-at-top
 from unires_jax.models import owlv2  # pylint: disable=g-import-not-at-top
 
 
-def _hf_config(cfg) -> "transformers.Owlv2Config":
-  tower = lambda c: dict(hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-                         num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
-                         layer_norm_eps=c.layer_norm_eps, hidden_act=c.hidden_act)
-  return transformers.Owlv2Config(
-      vision_config=dict(image_size=cfg.vision.image_size, patch_size=cfg.vision.patch_size,
-                         **tower(cfg.vision)),
-      text_config=dict(vocab_size=cfg.text.vocab_size, bos_token_id=98, eos_token_id=99,
-                       max_position_embeddings=cfg.text.max_position_embeddings,
-                       **tower(cfg.text)),
-      projection_dim=cfg.projection_dim)
-
-
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
   torch.manual_seed(0)
-  model = transformers.Owlv2ForObjectDetection(_hf_config(owlv2.tiny())).eval()
+  model = transformers.Owlv2ForObjectDetection(hf_config(owlv2.tiny(), eos_token_id=99)).eval()
   path = str(tmp_path_factory.mktemp("owlv2"))
   model.save_pretrained(path)
   return path

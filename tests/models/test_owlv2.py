@@ -11,6 +11,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 import torchvision  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from tests.owlv2_files import hf_config  # pylint: disable=g-import-not-at-top
 from unires_jax import parallel  # pylint: disable=g-import-not-at-top
 from unires_jax.convert import owlv2 as convert_owlv2  # pylint: disable=g-import-not-at-top
 from unires_jax.models import detection  # pylint: disable=g-import-not-at-top
@@ -19,19 +20,6 @@ from unires_jax.models import owlv2  # pylint: disable=g-import-not-at-top
 ATOL = 1e-4  # float32 on both sides; the compared values are of magnitude ~1 (logits < ~10).
 BATCH, QUERIES, TOKENS = 2, 3, 6
 EOT = 99  # the largest id in the tiny vocabulary of 100: where the text tower pools
-
-
-def _hf_config(cfg) -> "transformers.Owlv2Config":
-  tower = lambda c: dict(hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-                         num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
-                         layer_norm_eps=c.layer_norm_eps, hidden_act=c.hidden_act)
-  return transformers.Owlv2Config(
-      vision_config=dict(image_size=cfg.vision.image_size, patch_size=cfg.vision.patch_size,
-                         num_channels=cfg.vision.num_channels, **tower(cfg.vision)),
-      text_config=dict(vocab_size=cfg.text.vocab_size, bos_token_id=EOT - 1, eos_token_id=EOT,
-                       max_position_embeddings=cfg.text.max_position_embeddings,
-                       **tower(cfg.text)),
-      projection_dim=cfg.projection_dim)
 
 
 def _second_cfg() -> ml_collections.ConfigDict:
@@ -64,7 +52,7 @@ def _queries(seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _hf_model(cfg, seed: int) -> "transformers.Owlv2ForObjectDetection":
   torch.manual_seed(seed)
-  model = transformers.Owlv2ForObjectDetection(_hf_config(cfg)).eval()
+  model = transformers.Owlv2ForObjectDetection(hf_config(cfg, eos_token_id=EOT)).eval()
   gen = torch.Generator().manual_seed(seed + 1)
   # Matrices drawn anew with std 1 / sqrt(fan_in) (transformers initialises the heads with std 1,
   # which makes logits of ~100 where float32 rounding alone exceeds ATOL), and every vector and
@@ -261,10 +249,10 @@ RELEASED = {
 @pytest.mark.parametrize("name", sorted(RELEASED))
 def test_full_size_parameter_count_matches_transformers(name):
   cfg = getattr(owlv2, name)()
-  hf_config = transformers.Owlv2Config(**RELEASED[name])
-  convert_owlv2.check_config(cfg, hf_config.to_dict())
+  released = transformers.Owlv2Config(**RELEASED[name])
+  convert_owlv2.check_config(cfg, released.to_dict())
   with torch.device("meta"):
-    reference = transformers.Owlv2ForObjectDetection(hf_config)
+    reference = transformers.Owlv2ForObjectDetection(released)
   expected = sum(p.numel() for p in reference.parameters())
   abstract = nnx.eval_shape(lambda: owlv2.Owlv2ForObjectDetection(cfg, rngs=nnx.Rngs(0)))
   params = nnx.state(abstract, nnx.Param)
