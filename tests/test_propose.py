@@ -164,22 +164,40 @@ def test_a_bad_image_stops_naming_it_or_is_skipped_and_counted(detector, detecto
 
 
 @pytest.mark.slow
-def test_cli_two_processes(detector_dir, raw, one_process, tmp_path):
+def test_cli_two_processes_skipping_a_bad_image(detector_dir, raw, one_process, tmp_path):
   root = _copy(raw, tmp_path)
+  bad, path = raw_images.images("ref_coco_m", root, "val")[4]
+  corrupt_file(path)
   sets = [f"--config.proposals.{k}={v}" for k, v in (
       ("query_template", "{part}"), ("batch_size", 8), ("object_k", 4), ("part_k", 3),
       ("part_min_score", 0.0), ("shard_images", SHARD))]
   command = [sys.executable, "-m", "unires_jax.cli.propose", "--config=configs/tiny.py",
              f"--detector={detector_dir}", f"--manual_dir={root}", "--split=val",
              "--config.proposals.part_vocabulary=('head', 'wheel', 'door')", "--progress=false",
-             "--num_processes=2", *sets]
+             "--num_processes=2", "--skip_bad", *sets]
   runs = [subprocess.Popen([*command, f"--process_id={i}"], cwd=ROOT, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True) for i in range(2)]
   outputs = [run.communicate(timeout=600) for run in runs]
   for run, (out, err) in zip(runs, outputs):
     assert run.returncode == 0, out + err[-3000:]
   assert any("wrote " in out for out, _ in outputs)
-  assert _file_bytes(root) == _file_bytes(one_process)
+  assert any("1 unreadable" in out for out, _ in outputs)
+  expected = json.loads(_file_bytes(one_process))
+  del expected[bad]
+  assert json.loads(_file_bytes(root)) == expected
   with open(proposals.path(root, "ref_coco_m", "val") + ".shards/settings.json",
             encoding="utf-8") as f:
     assert json.load(f)["proposals"]["part_vocabulary"] == ["head", "wheel", "door"]
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("batch_size", 0, "batch_size=0 must be >= 1"),
+    ("part_nms_iou", 1.5, r"part_nms_iou=1.5 must lie in \[0, 1\]"),
+    ("query_template", "a photo of a", "has no {part}"),
+    ("part_vocabulary", (), "part_vocabulary is empty but part_k > 0"),
+])
+def test_settings_out_of_range_are_refused_by_name(field, value, message):
+  cfg = _config()
+  cfg[field] = value
+  with pytest.raises(ValueError, match=rf"config.proposals.{field}.*{message}|{message}"):
+    propose.check_config(cfg)
