@@ -30,6 +30,16 @@ def pytest_configure(config):
   config.add_cleanup(lambda: shutil.rmtree(cache, ignore_errors=True))
 
 
+# The longest test first: the demo (about 16 minutes of one worker). xdist hands tests to its
+# workers in collection order, where the demo came halfway and kept one worker busy long after
+# the other had finished. Only whole modules move, so module fixtures are still set up once.
+_FIRST = ("tests/test_demo.py::",)
+
+
+def pytest_collection_modifyitems(items):
+  items.sort(key=lambda item: not item.nodeid.startswith(_FIRST))  # stable otherwise
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _torch_threads():
   """Two workers on two cores: one intra-op thread each keeps torch from oversubscribing."""
