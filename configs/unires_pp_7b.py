@@ -90,6 +90,9 @@ def get_config(arg=None):
   )
   m.max_objects = 16
   m.max_parts = 16
+  # Room for the answer after the prompt (config.input.answer plus [SEG]). Training takes the LM
+  # logits at these positions only, not at the ~740 of the sequence (a 32k-wide LM head at each).
+  m.max_answer_tokens = 16
   # `region`: which proposal the expression selects, or none (losses.region_selection_ce); a
   # proposal is selected when the target mask covers `region_min_coverage` of its box.
   # `no_target_prior`: the share of no-target expressions in the training mixture; the no-target
@@ -104,6 +107,16 @@ def get_config(arg=None):
   # Batches are split over data x fsdp; parameters follow the rules table in
   # unires_jax/parallel/rules.py (fsdp shards the embed dimension, tensor the mlp/heads/vocab one).
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  # Logical axis -> mesh axes (MaxText's logical_axis_rules): comma-separated mesh axes, "" for
+  # replicated; change one from the command line, e.g. --config.logical_axis_rules.mlp=fsdp.
+  # The model names every parameter and residual-stream dimension (unires_jax/models/layers.py
+  # lists the names); this table alone knows the mesh. fsdp shards the residual width, tensor the
+  # hidden / head / vocabulary dimensions (Megatron style). Convolution channels stay replicated:
+  # sharded, they hit a partitioner bug (unires_jax/parallel/rules.py).
+  config.logical_axis_rules = ml_collections.ConfigDict(dict(
+      activation_batch="data,fsdp", activation_length="", activation_embed="",
+      embed="fsdp", features="fsdp", mlp="tensor", heads="tensor", kv_heads="tensor",
+      vocab="tensor", conv_in="", conv_out="", position="", conv_window="", norm=""))
 
   # AdamW with linear warmup then cosine decay to `end_lr_fraction * learning_rate`.
   config.optimizer = ml_collections.ConfigDict()

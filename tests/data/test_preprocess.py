@@ -132,3 +132,24 @@ def test_target_boxes_join_stored_proposals_with_the_configured_probability():
 def test_add_target_boxes_out_of_range_is_refused():
   with pytest.raises(ValueError, match=r"config.input.add_target_boxes=1.5 must lie in \[0, 1\]"):
     _spec(1.5)
+
+
+def test_answer_longer_than_its_room_is_refused():
+  """Training takes the LM logits at `max_answer_tokens` positions: a longer answer would lose
+  targets silently, so preprocessing refuses it, naming both fields."""
+  config = load_config("tiny")
+  config.model.max_answer_tokens = 3
+  spec = preprocess.sample_spec(config.model, config.input)
+  assert spec.max_length == preprocess.sample_spec(load_config("tiny").model,
+                                                   config.input).max_length - 13
+  s = spec.high_size
+  example = {
+      "image": _image(s, s, seed=1),
+      "targets": {"mask": np.zeros((1, s, s, 1), np.uint8)},
+      "proposals": {"object_boxes": np.zeros((0, 4), np.float32),
+                    "part_boxes": np.zeros((0, 4), np.float32)},
+      "expressions": {"text": [b"a"], "target_indices": [np.array([0])], "granularity": [0],
+                      "no_target": [False], "id": [1]}}
+  with pytest.raises(ValueError, match=r"config.input.answer .* is 4 tokens with \[SEG\], more "
+                     r"than config.model.max_answer_tokens=3"):
+    preprocess.prepare_image(example, spec, lambda texts: [[5, 6, 7] for _ in texts])

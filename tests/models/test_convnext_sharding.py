@@ -56,7 +56,9 @@ def _grads(model: ConvNeXt, x: np.ndarray, mesh=None):
     replicated = NamedSharding(mesh, PartitionSpec())
     params = jax.device_put(params, replicated)
     x = jax.device_put(x, NamedSharding(mesh, ROWS))
-    grads, features = parallel.on_mesh(mesh, jax.jit(fn, out_shardings=replicated))(params, x)
+    rules = parallel.rules_from_config(load_config("tiny"))
+    grads, features = parallel.on_mesh(mesh, rules, jax.jit(fn, out_shardings=replicated))(
+        params, x)
   flat = {utils.path_str(p): np.asarray(v.get_value()) for p, v in
           jax.tree_util.tree_leaves_with_path(grads, is_leaf=lambda v: isinstance(v, nnx.Variable))}
   return [np.asarray(f) for f in features], flat

@@ -85,3 +85,25 @@ def test_prior_adjustment_moves_the_optimum_to_balanced_classes():
 def test_prior_outside_the_open_interval_is_rejected(prior):
   with pytest.raises(ValueError, match="loss.no_target_prior"):
     losses.prior_adjusted_logits(jnp.zeros((2,)), prior)
+
+
+def test_answer_positions_are_those_followed_by_a_target():
+  loss_mask = np.array([[0, 0, 1, 1, 0, 0],
+                        [0, 0, 0, 1, 1, 1],
+                        [0, 0, 0, 0, 0, 0]])
+  positions = np.asarray(losses.answer_positions(jnp.asarray(loss_mask), 4))
+  assert positions.tolist() == [[1, 2, 5, 5], [2, 3, 4, 5], [5, 5, 5, 5]]
+  # Logits at those positions give the loss of logits at every position.
+  rng = np.random.default_rng(0)
+  ids = jnp.asarray(rng.integers(0, 7, loss_mask.shape))
+  everywhere = jnp.asarray(rng.normal(size=(*loss_mask.shape, 7)), jnp.float32)
+  at = jnp.take_along_axis(everywhere, jnp.asarray(positions)[..., None], axis=1)
+  all_positions = jnp.broadcast_to(jnp.arange(6), loss_mask.shape)
+  want = losses.lm_cross_entropy(everywhere, all_positions, ids, jnp.asarray(loss_mask))
+  got = losses.lm_cross_entropy(at, jnp.asarray(positions), ids, jnp.asarray(loss_mask))
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  # By hand: the mean cross-entropy of the 5 target tokens.
+  logp = jax.nn.log_softmax(everywhere, axis=-1)
+  targets = [(0, 1), (0, 2), (1, 2), (1, 3), (1, 4)]
+  by_hand = -np.mean([logp[r, p, ids[r, p + 1]] for r, p in targets])
+  np.testing.assert_allclose(want, by_hand, rtol=1e-6)

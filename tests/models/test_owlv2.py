@@ -13,6 +13,7 @@ import torchvision  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from tests.owlv2_files import hf_config  # pylint: disable=g-import-not-at-top
 from unires_jax import parallel  # pylint: disable=g-import-not-at-top
+from unires_jax.config_lib import load_config  # pylint: disable=g-import-not-at-top
 from unires_jax.convert import owlv2 as convert_owlv2  # pylint: disable=g-import-not-at-top
 from unires_jax.models import detection  # pylint: disable=g-import-not-at-top
 from unires_jax.models import owlv2  # pylint: disable=g-import-not-at-top
@@ -259,4 +260,4 @@ def test_full_size_parameter_count_matches_transformers(name):
   assert sum(x.size for x in jax.tree.leaves(params)) == expected
   # Every parameter has logical axis names that the mesh rules resolve.
   mesh = parallel.make_mesh(dict(data=2, fsdp=2, tensor=2))
-  parallel.state_shardings(params, mesh)
+  parallel.state_shardings(params, mesh, parallel.rules_from_config(load_config("tiny")))

@@ -14,7 +14,7 @@ from unires_jax import models
 from unires_jax.config_lib import load_config
 from unires_jax.models import prompt
 from unires_jax.models.synthetic import synthetic_batch
-from unires_jax.models.unires import UniRESOutput, compute_loss
+from unires_jax.models.unires import UniRESOutput, compute_loss, train_forward
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +58,7 @@ def test_no_target_losses_see_the_prior_adjusted_logit(config):
   vocab = config.model.llm.vocab_size + prompt.num_special_tokens()
   out = UniRESOutput(  # random outputs of the model's shapes: only the loss is under test
       logits=jnp.asarray(rng.normal(size=(b, t, vocab)), jnp.float32),
+      lm_positions=jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)),
       mask_logits=jnp.asarray(rng.normal(size=(b, side, side)), jnp.float32),
       aux_mask_logits=[jnp.asarray(rng.normal(size=(b, side, side)), jnp.float32)],
       no_target_logits=jnp.asarray(rng.normal(size=(b,)), jnp.float32),
@@ -74,6 +75,32 @@ def test_no_target_losses_see_the_prior_adjusted_logit(config):
     assert abs(float(adjusted[name]) - float(plain[name])) > 1e-3, name
   for name in ("lm", "mask_bce", "mask_dice", "aux_mask"):
     assert float(adjusted[name]) == float(plain[name]), name
+
+
+def test_training_takes_lm_logits_at_the_answer_only(config):
+  """`train_forward` computes the LM head at `max_answer_tokens` positions per row, not at every
+  token, and gives the same loss and gradients as the logits at every position."""
+  model = models.build_model(config, nnx.Rngs(0))
+  batch = synthetic_batch(config.model, 3, no_target_every=2)
+  batch["loss_mask"][1, -4:] = 1  # rows with different answer lengths: 2 and 4 targets
+  graphdef, params = nnx.split(model)
+
+  def loss(params, forward):
+    out = forward(nnx.merge(graphdef, params), batch)
+    return compute_loss(out, batch, config.model.loss)[0], out.logits
+
+  (answer_loss, answer_logits), answer_grads = jax.jit(jax.value_and_grad(
+      lambda p: loss(p, train_forward), has_aux=True))(params)
+  (full_loss, full_logits), full_grads = jax.jit(jax.value_and_grad(
+      lambda p: loss(p, lambda m, b: m(b)), has_aux=True))(params)
+  b, t = batch["input_ids"].shape
+  assert full_logits.shape[:2] == (b, t)
+  assert answer_logits.shape[:2] == (b, config.model.max_answer_tokens)
+  assert t > config.model.max_answer_tokens
+  np.testing.assert_allclose(answer_loss, full_loss, rtol=1e-6)
+  head = answer_grads["llm"]["lm_head"]["kernel"][...]
+  assert np.abs(np.asarray(head)).max() > 0
+  np.testing.assert_allclose(head, full_grads["llm"]["lm_head"]["kernel"][...], atol=1e-6)
 
 
 def _mask_iou(mask_logits, gt):

@@ -1,5 +1,7 @@
 """The mesh from the config and the logical-to-mesh rules table, on the full-size model."""
 
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -9,7 +11,13 @@ from jax.sharding import PartitionSpec as P
 from unires_jax import parallel, utils
 from unires_jax.config_lib import load_config
 from unires_jax.parallel import mesh as mesh_lib
+from unires_jax.models.synthetic import synthetic_batch
 from unires_jax.parallel.sharded_model import abstract_model
+from unires_jax.train import step as step_lib
+from unires_jax.train.state import StateFactory
+
+
+RULES = parallel.rules_from_config(load_config("tiny"))
 
 
 def _mesh(data, fsdp, tensor):
@@ -36,30 +44,30 @@ def test_mesh_shape_errors(cfg, message):
 
 def test_logical_to_mesh():
   mesh = _mesh(2, 2, 2)
-  assert parallel.logical_to_mesh(("embed", "mlp"), (64, 128), mesh) == P("fsdp", "tensor")
-  assert parallel.logical_to_mesh(("vocab", "embed"), (138, 64), mesh) == P("tensor", "fsdp")
+  assert parallel.logical_to_mesh(("embed", "mlp"), (64, 128), mesh, RULES) == P("fsdp", "tensor")
+  assert parallel.logical_to_mesh(("vocab", "embed"), (138, 64), mesh, RULES) == P("tensor", "fsdp")
   # A size the mesh axis does not divide stays replicated.
-  assert parallel.logical_to_mesh(("embed", "mlp"), (3, 16), mesh) == P(None, "tensor")
-  assert parallel.logical_to_mesh(("mlp", None), (64, 1), mesh) == P("tensor", None)
+  assert parallel.logical_to_mesh(("embed", "mlp"), (3, 16), mesh, RULES) == P(None, "tensor")
+  assert parallel.logical_to_mesh(("mlp", None), (64, 1), mesh, RULES) == P("tensor", None)
   # Convolution channels stay replicated (see the rules module's docstring).
   assert parallel.logical_to_mesh(
-      ("conv_window", "conv_window", "conv_in", "conv_out"), (7, 7, 16, 16), mesh
+      ("conv_window", "conv_window", "conv_in", "conv_out"), (7, 7, 16, 16), mesh, RULES
   ) == P(None, None, None, None)
 
 
 def test_logical_to_mesh_errors():
   mesh = _mesh(2, 2, 2)
   with pytest.raises(ValueError, match="'heads' and 'mlp' both map to mesh axis 'tensor'"):
-    parallel.logical_to_mesh(("heads", "mlp"), (8, 8), mesh, where="w")
+    parallel.logical_to_mesh(("heads", "mlp"), (8, 8), mesh, RULES, where="w")
   with pytest.raises(ValueError, match="logical axis 'bogus' has no rule"):
-    parallel.logical_to_mesh(("bogus",), (8,), mesh)
+    parallel.logical_to_mesh(("bogus",), (8,), mesh, RULES)
   with pytest.raises(ValueError, match="2 axis names"):
-    parallel.logical_to_mesh(("embed", "mlp"), (8,), mesh)
+    parallel.logical_to_mesh(("embed", "mlp"), (8,), mesh, RULES)
 
 
 def _param_specs(config, mesh):
   _, params = abstract_model(config)
-  shardings = parallel.state_shardings(params, mesh)
+  shardings = parallel.state_shardings(params, mesh, parallel.rules_from_config(config))
   leaves = jax.tree_util.tree_leaves_with_path(
       shardings, is_leaf=lambda x: isinstance(x, nnx.Variable))
   shapes = jax.tree_util.tree_leaves(params)
@@ -81,3 +89,51 @@ def test_full_model_follows_the_rules():
   total = sum(size(shape) for _, shape in specs.values())
   sharded = sum(size(specs[p][1]) for p in both)
   assert sharded / total > 0.99
+
+
+def test_rules_come_from_the_config_and_name_a_bad_field():
+  config = load_config("tiny")
+  assert dict(parallel.rules_from_config(config))["activation_batch"] == ("data", "fsdp")
+  assert dict(parallel.rules_from_config(config))["conv_in"] is None
+  config.logical_axis_rules.mlp = "fsdp,model"
+  with pytest.raises(ValueError, match=r"config.logical_axis_rules.mlp='fsdp,model': unknown mesh "
+                     r"axis 'model'"):
+    parallel.rules_from_config(config)
+
+
+def _lowered_step(config, mesh):
+  """The tiny train step traced and lowered for `mesh` (nothing compiled or allocated): the
+  factory's parameter shardings and the StableHLO text."""
+  factory = StateFactory(config, mesh)
+  batch = step_lib.model_fields(synthetic_batch(config.model, 8))
+  rows = parallel.batch_sharding(mesh)
+  inputs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=rows) for k, v in batch.items()}
+  text = step_lib.make_train_step(factory).lower(factory.abstract_sharded(), inputs).as_text()
+  specs = {utils.path_str(p): v.get_value().spec for p, v in jax.tree_util.tree_leaves_with_path(
+      factory.shardings.params, is_leaf=lambda x: isinstance(x, nnx.Variable))}
+  return specs, text
+
+
+def _residual_constraints(text):
+  """The width dimension's mesh axes in the step's sharding constraints on [batch, tokens, width]
+  activations (batch over data x fsdp, tokens whole), as Shardy writes them in the StableHLO."""
+  return re.findall(r'sdy\.sharding_constraint %\S+ <@\w+, \[\{"data", "fsdp"\}, \{\}, '
+                    r'\{([^}]*)\}\]>', text)
+
+
+def test_a_rule_changed_in_the_config_moves_the_compiled_step():
+  """`mlp` made replicated re-shards the MLP kernels; `activation_embed` moved from
+  replicated to tensor splits the residual streams' width over tensor in the step."""
+  mesh = _mesh(2, 2, 2)
+  config = load_config("tiny")
+  specs, text = _lowered_step(config, mesh)
+  path = "llm/model/layers/0/mlp/up_proj/kernel"
+  assert specs[path] == P("fsdp", "tensor")
+  before = _residual_constraints(text)
+  assert before and set(before) == {""}  # width whole
+
+  config.logical_axis_rules.update(mlp="", activation_embed="tensor")
+  specs, text = _lowered_step(config, mesh)
+  assert specs[path] == P("fsdp", None)
+  after = _residual_constraints(text)
+  assert len(after) == len(before) and set(after) == {'"tensor"'}

@@ -15,7 +15,7 @@ from flax import nnx
 from unires_jax import parallel
 from unires_jax.config_lib import load_config
 from unires_jax.models.synthetic import synthetic_batch
-from unires_jax.models.unires import INPUT_KEYS, UniRESPP
+from unires_jax.models.unires import INPUT_KEYS, UniRESPP, train_forward
 from unires_jax.train import flops
 from unires_jax.train.state import StateFactory
 from unires_jax.train.step import make_train_step, model_fields
@@ -28,10 +28,10 @@ def _abstract(batch, sharding=None):
 
 
 def _forward_xla_flops(config, batch) -> float:
-  """XLA's FLOPs of the jitted model call (parameters abstract: nothing is allocated)."""
+  """XLA's FLOPs of training's forward pass (parameters abstract: nothing is allocated)."""
   graphdef, params = nnx.split(nnx.eval_shape(lambda: UniRESPP(config.model, rngs=nnx.Rngs(0))))
-  forward = jax.jit(lambda p, b: nnx.merge(graphdef, p)(b))
-  inputs = _abstract({k: batch[k] for k in INPUT_KEYS})
+  forward = jax.jit(lambda p, b: train_forward(nnx.merge(graphdef, p), b))
+  inputs = _abstract({k: batch[k] for k in INPUT_KEYS + ("loss_mask",)})
   return forward.lower(params, inputs).compile().cost_analysis()["flops"]
 
 

@@ -105,7 +105,7 @@ def test_sharded_step_equals_unsharded_and_follows_rules():
   arrays = {utils.path_str(p): v.get_value() for p, v in jax.tree_util.tree_leaves_with_path(
       state.params, is_leaf=lambda x: isinstance(x, nnx.Variable))}
   expected = {utils.path_str(p): v.get_value() for p, v in jax.tree_util.tree_leaves_with_path(
-      parallel.state_shardings(factory.abstract.params, mesh),
+      parallel.state_shardings(factory.abstract.params, mesh, factory.model.rules),
       is_leaf=lambda x: isinstance(x, nnx.Variable))}
   assert arrays.keys() == expected.keys()
   sharded_both = 0

@@ -33,6 +33,7 @@ class SampleSpec:
   max_objects: int
   max_parts: int
   max_prompt_tokens: int
+  max_answer_tokens: int
   special: prompt.SpecialTokens
   vocab_size: int  # base vocabulary; token ids must stay below it
   template: str  # prompt with "{expression}"
@@ -48,7 +49,7 @@ class SampleSpec:
   @property
   def max_length(self) -> int:
     return (prompt.visual_prefix_length(self.num_image_tokens, self.max_objects, self.max_parts)
-            + self.max_prompt_tokens + 16)
+            + self.max_prompt_tokens + self.max_answer_tokens)
 
 
 def sample_spec(model_cfg, input_cfg) -> SampleSpec:
@@ -59,7 +60,7 @@ def sample_spec(model_cfg, input_cfg) -> SampleSpec:
       low_size=model_cfg.vision.image_size, high_size=model_cfg.convnext.image_size,
       num_image_tokens=prompt.num_image_tokens(model_cfg.vision),
       max_objects=model_cfg.max_objects, max_parts=model_cfg.max_parts,
-      max_prompt_tokens=input_cfg.max_prompt_tokens,
+      max_prompt_tokens=input_cfg.max_prompt_tokens, max_answer_tokens=model_cfg.max_answer_tokens,
       special=prompt.SpecialTokens.appended_to(model_cfg.llm.vocab_size),
       vocab_size=model_cfg.llm.vocab_size, template=input_cfg.template,
       answer=input_cfg.answer, target_box_jitter=input_cfg.target_box_jitter,
@@ -200,6 +201,9 @@ def prepare_image(example: dict[str, Any], spec: SampleSpec,
   texts = [_text(t) for t in exprs["text"]]
   prompts = tokenize([spec.template.format(expression=t) for t in texts])
   answer = tokenize([spec.answer])[0] + [spec.special.seg]
+  if len(answer) > spec.max_answer_tokens:
+    raise ValueError(f"config.input.answer {spec.answer!r} is {len(answer)} tokens with [SEG], more "
+                     f"than config.model.max_answer_tokens={spec.max_answer_tokens}")
   for text, ids in zip(texts, prompts):
     if ids and max(ids) >= spec.vocab_size:
       raise ValueError(f"the tokenizer gave id {max(ids)} for {text!r}, outside the model's base "

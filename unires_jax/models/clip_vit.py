@@ -182,7 +182,8 @@ class CLIPEncoderLayer(nnx.Module):
 
   def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     x = x + self.self_attn(self.layer_norm1(x), mask)
-    return x + self.mlp(self.layer_norm2(x))
+    x = x + self.mlp(self.layer_norm2(x))
+    return layers.constrain(x, "activation_batch", "activation_length", "activation_embed")
 
 
 def _call_layer(layer, x, mask):

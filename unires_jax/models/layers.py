@@ -19,6 +19,13 @@ Logical axis names used by the models:
   norm         the feature dimension of a norm whose width is not a tower width
   features     input features that come from another tower (projector inputs)
 A dimension that is never sharded (e.g. a size-1 output) is named None.
+
+Activations get names too, where a tower's residual stream passes (`constrain`):
+  activation_batch   the batch dimension (also how `batch_local` splits rows)
+  activation_length  tokens of a sequence, pixels of a feature map
+  activation_embed   the residual width
+
+`config.logical_axis_rules` maps every name to mesh axes (`unires_jax.parallel.rules`).
 """
 
 import math
@@ -40,6 +47,55 @@ ONES = nnx.initializers.ones_init()
 def axes(*names: str | None) -> dict[str, Any]:
   """Metadata giving a variable logical axis names (one per dimension), created unsharded."""
   return {"out_sharding": tuple(names), "eager_sharding": False}
+
+
+Rules = Sequence[tuple[str, str | Sequence[str] | None]]
+
+
+def logical_to_mesh(names: Sequence[str | None], shape: Sequence[int], mesh: Any, rules: Rules,
+                    *, where: str = "array") -> PartitionSpec:
+  """The `PartitionSpec` of an array of `shape` whose dimensions are named `names`, on `mesh`
+  (a `Mesh` or an abstract one: only its axis sizes are read). A dimension whose size the mesh
+  axes do not divide stays replicated.
+
+  Raises a ValueError naming `where` for an unknown logical name, or when two dimensions map
+  to the same mesh axis (the table and the model's names disagree).
+  """
+  table = dict(rules)
+  if len(names) != len(shape):
+    raise ValueError(f"{where}: {len(names)} axis names {tuple(names)} for shape {tuple(shape)}")
+  spec, used = [], {}
+  for name, size in zip(names, shape):
+    if name is None:
+      spec.append(None)
+      continue
+    if name not in table:
+      raise ValueError(f"{where}: logical axis {name!r} has no rule; rules: {sorted(table)}")
+    axis = table[name]
+    components = () if axis is None else (axis,) if isinstance(axis, str) else tuple(axis)
+    for component in components:
+      if component in used:
+        raise ValueError(f"{where}: logical axes {used[component]!r} and {name!r} both map to "
+                         f"mesh axis {component!r}")
+      used[component] = name
+    ways = math.prod(mesh.shape[c] for c in components)
+    spec.append(axis if components and size % ways == 0 else None)
+  return PartitionSpec(*spec)
+
+
+def constrain(x: jax.Array, *names: str | None) -> jax.Array:
+  """`x` laid out as its logical axis `names` (one per dimension) map under the rules and mesh
+  it is traced under (`unires_jax.parallel.on_mesh` sets both); `x` itself outside a mesh.
+
+  XLA propagates shardings from the parameters and the batch; constraints at the residual
+  streams fix what it would otherwise choose between (MaxText's activation sharding).
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  spec = logical_to_mesh(names, x.shape, mesh, flax.core.spmd.get_logical_axis_rules(),
+                         where="activation")
+  return jax.lax.with_sharding_constraint(x, spec)
 
 
 def param(
@@ -216,7 +272,7 @@ def batch_local(fn: Callable[..., jax.Array], x: jax.Array, *replicated: Any) ->
   `replicated` arguments (e.g. a module's parameters) whole on every device.
 
   The mesh is the one the caller traces under (`jax.set_mesh`) and the rows are split as the
-  logical axis "batch" maps under the current rules (`nnx.logical_axis_rules`);
+  logical axis "activation_batch" maps under the current rules (`nnx.logical_axis_rules`);
   `unires_jax.parallel.on_mesh` sets both, so no model module names a mesh axis. Outside a mesh
   this is `fn(x, *replicated)`. Differentiating it sums the replicated arguments' gradients over
   the batch shards (`jax.shard_map`'s transpose), a path that does not rely on XLA's partitioner.
@@ -225,11 +281,11 @@ def batch_local(fn: Callable[..., jax.Array], x: jax.Array, *replicated: Any) ->
   if mesh.empty:
     return fn(x, *replicated)
   rules = dict(flax.core.spmd.get_logical_axis_rules())
-  if "batch" not in rules:
-    raise ValueError("batch_local runs under a mesh but no logical axis rule maps 'batch' to "
-                     "mesh axes: trace it under unires_jax.parallel.on_mesh (or "
-                     "nnx.logical_axis_rules)")
-  axes = rules["batch"]
+  if "activation_batch" not in rules:
+    raise ValueError("batch_local runs under a mesh but no logical axis rule maps "
+                     "'activation_batch' to mesh axes: trace it under "
+                     "unires_jax.parallel.on_mesh (or nnx.logical_axis_rules)")
+  axes = rules["activation_batch"]
   axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
   if x.shape[0] % math.prod(mesh.shape[a] for a in axes):
     axes = ()  # rows that do not divide evenly stay whole on every device

@@ -192,7 +192,8 @@ class LlamaDecoderLayer(nnx.Module):
     """`[b, t, e]` -> `[b, t, e]` and the layer's updated cache; see `LlamaAttention`."""
     h, kv = self.self_attn(self.input_layernorm(x), positions, mask, kv, start)
     x = x + h
-    return x + self.mlp(self.post_attention_layernorm(x)), kv
+    x = x + self.mlp(self.post_attention_layernorm(x))
+    return layers.constrain(x, "activation_batch", "activation_length", "activation_embed"), kv
 
 
 def _call_layer(layer, *args):
@@ -322,6 +323,7 @@ class LlamaForCausalLM(nnx.Module):
       attention_mask: jax.Array | None = None,
       positions: jax.Array | None = None,
       cache: KVCache | None = None,
+      logit_positions: jax.Array | None = None,
   ) -> tuple[jax.Array, jax.Array, KVCache | None]:
     """Runs the decoder on token ids or embeddings.
 
@@ -331,10 +333,12 @@ class LlamaForCausalLM(nnx.Module):
       attention_mask: `[b, t]`, 1 for tokens and 0 for padding; default all ones.
       positions: `[b, t]` rotary positions; default counts the real tokens (after the cache's).
       cache: a `KVCache` from `init_cache` (or a previous call) to append these tokens to.
+      logit_positions: `[b, n]` int, the positions to compute logits at (training computes
+        them at the answer only); default every position.
 
     Returns:
-      logits `[b, t, vocab]`, hidden states after the final norm `[b, t, hidden_size]`, and the
-      updated cache (None without one).
+      logits `[b, t, vocab]` (`[b, n, vocab]` with `logit_positions`), hidden states after the
+      final norm `[b, t, hidden_size]`, and the updated cache (None without one).
     """
     if (input_ids is None) == (inputs_embeds is None):
       raise ValueError("pass exactly one of input_ids and inputs_embeds")
@@ -347,8 +351,11 @@ class LlamaForCausalLM(nnx.Module):
           f"attention_mask has shape {attention_mask.shape}, expected {inputs_embeds.shape[:2]}"
       )
     hidden, cache = self.model(inputs_embeds, attention_mask, positions, cache)
+    at = hidden
+    if logit_positions is not None:
+      at = jnp.take_along_axis(hidden, logit_positions[..., None], axis=1)
     if self.tie_word_embeddings:
-      logits = self.model.embed_tokens.attend(hidden)
+      logits = self.model.embed_tokens.attend(at)
     else:
-      logits = self.lm_head(hidden)
+      logits = self.lm_head(at)
     return logits, hidden, cache

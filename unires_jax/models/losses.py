@@ -9,21 +9,44 @@ import optax
 from unires_jax.models.no_target import evidence
 
 
-def lm_cross_entropy(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array) -> jax.Array:
+def answer_positions(loss_mask: jax.Array, count: int) -> jax.Array:
+  """The positions whose next-token logits the LM loss reads: those followed by a target token.
+
+  Args:
+    loss_mask: `[batch, tokens]`, 1 where the token is a target (the answer tokens).
+    count: positions per row (`config.model.max_answer_tokens`); rows with fewer targets are
+      filled with the last position, which predicts nothing and gets no weight. A row with more
+      would lose its later targets: `preprocess` refuses answers longer than `count`.
+
+  Returns:
+    `[batch, count]` int32, increasing along each row.
+  """
+  tokens = loss_mask.shape[1]
+  follows_target = loss_mask[:, 1:].astype(bool)
+  return jax.vmap(lambda row: jnp.nonzero(row, size=count, fill_value=tokens - 1)[0])(
+      follows_target).astype(jnp.int32)
+
+
+def lm_cross_entropy(logits: jax.Array, positions: jax.Array, input_ids: jax.Array,
+                     loss_mask: jax.Array) -> jax.Array:
   """Next-token cross-entropy averaged over the target tokens.
 
   Args:
-    logits: `[batch, tokens, vocab]`; position t predicts token t + 1.
+    logits: `[batch, n, vocab]`, the LM logits at `positions` (position t predicts token t + 1).
+    positions: `[batch, n]` int, which positions `logits` holds: every position
+      (`arange(tokens)`) or `answer_positions(loss_mask, n)`; the loss is the same.
     input_ids: `[batch, tokens]`.
     loss_mask: `[batch, tokens]`, 1 where the token is a target (the answer tokens).
 
   Returns:
     Scalar mean over target tokens (0 when there are none).
   """
-  targets = input_ids[:, 1:]
-  weights = loss_mask[:, 1:].astype(jnp.float32)
-  ce = optax.softmax_cross_entropy_with_integer_labels(
-      logits[:, :-1].astype(jnp.float32), targets)
+  tokens = input_ids.shape[1]
+  following = jnp.minimum(positions + 1, tokens - 1)
+  targets = jnp.take_along_axis(input_ids, following, axis=1)
+  weights = jnp.where(positions + 1 < tokens,
+                      jnp.take_along_axis(loss_mask, following, axis=1), 0).astype(jnp.float32)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
   return jnp.sum(ce * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 

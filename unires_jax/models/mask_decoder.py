@@ -298,6 +298,8 @@ class MaskDecoder(nnx.Module):
       MaskDecoderOutput (see there).
     """
     mask_features, levels = self.pixel_decoder(features)
+    mask_features = layers.constrain(mask_features, "activation_batch", None, None,
+                                     "activation_embed")
     batch, num_seg = seg_states.shape[:2]
 
     queries = self.seg_proj(seg_states)
@@ -314,6 +316,7 @@ class MaskDecoder(nnx.Module):
       src = levels[level]
       h, w = src.shape[1:3]
       value = (src + self.level_embed[i].astype(src.dtype)).reshape(batch, h * w, -1)
+      value = layers.constrain(value, "activation_batch", "activation_length", "activation_embed")
       pos = sine_position_encoding(h, w, self.hidden_dim).reshape(h * w, -1)
       memories.append((value + pos.astype(value.dtype), value, (h, w)))
 

@@ -66,7 +66,9 @@ class Projector(nnx.Module):
 class UniRESOutput:
   """What a forward pass returns.
 
-  logits:           [batch, tokens, vocab]  LM logits
+  logits:           [batch, n, vocab]  LM logits at `lm_positions`
+  lm_positions:     [batch, n] int32  the positions `logits` holds: every token by default
+                    (n = tokens), the answer in training (`losses.answer_positions`)
   mask_logits:      [batch, s_high/4, s_high/4]  final prediction of the [SEG] query
   aux_mask_logits:  list of earlier decoder predictions, same shape (deep supervision)
   no_target_logits: [batch]
@@ -75,6 +77,7 @@ class UniRESOutput:
   """
 
   logits: jax.Array
+  lm_positions: jax.Array
   mask_logits: jax.Array
   aux_mask_logits: list[jax.Array]
   no_target_logits: jax.Array
@@ -172,7 +175,10 @@ class UniRESPP(nnx.Module):
       pooled.append(jnp.mean(r, axis=(2, 3)))
     return jnp.concatenate(pooled, axis=-1)
 
-  def __call__(self, batch: Mapping[str, jax.Array]) -> UniRESOutput:
+  def __call__(self, batch: Mapping[str, jax.Array], *,
+               lm_positions: jax.Array | None = None) -> UniRESOutput:
+    """The forward pass of a batch (module docstring); `lm_positions [batch, n]` int: where
+    to compute the LM logits (default every token; training passes the answer's positions)."""
     self.check_batch(batch)
     cfg = self.cfg
     ids = batch["input_ids"]
@@ -194,8 +200,12 @@ class UniRESPP(nnx.Module):
         ("part", self.special.part_patch, n_part, part_tokens)):
       slots[name] = _gather_tokens(ids, ids == token, count)
       embeds = embeds.at[rows, slots[name]].set(feats.astype(embeds.dtype))
+    embeds = layers.constrain(embeds, "activation_batch", "activation_length", "activation_embed")
 
-    logits, hidden, _ = self.llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"])
+    if lm_positions is None:
+      lm_positions = jnp.broadcast_to(jnp.arange(ids.shape[1], dtype=jnp.int32), ids.shape)
+    logits, hidden, _ = self.llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
+                                 logit_positions=lm_positions)
 
     seg_pos = jnp.argmax(ids == self.special.seg, axis=1)
     seg_states = hidden[jnp.arange(ids.shape[0]), seg_pos][:, None]
@@ -209,11 +219,19 @@ class UniRESPP(nnx.Module):
         seg_states[:, 0], jnp.concatenate([object_tokens, part_tokens], axis=1), region_valid)
     return UniRESOutput(
         logits=logits,
+        lm_positions=lm_positions,
         mask_logits=decoded.mask_logits[:, 0],
         aux_mask_logits=[m[:, 0] for m in decoded.aux_mask_logits],
         no_target_logits=no_target_logits,
         region_logits=region_logits,
     )
+
+
+def train_forward(model: UniRESPP, batch: Mapping[str, jax.Array]) -> UniRESOutput:
+  """The forward pass training takes: LM logits at the answer's positions only
+  (`config.model.max_answer_tokens` per row), which `compute_loss` reads as it reads all."""
+  positions = losses.answer_positions(batch["loss_mask"], model.cfg.max_answer_tokens)
+  return model(batch, lm_positions=positions)
 
 
 def compute_loss(
@@ -237,7 +255,8 @@ def compute_loss(
   no_target_logits = losses.prior_adjusted_logits(
       outputs.no_target_logits, weights.no_target_prior)
   has_target = 1.0 - batch["no_target"].astype(jnp.float32)
-  parts = {"lm": losses.lm_cross_entropy(outputs.logits, batch["input_ids"], batch["loss_mask"])}
+  parts = {"lm": losses.lm_cross_entropy(outputs.logits, outputs.lm_positions,
+                                         batch["input_ids"], batch["loss_mask"])}
   parts["mask_bce"], parts["mask_dice"] = losses.mask_bce_dice(
       outputs.mask_logits, batch["masks"], has_target)
   aux = jnp.zeros((), jnp.float32)

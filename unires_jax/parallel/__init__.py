@@ -5,8 +5,8 @@ from unires_jax.parallel.mesh import MESH_AXES
 from unires_jax.parallel.mesh import batch_sharding
 from unires_jax.parallel.mesh import make_mesh
 from unires_jax.parallel.mesh import shard_batch
-from unires_jax.parallel.rules import LOGICAL_AXIS_RULES
-from unires_jax.parallel.rules import logical_to_mesh
+from unires_jax.models.layers import logical_to_mesh
+from unires_jax.parallel.rules import from_config as rules_from_config
 from unires_jax.parallel.rules import state_shardings
 from unires_jax.parallel.rules import variable_sharding
 from unires_jax.parallel.sharded_model import ShardedModel
@@ -14,6 +14,7 @@ from unires_jax.parallel.sharded_model import make_predict
 from unires_jax.parallel.sharded_model import on_mesh
 
 __all__ = [
-    "LOGICAL_AXIS_RULES", "MESH_AXES", "ShardedModel", "batch_sharding", "logical_to_mesh",
-    "make_mesh", "make_predict", "on_mesh", "shard_batch", "state_shardings", "variable_sharding",
+    "MESH_AXES", "ShardedModel", "batch_sharding", "logical_to_mesh", "make_mesh",
+    "make_predict", "on_mesh", "rules_from_config", "shard_batch", "state_shardings",
+    "variable_sharding",
 ]

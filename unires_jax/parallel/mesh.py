@@ -47,7 +47,7 @@ def make_mesh(mesh_cfg: Mapping[str, int], devices: Sequence[Any] | None = None)
   # Auto axes: jit's in/out shardings fix the layout at the boundary, XLA's sharding
   # propagation the rest (pjit style).
   axis_types = (AxisType.Auto,) * len(MESH_AXES)
-  if devices == list(jax.devices()):
+  if devices == list(jax.devices()) or devices[0].platform == "tpu":  # incl. abstract TPU chips
     return jax.make_mesh(shape, MESH_AXES, devices=devices, axis_types=axis_types)
   return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=axis_types)
 

@@ -42,12 +42,14 @@ class ShardedModel:
     graphdef: the model's static graph (`nnx.merge(graphdef, params)` is the model).
     abstract: its parameters (`nnx.State`) as ShapeDtypeStructs.
     shardings: the `NamedSharding` of every parameter, from its logical axis names and the rules.
+    rules: `config.logical_axis_rules` (`rules.from_config`), which `on_mesh` traces under.
   """
 
   def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh):
     self.config, self.mesh = config, mesh
+    self.rules = rules.from_config(config)
     self.graphdef, self.abstract = abstract_model(config)
-    self.shardings = rules.state_shardings(self.abstract, mesh)
+    self.shardings = rules.state_shardings(self.abstract, mesh, self.rules)
 
   def init_params(self) -> nnx.State:
     """Freshly initialised parameters (traceable: call it under `jax.jit`)."""
@@ -65,16 +67,17 @@ class ShardedModel:
         self.abstract, self.shardings)
 
 
-def on_mesh(mesh: Mesh, jitted):
+def on_mesh(mesh: Mesh, axis_rules: rules.Rules, jitted):
   """`jitted`, traced under `mesh` and the logical axis rules (`nnx.logical_axis_rules`): model
-  code that works per device (`unires_jax.models.layers.batch_local`) reads both from there."""
+  code that lays out activations (`unires_jax.models.layers.constrain`) or works per device
+  (`layers.batch_local`) reads both from there."""
 
   def call(*args):
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules.LOGICAL_AXIS_RULES):
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(axis_rules):
       return jitted(*args)
 
   def lower(*args):
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules.LOGICAL_AXIS_RULES):
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(axis_rules):
       return jitted.lower(*args)
 
   call.lower = lower  # AOT use (cost analysis, benchmarks), as on the jitted function
@@ -97,5 +100,5 @@ def make_predict(model: ShardedModel) -> Callable[[nnx.State, Batch], dict[str, 
     return {"mask_logits": logits, "no_target_logits": out.no_target_logits.astype(jnp.float32)}
 
   rows = mesh_lib.batch_sharding(model.mesh)
-  return on_mesh(model.mesh, jax.jit(
+  return on_mesh(model.mesh, model.rules, jax.jit(
       predict, in_shardings=(model.shardings, rows), out_shardings=rows))

@@ -20,7 +20,8 @@ costs 2 n i o):
   LLaMA (width E, heads H, kv heads K, head_dim d, MLP M): per layer 2 B T E (H + 2K) d (q, k, v)
     + 2 B T H d E (o) + 2 * 2 B H T^2 d (scores and weighted values over the full sequence: the
     causal mask is applied to dense scores, which is what runs) + 3 * 2 B T E M (SwiGLU);
-    LM head 2 B T E V (V with the special tokens).
+    LM head 2 B A E V at the A = max_answer_tokens positions training takes logits at (V with the
+    special tokens).
   Mask decoder (width h, mask width m, FFN f, Q = 1 + n_obj + n_part queries, s_i as above):
     pixel decoder: lateral 1x1 2 B s_i^2 d_i h, output 3x3 2 B h^2 v(s_i, 3)^2, mask features
     2 B s_0^2 h m; query MLPs; per layer cross-attention to a level of N = s^2 pixels
@@ -218,9 +219,10 @@ def _projector(c: _Counter, path: str, cfg: ml_collections.ConfigDict, rows: int
   return grad
 
 
-def _llm(c: _Counter, cfg: ml_collections.ConfigDict, batch: int, tokens: int,
+def _llm(c: _Counter, cfg: ml_collections.ConfigDict, batch: int, tokens: int, head_tokens: int,
          grad_in: bool) -> bool:
-  """Decoder layers and LM head over [batch, tokens]; returns the hidden states' flag."""
+  """Decoder layers over [batch, tokens], the LM head over [batch, head_tokens]; returns the
+  hidden states' flag."""
   e, rows = cfg.hidden_size, batch * tokens
   g = c.params("llm/model/embed_tokens", grad_in)
   for i in range(cfg.num_layers):
@@ -235,7 +237,7 @@ def _llm(c: _Counter, cfg: ml_collections.ConfigDict, batch: int, tokens: int,
     g |= c.linear(f"{p}/mlp/down_proj", rows, cfg.intermediate_size, e, gate or up)
   g = c.params("llm/model/norm", g)
   head = "llm/model/embed_tokens" if cfg.tie_word_embeddings else "llm/lm_head"
-  c.linear(head, rows, e, cfg.vocab_size + prompt.num_special_tokens(), g)
+  c.linear(head, batch * head_tokens, e, cfg.vocab_size + prompt.num_special_tokens(), g)
   return g
 
 
@@ -296,8 +298,10 @@ def count_flops(config: ml_collections.ConfigDict, batch_size: int, seq_len: int
 
   `config` is the whole config (`config.model` for the shapes, `config.optimizer.lr_multipliers`
   for what trains). `seq_len` is the batch's `input_ids.shape[1]` (the pipeline's
-  `preprocess.sample_spec(config.model, config.input).max_length`). FLOPs do not depend on
-  `config.train.accum_steps` (micro-batches split the same work) nor on the dtype.
+  `preprocess.sample_spec(config.model, config.input).max_length`). The LM head runs at
+  `config.model.max_answer_tokens` positions of each sequence, as in training
+  (`models.unires.train_forward`). FLOPs do not depend on `config.train.accum_steps`
+  (micro-batches split the same work) nor on the dtype.
   """
   m = config.model
   num_image = prompt.num_image_tokens(m.vision)
@@ -316,7 +320,7 @@ def count_flops(config: ml_collections.ConfigDict, batch_size: int, seq_len: int
                        region_dim, width, pooled)
   parts = _projector(c, "part_projector", m.projector, batch_size * m.max_parts, region_dim,
                      width, pooled)
-  hidden = _llm(c, m.llm, batch_size, seq_len, image or objects or parts)
+  hidden = _llm(c, m.llm, batch_size, seq_len, m.max_answer_tokens, image or objects or parts)
   _mask_decoder(c, m, batch_size, stages, hidden)
   _no_target_head(c, m, batch_size, hidden, objects or parts)
   return FlopCount(tuple(c.terms))

@@ -48,7 +48,7 @@ class StateFactory:
     trainable, _ = optimizer_lib.split_trainable(self.model.abstract, multipliers)
     self.tx = optimizer_lib.make_optimizer(config.optimizer, config.train.num_steps, trainable)
     self.abstract = jax.eval_shape(self._init)
-    self.shardings = parallel.state_shardings(self.abstract, mesh)
+    self.shardings = parallel.state_shardings(self.abstract, mesh, self.model.rules)
 
   @property
   def graphdef(self) -> nnx.GraphDef:

@@ -20,7 +20,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from unires_jax import parallel
-from unires_jax.models.unires import INPUT_KEYS, LOSS_KEYS, compute_loss
+from unires_jax.models.unires import INPUT_KEYS, LOSS_KEYS, compute_loss, train_forward
 from unires_jax.train import optimizer as optimizer_lib
 from unires_jax.train.state import StateFactory, TrainState
 
@@ -76,7 +76,7 @@ def make_train_step(factory: StateFactory) -> Callable[[TrainState, Batch], tupl
 
   def loss_fn(trainable, frozen, batch):
     model = nnx.merge(graphdef, trainable, frozen)
-    return compute_loss(model(batch), batch, config.model.loss, aux_loss=aux_loss)
+    return compute_loss(train_forward(model, batch), batch, config.model.loss, aux_loss=aux_loss)
 
   def gradients(trainable, frozen, batch):
     (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, frozen, batch)
@@ -117,6 +117,6 @@ def make_train_step(factory: StateFactory) -> Callable[[TrainState, Batch], tupl
     return state, metrics
 
   replicated = NamedSharding(factory.mesh, PartitionSpec())
-  return parallel.on_mesh(factory.mesh, jax.jit(
+  return parallel.on_mesh(factory.mesh, factory.model.rules, jax.jit(
       step, in_shardings=(factory.shardings, parallel.batch_sharding(factory.mesh)),
       out_shardings=(factory.shardings, replicated), donate_argnums=(0,)))

@@ -1,0 +1,172 @@
+r"""The train and predict steps compiled for a TPU slice on this host (deviceless, no TPU needed).
+
+  pip install -e '.[test]'     # the test extra brings jax[tpu] (libtpu)
+  python benchmarks/tpu_compile.py --topology=v5p:2x2x1 --mesh=data=1,fsdp=4,tensor=1
+  python benchmarks/tpu_compile.py --config=configs/unires_pp_7b.py --topology=v5p:4x4x4 \
+      --batch=128
+  python benchmarks/tpu_compile.py ... --config.model.remat=none   # any config field
+
+Prints, per chip: the memory of the arguments (parameters, optimizer state, batch), outputs,
+temporaries and their total against the chip's HBM; XLA's FLOPs beside the analytic count
+(`unires_jax.train.flops`, the step's share of one chip); the compile time; and the step time of
+the compiler's cost model (a roofline estimate, not a measurement) with the MFU it implies
+(analytic FLOPs / estimated time / the chip's dense bf16 peak). Then the analytic FLOPs per
+module. `--compare=remat` or `--compare=scan_layers` compiles the train step once more with that
+switch flipped ("none" vs the config's remat; scanned vs unrolled) and prints both rows.
+
+Nothing executes: `unires_jax.train.aot` lowers the steps with ShapeDtypeStructs over the
+topology's abstract chips and runs the real XLA:TPU compiler.
+"""
+
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from unires_jax import config_lib, parallel
+from unires_jax.data import preprocess
+from unires_jax.train import aot
+from unires_jax.train import flops as flops_lib
+from unires_jax.train.state import StateFactory
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", config_lib.resolve("configs/tiny.py"),
+    "Config file; override fields with --config.x=y.")
+_TOPOLOGY = flags.DEFINE_string(
+    "topology", "v5p:2x2x1", "TPU topology, e.g. v5p:4x4x4, v6e:4x4, v5e:4x4, v4:2x2x2.")
+_MESH = flags.DEFINE_string(
+    "mesh", None, "Mesh sizes as data=..,fsdp=..,tensor=.. (one may be -1); default config.mesh.")
+_BATCH = flags.DEFINE_integer(
+    "batch", None, "Global batch size (default: config.input.global_batch_size).")
+_STEPS = flags.DEFINE_list("steps", ["train", "predict"], "Which steps to compile.")
+_COMPARE = flags.DEFINE_enum(
+    "compare", None, ["remat", "scan_layers"],
+    "Also compile the train step with this switch flipped and print both rows.")
+
+GIB = 2**30
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+  """"data=1,fsdp=-1,tensor=2" -> {"data": 1, "fsdp": -1, "tensor": 2}."""
+  out = {}
+  for item in text.split(","):
+    name, sep, size = item.partition("=")
+    if not sep:
+      raise app.UsageError(f"--mesh: {item!r} is not axis=size")
+    out[name.strip()] = int(size)
+  return out
+
+
+def row(label: str, compiled: aot.Compiled, analytic: float | None, chips: int,
+        peak: float) -> dict[str, str]:
+  """One table row: memory per chip in GiB, FLOPs, compile time, the cost model's estimate."""
+  mem, cost = compiled.memory, compiled.cost
+  estimate = cost["seconds"]
+  mfu = "n/a"
+  if analytic is not None and estimate > 0:
+    mfu = f"{analytic / chips / estimate / (peak * 1e12):.1%}"
+  return {
+      "step": label,
+      "args GiB": f"{mem['arguments'] / GIB:.2f}",
+      "out GiB": f"{mem['outputs'] / GIB:.2f}",
+      "aliased": f"{mem['aliased'] / GIB:.2f}",
+      "temp GiB": f"{mem['temp'] / GIB:.2f}",
+      "total GiB": f"{mem['total'] / GIB:.2f}",
+      "XLA TFLOP": f"{cost['flops'] / 1e12:.4g}",
+      "analytic TFLOP": "n/a" if analytic is None else f"{analytic / chips / 1e12:.4g}",
+      "compile s": f"{compiled.seconds:.1f}",
+      "est. step ms": f"{estimate * 1e3:.1f}",
+      "est. MFU": mfu,
+  }
+
+
+def print_rows(rows: list[dict[str, str]]) -> None:
+  widths = {k: max(len(k), *(len(r[k]) for r in rows)) for k in rows[0]}
+  print("  ".join(k.rjust(w) for k, w in widths.items()))
+  for r in rows:
+    print("  ".join(r[k].rjust(widths[k]) for k in widths))
+
+
+def flipped(config, switch: str):
+  """A copy of `config` with `switch` flipped: remat none <-> the config's (or "full")."""
+  other = config.copy_and_resolve_references()
+  if switch == "remat":
+    other.model.remat = "full" if config.model.remat == "none" else "none"
+  else:
+    other.model.scan_layers = not config.model.scan_layers
+  return other
+
+
+def describe(config, switch: str | None) -> str:
+  if switch == "remat":
+    return f"remat={config.model.remat}"
+  if switch == "scan_layers":
+    return "scanned" if config.model.scan_layers else "unrolled"
+  return ""
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = _CONFIG.value
+  if _MESH.value:
+    config.mesh.update(parse_mesh(_MESH.value))
+  unknown = set(_STEPS.value) - {"train", "predict"}
+  if unknown:
+    raise app.UsageError(f"--steps: unknown {sorted(unknown)}; choose from train, predict")
+  batch = _BATCH.value or config.input.global_batch_size
+  gen = aot.generation(_TOPOLOGY.value)
+  hbm, peak = aot.HBM_GIB[gen], aot.PEAK_TFLOPS[gen]
+  mesh = aot.topology_mesh(_TOPOLOGY.value, config.mesh)
+  chips = mesh.size
+  seq_len = preprocess.sample_spec(config.model, config.input).max_length
+  name = os.path.basename(config_flags.get_config_filename(flags.FLAGS["config"]))
+  overrides = [a for a in sys.argv[1:] if a.startswith("--config.")]
+  print(f"{name} on {_TOPOLOGY.value} ({chips} chips, {mesh.devices.flat[0].device_kind}, "
+        f"{hbm:g} GiB HBM, {peak:g} TFLOP/s bf16 each), mesh {dict(mesh.shape)}, "
+        f"global batch {batch}, sequence {seq_len}, compute {config.model.dtype}, "
+        f"remat {config.model.remat}, scan_layers {config.model.get('scan_layers', False)}")
+  if overrides:
+    print("overrides: " + " ".join(overrides))
+  if batch % parallel.batch_rows(mesh):
+    raise app.UsageError(f"--batch={batch} does not divide over the mesh's "
+                         f"{parallel.batch_rows(mesh)} batch rows (data x fsdp)")
+
+  count = flops_lib.count_flops(config, batch, seq_len)
+  rows = []
+  configs = [config] + ([flipped(config, _COMPARE.value)] if _COMPARE.value else [])
+  for i, cfg in enumerate(configs):
+    start = time.perf_counter()
+    factory = StateFactory(cfg, mesh)
+    build_s = time.perf_counter() - start
+    label = describe(cfg, _COMPARE.value)
+    print(f"abstract model and state{f' ({label})' if label else ''}: {build_s:.1f} s",
+          flush=True)
+    if "train" in _STEPS.value:
+      compiled = aot.compile_train_step(cfg, mesh, batch, factory)
+      rows.append(row(f"train {label}".strip(), compiled, count.train, chips, peak))
+      print(f"  train step compiled in {compiled.seconds:.1f} s", flush=True)
+    if "predict" in _STEPS.value and i == 0:
+      compiled = aot.compile_predict_step(cfg, mesh, batch, factory.model)
+      rows.append(row("predict", compiled, count.forward, chips, peak))
+      print(f"  predict step compiled in {compiled.seconds:.1f} s", flush=True)
+  print()
+  print_rows(rows)
+  worst = max(float(r["total GiB"]) for r in rows)
+  print(f"\nlargest total per chip: {worst:.2f} GiB of {hbm:g} GiB HBM "
+        f"({'fits' if worst <= hbm else 'does NOT fit'})")
+  print("memory and XLA FLOPs are per chip, from the compiled program; analytic = "
+        "unires_jax/train/flops.py / chips (the predict row: the forward count, LM head at the "
+        "answer); est. step and MFU come from the compiler's cost model (optimal_seconds), an "
+        "estimate, not a measurement")
+  print(f"\n{'module':<18}{'fwd TFLOP':>12}{'train TFLOP':>13}{'share':>8}   (whole batch)")
+  for module, (forward, train) in count.by_module().items():
+    print(f"{module:<18}{forward / 1e12:>12.4g}{train / 1e12:>13.4g}"
+          f"{train / count.train:>8.1%}")
+
+
+if __name__ == "__main__":
+  app.run(main)

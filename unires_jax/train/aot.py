@@ -1,0 +1,115 @@
+"""The train and predict steps compiled ahead of time for a TPU slice this host does not have.
+
+With libtpu installed (`pip install "jax[tpu]"`, the test extra), the abstract devices of a
+topology (`jax.experimental.topologies`, e.g. "v5p:4x4x4") take a mesh like real ones, and
+`jit(...).lower(<ShapeDtypeStructs with shardings>).compile()` runs the real XLA:TPU and Mosaic
+compilers on any host; nothing executes. What the compiler reports is per chip: the memory of
+the arguments, outputs and temporaries (`memory_analysis`), the FLOPs, and its cost model's
+roofline step time (`cost_analysis()["optimal_seconds"]`), an estimate, not a measurement.
+"""
+
+import dataclasses
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh
+
+from unires_jax import parallel
+from unires_jax.data import preprocess
+from unires_jax.models.synthetic import synthetic_batch
+from unires_jax.models.unires import INPUT_KEYS
+from unires_jax.train.state import StateFactory
+from unires_jax.train.step import MODEL_KEYS, make_train_step, model_fields
+
+# Per chip, by generation (the topology name's prefix): HBM in GiB as the compiler counts it
+# (v5p: 95.74 GiB), and the dense bfloat16 peak in TFLOP/s.
+HBM_GIB = {"v4": 32.0, "v5e": 16.0, "v5p": 95.74, "v6e": 31.25}
+PEAK_TFLOPS = {"v4": 275.0, "v5e": 197.0, "v5p": 459.0, "v6e": 918.0}
+
+
+def generation(topology: str) -> str:
+  """"v5p:4x4x4" -> "v5p"; an unknown generation is named with the known ones."""
+  name = topology.split(":")[0]
+  if name not in HBM_GIB:
+    raise ValueError(f"topology {topology!r}: unknown TPU generation {name!r}; "
+                     f"known: {sorted(HBM_GIB)}")
+  return name
+
+
+def topology_mesh(topology: str, mesh_cfg: ml_collections.ConfigDict) -> Mesh:
+  """A mesh of `config.mesh`'s axes over the abstract chips of `topology` ("v5p:2x2x2")."""
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  generation(topology)
+  try:
+    devices = topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
+  except Exception as e:  # libtpu missing or the name refused: say which
+    raise ValueError(f"cannot build TPU topology {topology!r} on this host ({e}); deviceless "
+                     "compilation needs libtpu: pip install 'jax[tpu]'") from e
+  return parallel.make_mesh(mesh_cfg, devices=devices)
+
+
+def batch_spec(config: ml_collections.ConfigDict, batch_size: int, mesh: Mesh,
+               keys: tuple[str, ...]) -> dict[str, jax.ShapeDtypeStruct]:
+  """The fields `keys` of a training batch of `batch_size` sequences as long as the input
+  pipeline's (`preprocess.sample_spec(...).max_length`), as ShapeDtypeStructs sharded over the
+  mesh's batch axes."""
+  length = preprocess.sample_spec(config.model, config.input).max_length
+  probe = synthetic_batch(config.model, 1, prompt_length=1)["input_ids"].shape[1]
+  one = model_fields(synthetic_batch(config.model, 1, prompt_length=1 + length - probe))
+  rows = parallel.batch_sharding(mesh)
+  return {k: jax.ShapeDtypeStruct((batch_size, *np.shape(one[k])[1:]), one[k].dtype,
+                                  sharding=rows) for k in keys}
+
+
+@dataclasses.dataclass(frozen=True)
+class Compiled:
+  """One compiled step and what the compiler reports, per chip."""
+
+  name: str
+  seconds: float  # tracing, lowering and compilation
+  executable: Any  # jax.stages.Compiled
+
+  @property
+  def memory(self) -> dict[str, int]:
+    """Bytes per chip: arguments, outputs, aliased (donated inputs reused as outputs), temp,
+    code, and the total live at the peak (arguments + outputs - aliased + temp + code)."""
+    m = self.executable.memory_analysis()
+    out = {"arguments": m.argument_size_in_bytes, "outputs": m.output_size_in_bytes,
+           "aliased": m.alias_size_in_bytes, "temp": m.temp_size_in_bytes,
+           "code": m.generated_code_size_in_bytes}
+    out["total"] = (out["arguments"] + out["outputs"] - out["aliased"] + out["temp"]
+                    + out["code"])
+    return out
+
+  @property
+  def cost(self) -> dict[str, float]:
+    """XLA's FLOPs of one chip's program and the cost model's step time in seconds."""
+    c = self.executable.cost_analysis() or {}
+    return {"flops": float(c.get("flops", 0.0)), "seconds": float(c.get("optimal_seconds", 0.0))}
+
+
+def _compile(name: str, lower) -> Compiled:
+  start = time.perf_counter()
+  executable = lower().compile()
+  return Compiled(name, time.perf_counter() - start, executable)
+
+
+def compile_train_step(config: ml_collections.ConfigDict, mesh: Mesh, batch_size: int,
+                       factory: StateFactory | None = None) -> Compiled:
+  """The train step of `config` (`train.step.make_train_step`, state donated) for `mesh`."""
+  factory = factory or StateFactory(config, mesh)
+  batch = batch_spec(config, batch_size, mesh, MODEL_KEYS)
+  return _compile("train", lambda: make_train_step(factory).lower(
+      factory.abstract_sharded(), batch))
+
+
+def compile_predict_step(config: ml_collections.ConfigDict, mesh: Mesh, batch_size: int,
+                         model: parallel.ShardedModel | None = None) -> Compiled:
+  """The prediction function (`parallel.make_predict`: masks and no-target logits) for `mesh`."""
+  model = model or parallel.ShardedModel(config, mesh)
+  batch = batch_spec(config, batch_size, mesh, INPUT_KEYS)
+  return _compile("predict", lambda: parallel.make_predict(model).lower(
+      model.abstract_sharded(), batch))
