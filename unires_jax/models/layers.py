@@ -193,12 +193,28 @@ REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
 
 
 def remat(fn: Callable[..., Any], policy: str) -> Callable[..., Any]:
-  """`fn(module, *args)` rematerialised under `config.model.remat` ("none", "full", "dots")."""
+  """`fn(module, *args)` rematerialised under `config.model.remat` ("none", "full", "dots").
+
+  The module is split into its graph definition and state outside the checkpoint and merged
+  again inside it, so the checkpointed function is pure: `nnx.remat` instead writes the
+  module's Params back after the checkpoint, which fails inside `jax.value_and_grad` under
+  `jax.jit` ("Cannot mutate Param from a different trace level"). `module` must hold no
+  state that `fn` updates (the transformer layers hold parameters only).
+  """
   if policy == "none":
     return fn
   if policy not in REMAT_POLICIES:
     raise ValueError(f"unknown remat policy {policy!r}; known: none, {', '.join(REMAT_POLICIES)}")
-  return nnx.remat(fn, policy=REMAT_POLICIES[policy])
+
+  def call(module: nnx.Module, *args: Any) -> Any:
+    graphdef, state = nnx.split(module)
+
+    def pure(state: nnx.State, *args: Any) -> Any:
+      return fn(nnx.merge(graphdef, state), *args)
+
+    return jax.checkpoint(pure, policy=REMAT_POLICIES[policy])(state, *args)
+
+  return call
 
 
 def parse_dtype(name: Any) -> Any:
