@@ -99,6 +99,11 @@ def get_config(arg=None):
   # Rematerialisation of the transformer layers (CLIP ViT and LLaMA) in the backward pass:
   # "none", "full" (recompute everything) or "dots" (keep matmul outputs without batch dims).
   m.remat = "none"
+  # Scanned layers (MaxText's `scan_layers`): the CLIP ViT and LLaMA layers are each one stacked
+  # module (parameters `[num_layers, ...]` on a `layers` axis) applied with `jax.lax.scan`, so
+  # the train step compiles one layer instead of every layer. False: unrolled layers, parameter
+  # paths `.../layers/<i>/...` (the same values either way; checkpoints differ in layout).
+  m.scan_layers = False
 
   # The device mesh (unires_jax/parallel): one size per axis, one of them may be -1 (the rest).
   # Batches are split over data x fsdp; parameters follow the rules table in

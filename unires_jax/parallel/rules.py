@@ -39,6 +39,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("position", None),
     ("conv_window", None),
     ("norm", None),
+    ("layers", None),  # the stacked-layer axis of scanned layers (config.model.scan_layers)
 )
 
 
