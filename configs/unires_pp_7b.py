@@ -102,6 +102,11 @@ def get_config(arg=None):
   # Rematerialisation of the transformer layers (CLIP ViT and LLaMA) in the backward pass:
   # "none", "full" (recompute everything) or "dots" (keep matmul outputs without batch dims).
   m.remat = "none"
+  # Scanned layers (MaxText's `scan_layers`): the CLIP ViT and LLaMA layers are each one stacked
+  # module (parameters `[num_layers, ...]` on a `layers` axis) applied with `jax.lax.scan`, so
+  # the train step compiles one layer instead of every layer. False: unrolled layers, parameter
+  # paths `.../layers/<i>/...` (the same values either way; checkpoints differ in layout).
+  m.scan_layers = False
 
   # The device mesh (unires_jax/parallel): one size per axis, one of them may be -1 (the rest).
   # Batches are split over data x fsdp; parameters follow the rules table in
@@ -116,7 +121,8 @@ def get_config(arg=None):
   config.logical_axis_rules = ml_collections.ConfigDict(dict(
       activation_batch="data,fsdp", activation_length="", activation_embed="",
       embed="fsdp", features="fsdp", mlp="tensor", heads="tensor", kv_heads="tensor",
-      vocab="tensor", conv_in="", conv_out="", position="", conv_window="", norm=""))
+      vocab="tensor", conv_in="", conv_out="", position="", conv_window="", norm="",
+      layers=""))  # the stacked-layer axis of scanned layers (config.model.scan_layers)
 
   # AdamW with linear warmup then cosine decay to `end_lr_fraction * learning_rate`.
   config.optimizer = ml_collections.ConfigDict()

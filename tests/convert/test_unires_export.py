@@ -11,7 +11,7 @@ import timm
 import transformers
 from flax import nnx
 
-from unires_jax import models
+from unires_jax import checkpoint, models
 from unires_jax.config_lib import load_config
 from unires_jax.convert import torch_io
 from unires_jax.convert import unires as convert_unires
@@ -52,6 +52,47 @@ def test_round_trip_is_bit_identical_and_parts_load_in_pytorch(config, tmp_path)
   back = models.build_model(config, nnx.Rngs(1))  # other initial values everywhere
   convert_unires.import_pytorch(back, config.model, str(out))
   ours, theirs = _params(model), _params(back)
+  assert ours.keys() == theirs.keys()
+  for path, value in ours.items():
+    np.testing.assert_array_equal(theirs[path], value, err_msg=path)
+
+
+def _tensors(directory) -> dict[str, np.ndarray]:
+  """Every tensor of an export directory, by file and name."""
+  out = {}
+  for root, _, files in os.walk(directory):
+    for name in files:
+      if name.endswith(".safetensors"):
+        path = os.path.join(root, name)
+        rel = os.path.relpath(path, directory)
+        out.update({f"{rel}:{k}": v for k, v in safetensors.numpy.load_file(path).items()})
+  return out
+
+
+def test_scanned_layers_export_as_unrolled_from_memory_and_from_a_checkpoint(config, tmp_path):
+  """A scanned model (the unrolled one's parameters stacked: same seed) exports the very
+  tensors of the unrolled one, from memory and from an Orbax checkpoint (`export_checkpoint`,
+  which unstacks the saved stacked tensors), and imports back bit-identically."""
+  scanned_config = config.copy_and_resolve_references()
+  scanned_config.model.scan_layers = True
+  unrolled = models.build_model(config, nnx.Rngs(0))
+  scanned = models.build_model(scanned_config, nnx.Rngs(0))
+  assert scanned.llm.model.layers.mlp.up_proj.kernel[...].shape[0] == config.model.llm.num_layers
+  convert_unires.export_pytorch(unrolled, config.model, str(tmp_path / "unrolled"))
+  convert_unires.export_pytorch(scanned, scanned_config.model, str(tmp_path / "scanned"))
+  checkpoint.save_converted(nnx.state(scanned, nnx.Param), scanned_config, str(tmp_path / "ckpt"))
+  convert_unires.export_checkpoint(str(tmp_path / "ckpt"), str(tmp_path / "from_ckpt"),
+                                   group_bytes=64 << 10)
+  want = _tensors(tmp_path / "unrolled")
+  for name in ("scanned", "from_ckpt"):
+    got = _tensors(tmp_path / name)
+    assert got.keys() == want.keys(), name
+    for key, value in want.items():
+      np.testing.assert_array_equal(got[key], value, err_msg=f"{name} {key}")
+
+  back = models.build_model(scanned_config, nnx.Rngs(1))
+  convert_unires.import_pytorch(back, scanned_config.model, str(tmp_path / "scanned"))
+  ours, theirs = _params(scanned), _params(back)
   assert ours.keys() == theirs.keys()
   for path, value in ours.items():
     np.testing.assert_array_equal(theirs[path], value, err_msg=path)

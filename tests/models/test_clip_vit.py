@@ -63,16 +63,17 @@ def hf_dir(hf_model, tmp_path_factory):
   return path
 
 
-def _loaded(model_dir: str, cfg=None) -> clip_vit.CLIPVisionTransformer:
+def _loaded(model_dir: str, cfg=None, scan_layers=False) -> clip_vit.CLIPVisionTransformer:
   cfg = cfg or _tiny_cfg()
-  module = clip_vit.CLIPVisionTransformer(cfg, rngs=nnx.Rngs(0))
+  module = clip_vit.CLIPVisionTransformer(cfg, scan_layers=scan_layers, rngs=nnx.Rngs(0))
   convert_clip.load_clip_vision(module, model_dir, cfg=cfg)
   return module
 
 
-@pytest.fixture(scope="module")
-def ours(hf_dir):
-  return _loaded(hf_dir)
+@pytest.fixture(scope="module", params=[False, True], ids=["unrolled", "scanned"])
+def ours(hf_dir, request):
+  """The import of `hf_dir`, with unrolled or scanned layers (`scan_layers`)."""
+  return _loaded(hf_dir, scan_layers=request.param)
 
 
 def _run_both(hf_model, module, height, width, interpolate, jit=False):
@@ -155,7 +156,7 @@ def test_loads_pytorch_bin_directory(hf_model, hf_dir, ours, tmp_path):
   # older versions write is made by hand.
   torch.save(hf_model.state_dict(), tmp_path / torch_io.TORCH_SINGLE)
   os.symlink(os.path.join(hf_dir, "config.json"), tmp_path / "config.json")
-  _assert_same_params(_loaded(str(tmp_path)), ours)
+  _assert_same_params(_loaded(str(tmp_path), scan_layers=ours.encoder.scan_layers), ours)
 
 
 def test_loads_legacy_prefixed_vision_directory(hf_dir, ours, tmp_path):
@@ -166,7 +167,7 @@ def test_loads_legacy_prefixed_vision_directory(hf_dir, ours, tmp_path):
   tensors["vision_model.embeddings.position_ids"] = np.arange(17, dtype=np.int64)[None]
   save_file(tensors, str(tmp_path / "model.safetensors"))
   os.symlink(os.path.join(hf_dir, "config.json"), tmp_path / "config.json")
-  _assert_same_params(_loaded(str(tmp_path)), ours)
+  _assert_same_params(_loaded(str(tmp_path), scan_layers=ours.encoder.scan_layers), ours)
 
 
 def test_loads_full_clip_model_directory(hf_model, tmp_path):
@@ -245,7 +246,7 @@ def test_export_loads_in_transformers_and_round_trips(ours, hf_model, tmp_path):
   assert exported.config.hidden_act == hf_model.config.hidden_act
   ref, mine = _run_both(exported, ours, 32, 32, interpolate=False, jit=True)
   _assert_parity(ref, mine, num_layers=3)
-  back = _loaded(str(out))
+  back = _loaded(str(out), scan_layers=ours.encoder.scan_layers)
   imported = dict(torch_io.iter_params(back))
   for path, var in torch_io.iter_params(ours):
     np.testing.assert_array_equal(np.asarray(imported[path][...]), np.asarray(var[...]),

@@ -71,18 +71,20 @@ def _run(model, ids, mask=None, cache=None):
   return model(ids, attention_mask=mask, cache=cache)
 
 
-@pytest.fixture(scope="module")
-def gqa(tmp_path_factory):
-  """A 2-layer GQA checkpoint (2 kv heads for 4 query heads) and its import."""
+@pytest.fixture(scope="module", params=[False, True], ids=["unrolled", "scanned"])
+def gqa(tmp_path_factory, request):
+  """A 2-layer GQA checkpoint (2 kv heads for 4 query heads) and its import, with unrolled or
+  scanned layers (`scan_layers`)."""
   path = tmp_path_factory.mktemp("gqa")
   torch_model = _save(path, num_key_value_heads=2)
-  return torch_model, _load(path), path
+  return torch_model, _load(path, scan_layers=request.param), path
 
 
+@pytest.mark.parametrize("scan_layers", [False, True])
 @pytest.mark.parametrize("kv_heads", [4, 2])
-def test_logits_and_hidden_states_match_transformers(tmp_path, kv_heads):
+def test_logits_and_hidden_states_match_transformers(tmp_path, kv_heads, scan_layers):
   torch_model = _save(tmp_path, num_key_value_heads=kv_heads)
-  model = _load(tmp_path)
+  model = _load(tmp_path, scan_layers=scan_layers)
   ids = np.random.default_rng(0).integers(0, VOCAB, (2, 9))
 
   logits, hidden, cache = model(jnp.asarray(ids))
@@ -329,6 +331,23 @@ def test_every_parameter_has_one_logical_name_per_dimension():
   assert names["lm_head/kernel"] == ("embed", "vocab")
 
 
+def test_scanned_parameters_are_the_unrolled_ones_stacked_on_a_layers_axis():
+  cfg = config_lib.load_config("tiny").model.llm
+  unrolled = dict(torch_io.iter_params(LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))))
+  scanned = dict(torch_io.iter_params(LlamaForCausalLM(cfg, scan_layers=True, rngs=nnx.Rngs(0))))
+  kernel = scanned["model/layers/self_attn/q_proj/kernel"]
+  assert kernel.out_sharding == ("layers", "embed", "heads")
+  assert kernel[...].shape == (cfg.num_layers, cfg.hidden_size, cfg.num_heads * cfg.head_dim)
+  assert len(scanned) == len(unrolled) - (cfg.num_layers - 1) * 9  # 9 parameters per layer
+  for path, var in scanned.items():
+    assert len(var.out_sharding) == var[...].ndim, path
+    if "/layers/" not in path:
+      np.testing.assert_array_equal(var[...], unrolled[path][...], err_msg=path)
+      continue
+    for i in range(cfg.num_layers):  # the same initial values as unrolled, same rngs
+      np.testing.assert_array_equal(var[i], unrolled[path.replace("layers/", f"layers/{i}/")][...])
+
+
 def test_full_config_parameter_count_equals_vicuna_7b():
   llm = config_lib.load_config("unires_pp_7b").model.llm
   with torch.device("meta"):
@@ -353,18 +372,19 @@ def test_full_config_parameter_count_equals_vicuna_7b():
   assert sum(int(np.prod(p.shape)) for p in params) == want
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_export_loads_in_transformers_and_round_trips(tmp_path, tied):
+@pytest.mark.parametrize("tied,scan_layers", [(False, False), (True, False), (False, True)])
+def test_export_loads_in_transformers_and_round_trips(tmp_path, tied, scan_layers):
   cfg = llm_config_from_hf(
       _hf_config(num_key_value_heads=2, tie_word_embeddings=tied).to_dict())
-  model = LlamaForCausalLM(cfg, rngs=nnx.Rngs(1))
+  model = LlamaForCausalLM(cfg, scan_layers=scan_layers, rngs=nnx.Rngs(1))
   out = tmp_path / "llm"
   save_llama(model, str(out))
   torch_model = transformers.LlamaForCausalLM.from_pretrained(out).eval()
   ids = np.random.default_rng(0).integers(0, VOCAB, (2, 12))
   np.testing.assert_allclose(
       _torch_logits(torch_model, ids), np.asarray(_run(model, ids)[0]), atol=ATOL)
-  back = LlamaForCausalLM(cfg, rngs=nnx.Rngs(2))  # other initial values, overwritten by the import
+  # other initial values, overwritten by the import
+  back = LlamaForCausalLM(cfg, scan_layers=scan_layers, rngs=nnx.Rngs(2))
   load_llama(back, str(out))
   imported = dict(torch_io.iter_params(back))
   for path, var in torch_io.iter_params(model):

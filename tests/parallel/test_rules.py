@@ -137,3 +137,22 @@ def test_a_rule_changed_in_the_config_moves_the_compiled_step():
   assert specs[path] == P("fsdp", None)
   after = _residual_constraints(text)
   assert len(after) == len(before) and set(after) == {'"tensor"'}
+
+
+def test_scanned_model_follows_the_rules():
+  """With scan_layers the stacked layers keep their leading `layers` axis whole and shard the
+  rest as their unrolled counterparts do."""
+  config = load_config("configs/unires_pp_7b.py:llm_layers=2")
+  config.model.scan_layers = True
+  specs = _param_specs(config, _mesh(2, 2, 2))
+  stacked = {path: spec for path, (spec, _) in specs.items() if "/layers/" in path
+             and path.startswith(("llm/model/layers/", "vision/encoder/layers/"))}
+  assert len(stacked) == 9 + 16  # one per parameter of a LLaMA layer and of a CLIP layer
+  for path, spec in stacked.items():
+    assert spec[0] is None, (path, spec)
+    assert not path.split("/layers/")[1].split("/")[0].isdigit(), path
+  assert stacked["llm/model/layers/self_attn/q_proj/kernel"] == P(None, "fsdp", "tensor")
+  assert stacked["llm/model/layers/mlp/down_proj/kernel"] == P(None, "tensor", "fsdp")
+  assert stacked["vision/encoder/layers/mlp/fc1/kernel"] == P(None, "fsdp", "tensor")
+  assert stacked["llm/model/layers/input_layernorm/scale"] == P(None, "fsdp")
+  assert specs["llm/model/layers/mlp/up_proj/kernel"][1] == (2, 4096, 11008)

@@ -162,7 +162,7 @@ def load_clip_vision(module, model_dir: str, cfg: Mapping[str, Any] | None = Non
   tensors = torch_io.read_state_dir(model_dir)
   prefix = VISION_PREFIX if any(k.startswith(VISION_PREFIX) for k in tensors) else ""
   torch_io.convert_all(
-      _rules(prefix, len(module.encoder.layers)),
+      _rules(prefix, module.encoder.num_layers),
       tensors,
       module,
       source=model_dir,

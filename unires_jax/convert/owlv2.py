@@ -136,7 +136,7 @@ def load_owlv2(module: owlv2.Owlv2ForObjectDetection, model_dir: str,
   if cfg is not None:
     check_config(cfg, torch_io.read_config_json(model_dir))
   torch_io.convert_all(
-      _rules(len(module.vision_model.encoder.layers), len(module.text_model.encoder.layers)),
+      _rules(module.vision_model.encoder.num_layers, module.text_model.encoder.num_layers),
       torch_io.read_state_dir(model_dir), module, source=model_dir,
       allow_unused=lambda name: name.endswith(_BUFFERS))
 

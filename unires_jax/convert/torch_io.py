@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from unires_jax import utils
+from unires_jax.models import layers
 
 SAFETENSORS_SINGLE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -191,35 +192,68 @@ def iter_params(module: nnx.Module) -> Iterator[tuple[str, nnx.Param]]:
       yield utils.path_str(path), var
 
 
+def unstacked_params(module: nnx.Module) -> dict[str, tuple[nnx.Param, int | None]]:
+  """{unrolled path: (variable, layer index or None)} for every `nnx.Param` of `module`.
+
+  A stacked-layer parameter (`config.model.scan_layers`), `[num_layers, *shape]` at
+  'model/layers/mlp/up_proj/kernel', appears once per layer under its unrolled path
+  ('model/layers/<i>/mlp/up_proj/kernel', index i); other parameters as `iter_params` gives
+  them (index None). The converters' name rules are written against these paths, so they are
+  the same with scanned and unrolled layers.
+  """
+  out = {}
+  for path, var in iter_params(module):
+    if layers.is_stacked(var):
+      out.update({layers.layer_path(path, i): (var, i) for i in range(var.get_value().shape[0])})
+    else:
+      out[path] = (var, None)
+  return out
+
+
+def read_unstacked(var: nnx.Param, index: int | None) -> np.ndarray:
+  """The value of an `unstacked_params` entry as a host array (one layer of a stack)."""
+  return np.asarray(var[...] if index is None else var[index])
+
+
 def assign_params(
     module: nnx.Module,
     values: Mapping[str, np.ndarray],
     source: str,
     consume: bool = False,
 ) -> None:
-  """Sets every `nnx.Param` of `module` from `values` ({'a/b/0/kernel': array}).
+  """Sets every `nnx.Param` of `module` from `values` ({'a/b/0/kernel': array}), keyed by the
+  unrolled paths of `unstacked_params` (a stacked-layer parameter gets its layers' values
+  stacked).
 
   Every parameter must be given exactly once with its exact shape; the error names the
   parameter, the source and the shapes. Values are cast to the parameter's dtype. `consume`
   removes each value from `values` (a dict) once it is set, so that memory holds each tensor
   once, as a source array or as a parameter, not both.
   """
-  params = dict(iter_params(module))
+  params = unstacked_params(module)
   missing = sorted(set(params) - set(values))
   if missing:
     raise CheckpointError(f"{source}: no value for parameter {missing[0]!r} ({len(missing)} in all)")
   extra = sorted(set(values) - set(params))
   if extra:
     raise CheckpointError(f"{source}: converter produced unknown parameter {extra[0]!r}")
-  for name, var in params.items():
+  stacks: dict[int, list[np.ndarray]] = {}
+  for name, (var, index) in params.items():
     value = np.asarray(values.pop(name) if consume else values[name])
     current = var.get_value()
-    if value.shape != current.shape:
+    shape = current.shape if index is None else current.shape[1:]
+    if value.shape != shape:
       raise CheckpointError(
-          f"{source}: parameter {name!r} has shape {current.shape} in the model but "
+          f"{source}: parameter {name!r} has shape {shape} in the model but "
           f"{value.shape} in the checkpoint (check the config against the weights)"
       )
-    var.set_value(jnp.asarray(value, dtype=current.dtype))
+    if index is None:
+      var.set_value(jnp.asarray(value, dtype=current.dtype))
+      continue
+    layers_of = stacks.setdefault(id(var), [])
+    layers_of.append(value.astype(current.dtype))
+    if len(layers_of) == current.shape[0]:  # unstacked_params lists a stack's layers in order
+      var.set_value(jnp.asarray(np.stack(stacks.pop(id(var)))))
 
 
 def convert_linear(state: TorchState, torch_name: str, bias: bool = True) -> dict[str, np.ndarray]:
@@ -318,14 +352,16 @@ def torch_shape(shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
 
 
 def module_shapes(module: nnx.Module) -> dict[str, tuple[int, ...]]:
-  """{path: shape} of every `nnx.Param` of `module` (what an export plan is made from)."""
-  return {path: tuple(var.get_value().shape) for path, var in iter_params(module)}
+  """{unrolled path: shape} of every `nnx.Param` of `module`, a stacked-layer parameter once per
+  layer (`unstacked_params`): what an export plan is made from."""
+  return {path: tuple(var.get_value().shape[0 if index is None else 1:])
+          for path, (var, index) in unstacked_params(module).items()}
 
 
 def export_tensors(plan: ExportPlan, module: nnx.Module) -> dict[str, np.ndarray]:
   """`module`'s parameters under their PyTorch names, in memory."""
-  params = {path: var for path, var in iter_params(module)}
-  return {name: to_torch(np.asarray(params[path][...]), layout)
+  params = unstacked_params(module)
+  return {name: to_torch(read_unstacked(*params[path]), layout)
           for name, (path, layout) in plan.items()}
 
 

@@ -25,7 +25,7 @@ from flax import nnx
 
 from unires_jax import checkpoint, models, utils
 from unires_jax.convert import clip_vit, convnext, llama, torch_io
-from unires_jax.models import prompt
+from unires_jax.models import layers, prompt
 
 BACKBONES = ("vision", "convnext", "llm")  # UniRES++ attributes exported through their libraries
 HEADS_FILE = "unires_heads.safetensors"
@@ -46,27 +46,44 @@ class ModuleParams:
   """The parameters of a model in memory, as an export source."""
 
   def __init__(self, model: nnx.Module):
-    self._vars = dict(torch_io.iter_params(model))
-    self.shapes = {path: tuple(var.get_value().shape) for path, var in self._vars.items()}
+    self._vars = torch_io.unstacked_params(model)  # stacked layers: one entry per layer
+    self.shapes = torch_io.module_shapes(model)
     self.itemsizes = {path: np.dtype(var.get_value().dtype).itemsize
-                      for path, var in self._vars.items()}
+                      for path, (var, _) in self._vars.items()}
 
   def read(self, paths: list[str]) -> dict[str, np.ndarray]:
-    return {path: np.asarray(self._vars[path][...]) for path in paths}
+    return {path: torch_io.read_unstacked(*self._vars[path]) for path in paths}
 
 
 class CheckpointParams:
   """The parameters of a checkpoint on disk (`checkpoint.locate`), read tensor by tensor on the
-  host: a sharded checkpoint is never gathered onto a device."""
+  host: a sharded checkpoint is never gathered onto a device.
+
+  A stacked-layer parameter (`config.model.scan_layers`) shows as one entry per layer under its
+  unrolled path, as `ModuleParams` shows it; reading a layer reads the whole stacked tensor
+  (all layers of that weight), so host memory then holds one stacked tensor per path read.
+  """
 
   def __init__(self, where: checkpoint.Located):
     self._where = where
-    saved = checkpoint.param_shapes(where)
-    self.shapes = {path: shape for path, (shape, _) in saved.items()}
-    self.itemsizes = {path: dtype.itemsize for path, (_, dtype) in saved.items()}
+    self.shapes, self.itemsizes = {}, {}
+    self._stored: dict[str, tuple[str, int | None]] = {}  # unrolled path -> (saved path, layer)
+    for path, (shape, dtype) in checkpoint.param_shapes(where).items():
+      if layers.is_stacked_path(path):
+        entries = {layers.layer_path(path, i): (path, i, shape[1:]) for i in range(shape[0])}
+      else:
+        entries = {path: (path, None, shape)}
+      for unrolled, (saved, index, one) in entries.items():
+        self._stored[unrolled] = (saved, index)
+        self.shapes[unrolled], self.itemsizes[unrolled] = one, dtype.itemsize
 
   def read(self, paths: list[str]) -> dict[str, np.ndarray]:
-    return checkpoint.read_params(self._where, paths)
+    saved = checkpoint.read_params(self._where, sorted({self._stored[p][0] for p in paths}))
+    out = {}
+    for path in paths:
+      name, index = self._stored[path]
+      out[path] = saved[name] if index is None else saved[name][index]
+    return out
 
 
 def _groups(names: list[str], sizes: Mapping[str, int], limit: int) -> list[list[str]]:

@@ -190,22 +190,38 @@ def _call_layer(layer, x, mask):
   return layer(x, mask)
 
 
+def _scan_body(layer, x, mask):
+  """One scanned layer: `[batch, tokens, width]` -> its output, as the carry and as `y`."""
+  x = layer(x, mask)
+  return x, x
+
+
 class CLIPEncoder(nnx.Module):
-  """The stack of encoder layers (its own module so parameter paths read `encoder/layers/i`)."""
+  """The stack of encoder layers (its own module so parameter paths read `encoder/layers/i`).
+
+  With `scan_layers` the layers are one stacked `CLIPEncoderLayer` (`encoder/layers/mlp/fc1/
+  kernel` is `[num_layers, ...]`, leading axis `layers`) applied with `jax.lax.scan`; every
+  layer's output comes back as a scan output. Unrolled, XLA drops the layers whose outputs
+  nothing reads (those after `select_layer`); scanned, every layer runs.
+  """
 
   def __init__(self, cfg, *, dtype=None, param_dtype=jnp.float32, remat: str = "none",
-               rngs: nnx.Rngs):
+               scan_layers: bool = False, rngs: nnx.Rngs):
     self.remat = remat  # rematerialises each layer in the backward pass
-    self.layers = nnx.List([
-        CLIPEncoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        for _ in range(cfg.num_layers)
-    ])
+    self.scan_layers = scan_layers
+    self.num_layers = cfg.num_layers
+    encoder = [CLIPEncoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+               for _ in range(cfg.num_layers)]
+    self.layers = layers.stack_modules(encoder) if scan_layers else nnx.List(encoder)
 
   def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> tuple[jax.Array, ...]:
     """[batch, tokens, width] -> the input and every layer's output, each [batch, tokens, width].
 
     mask: as `CLIPAttention`'s, the same for every layer.
     """
+    if self.scan_layers:
+      _, outputs = layers.scan_layers(_scan_body, self.layers, x, mask, policy=self.remat)
+      return (x, *outputs)  # outputs: [num_layers, batch, tokens, width]
     hidden_states = [x]
     call = layers.remat(_call_layer, self.remat)
     for layer in self.layers:
@@ -218,11 +234,12 @@ class CLIPVisionTransformer(nnx.Module):
 
   Fields: image_size, patch_size, num_channels, hidden_size, intermediate_size, num_layers,
   num_heads, layer_norm_eps, hidden_act, select_layer, select_feature ("patch" | "cls_patch"),
-  interpolate_pos_encoding (default for `__call__`).
+  interpolate_pos_encoding (default for `__call__`). `scan_layers` stacks the encoder layers
+  (see `CLIPEncoder`).
   """
 
   def __init__(self, cfg, *, dtype=None, param_dtype=jnp.float32, remat: str = "none",
-               rngs: nnx.Rngs):
+               scan_layers: bool = False, rngs: nnx.Rngs):
     if cfg.select_feature not in SELECT_FEATURES:
       raise ValueError(
           f"select_feature must be one of {SELECT_FEATURES}, got {cfg.select_feature!r}"
@@ -239,7 +256,7 @@ class CLIPVisionTransformer(nnx.Module):
     norm = lambda: layers.layer_norm(cfg.hidden_size, "embed", epsilon=cfg.layer_norm_eps, **kw)
     # transformers' spelling "pre_layrnorm" keeps the parameter paths convertible by name.
     self.pre_layrnorm = norm()
-    self.encoder = CLIPEncoder(cfg, remat=remat, **kw)
+    self.encoder = CLIPEncoder(cfg, remat=remat, scan_layers=scan_layers, **kw)
     self.post_layernorm = norm()
 
   @property

@@ -18,6 +18,8 @@ Logical axis names used by the models:
                norms, biases and layer scales
   norm         the feature dimension of a norm whose width is not a tower width
   features     input features that come from another tower (projector inputs)
+  layers       the leading axis of a stacked layer (`config.model.scan_layers`): one entry per
+               transformer layer, never sharded
 A dimension that is never sharded (e.g. a size-1 output) is named None.
 
 Activations get names too, where a tower's residual stream passes (`constrain`):
@@ -249,12 +251,110 @@ REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
 
 
 def remat(fn: Callable[..., Any], policy: str) -> Callable[..., Any]:
-  """`fn(module, *args)` rematerialised under `config.model.remat` ("none", "full", "dots")."""
+  """`fn(module, *args)` rematerialised under `config.model.remat` ("none", "full", "dots").
+
+  The module is split into its graph definition and state outside the checkpoint and merged
+  again inside it, so the checkpointed function is pure: `nnx.remat` instead writes the
+  module's Params back after the checkpoint, which fails inside `jax.value_and_grad` under
+  `jax.jit` ("Cannot mutate Param from a different trace level"). `module` must hold no
+  state that `fn` updates (the transformer layers hold parameters only).
+  """
   if policy == "none":
     return fn
   if policy not in REMAT_POLICIES:
     raise ValueError(f"unknown remat policy {policy!r}; known: none, {', '.join(REMAT_POLICIES)}")
-  return nnx.remat(fn, policy=REMAT_POLICIES[policy])
+
+  def call(module: nnx.Module, *args: Any) -> Any:
+    graphdef, state = nnx.split(module)
+
+    def pure(state: nnx.State, *args: Any) -> Any:
+      return fn(nnx.merge(graphdef, state), *args)
+
+    return jax.checkpoint(pure, policy=REMAT_POLICIES[policy])(state, *args)
+
+  return call
+
+
+LAYERS = "layers"  # logical name of the stacked-layer axis, and the attribute holding the stack
+
+
+def _is_variable(x: Any) -> bool:
+  return isinstance(x, nnx.Variable)
+
+
+def stack_modules(modules: Sequence[nnx.Module]) -> nnx.Module:
+  """Modules of one structure -> one module of that structure whose every variable `[*shape]`
+  becomes the stack of theirs, `[len(modules), *shape]`, its leading axis named `layers`.
+
+  The modules are created one by one (the unrolled way) before stacking, so a scanned model
+  starts from exactly the parameters of the unrolled model built with the same rngs. The first
+  module is reused as the stack; the others are left as they are.
+  """
+  first = modules[0]
+  states = [nnx.state(m) for m in modules]
+  paths = [dict(jax.tree_util.tree_leaves_with_path(s, is_leaf=_is_variable)) for s in states]
+  for path, var in paths[0].items():
+    names = var.get_metadata().get("out_sharding")
+    if not names:
+      raise ValueError(f"stacked variable {path} has no logical axis names")
+    var.set_value(jnp.stack([p[path].get_value() for p in paths]))
+    var.set_metadata(out_sharding=(LAYERS,) + tuple(names))
+  return first
+
+
+def layer_path(path: str, index: int) -> str:
+  """The unrolled path of layer `index` of a stacked parameter: the first `layers` component
+  gains the index ('model/layers/mlp/up_proj/kernel', 3 -> 'model/layers/3/mlp/up_proj/kernel')."""
+  parts = path.split("/")
+  if LAYERS not in parts:
+    raise ValueError(f"{path!r} is not under a `{LAYERS}` stack")
+  at = parts.index(LAYERS) + 1
+  return "/".join(parts[:at] + [str(index)] + parts[at:])
+
+
+def is_stacked_path(path: str) -> bool:
+  """Whether a saved parameter path is a stacked layer's: a `layers` component followed by a
+  name, not a layer index ('llm/model/layers/mlp/up_proj/kernel', not '.../layers/3/...' nor
+  the mask decoder's 'seg_proj/layers/0/kernel')."""
+  parts = path.split("/")
+  return LAYERS in parts[:-1] and not parts[parts.index(LAYERS) + 1].isdigit()
+
+
+def is_stacked(var: nnx.Variable) -> bool:
+  """Whether `var` is a stacked-layer parameter (leading logical axis `layers`)."""
+  names = var.get_metadata().get("out_sharding")
+  return bool(names) and names[0] == LAYERS
+
+
+def _unstacked(graphdef: nnx.GraphDef, state: nnx.State) -> nnx.Module:
+  """One layer of a stack: `state` holds its slices (no `layers` axis); their logical names
+  lose the leading `layers` too."""
+  layer = nnx.merge(graphdef, state)
+  for _, var in nnx.iter_graph(layer):
+    if _is_variable(var) and is_stacked(var):
+      var.set_metadata(out_sharding=var.get_metadata()["out_sharding"][1:])
+  return layer
+
+
+def scan_layers(fn: Callable[..., tuple[Any, Any]], stacked: nnx.Module, carry: Any, *args: Any,
+                policy: str = "none") -> tuple[Any, Any]:
+  """Applies the layers of `stacked` (`stack_modules`) in order with `jax.lax.scan`.
+
+  `fn(layer, carry, *args) -> (carry, y)` is called once per layer; `args` are the same for
+  every layer. The remat `policy` applies to each layer inside the scan body. The stack is split
+  into its graph definition and state outside the scan and merged per layer inside (a pure scan
+  body, as `remat` needs under jit and grad). Layers must hold no state that `fn` updates.
+
+  Returns:
+    the final carry and the `y`s stacked on a leading `[num_layers]` axis.
+  """
+  graphdef, state = nnx.split(stacked)
+  call = remat(fn, policy)
+
+  def body(carry, layer_state):
+    return call(_unstacked(graphdef, layer_state), carry, *args)
+
+  return jax.lax.scan(body, carry, state)
 
 
 def parse_dtype(name: Any) -> Any:

@@ -12,6 +12,12 @@ left- and right-padded batches give every real token the logits it would get unp
 KV cache: `KVCache` holds, per layer, preallocated keys and values `[batch, max_len, kv_heads,
 head_dim]`, the number of slots written so far and which slots hold real tokens. All shapes are
 static, so a decoding step jits once and runs in a `lax` loop (see `unires_jax.models.generate`).
+
+Scanned layers (`scan_layers=True`, `config.model.scan_layers`): the decoder layers are one
+stacked `LlamaDecoderLayer` (`model/layers/self_attn/q_proj/kernel` is `[num_layers, ...]`,
+leading axis `layers`) applied with `jax.lax.scan`. Its cache stacks the layers too: keys and
+values are single arrays `[num_layers, batch, max_len, kv_heads, head_dim]`, carried through the
+scan and updated in place at each layer's index.
 """
 
 from typing import Any, Mapping, NamedTuple
@@ -58,14 +64,16 @@ class KVCache(NamedTuple):
   """Keys and values of every layer for the tokens seen so far (a pytree of arrays).
 
   Attributes:
-    keys: per layer, `[batch, max_len, kv_heads, head_dim]`, rotary embedding applied.
-    values: per layer, `[batch, max_len, kv_heads, head_dim]`.
+    keys: per layer, `[batch, max_len, kv_heads, head_dim]`, rotary embedding applied: a tuple
+      of such arrays, or (scanned layers) one array `[num_layers, batch, max_len, kv_heads,
+      head_dim]`.
+    values: per layer, `[batch, max_len, kv_heads, head_dim]`, laid out as `keys`.
     length: int32 scalar, slots `[0, length)` are written (the same for every row).
     mask: `[batch, max_len]` bool, True where a written slot holds a real (non-pad) token.
   """
 
-  keys: tuple[jax.Array, ...]
-  values: tuple[jax.Array, ...]
+  keys: tuple[jax.Array, ...] | jax.Array
+  values: tuple[jax.Array, ...] | jax.Array
   length: jax.Array
   mask: jax.Array
 
@@ -200,13 +208,31 @@ def _call_layer(layer, *args):
   return layer(*args)
 
 
+def _scan_body(layer, x, positions, mask):
+  """One scanned layer without a cache: `[b, t, e]` -> `([b, t, e], None)`."""
+  return layer(x, positions, mask)[0], None
+
+
+def _cached_scan_body(layer, carry, positions, mask, start):
+  """One scanned layer with the stacked cache in the carry: (x, keys, values, index) -> same,
+  the layer's cache slices read and written at `index`."""
+  x, keys, values, i = carry
+  kv = (jax.lax.dynamic_index_in_dim(keys, i, keepdims=False),
+        jax.lax.dynamic_index_in_dim(values, i, keepdims=False))
+  x, (k, v) = layer(x, positions, mask, kv, start)
+  keys = jax.lax.dynamic_update_index_in_dim(keys, k, i, 0)
+  values = jax.lax.dynamic_update_index_in_dim(values, v, i, 0)
+  return (x, keys, values, i + 1), None
+
+
 class LlamaModel(nnx.Module):
   """Token embeddings, decoder layers and the final norm (transformers' `model.`)."""
 
   def __init__(self, cfg: LlamaConfig, *, vocab_size: int, dtype=None, param_dtype=jnp.float32,
-               remat: str = "none", rngs: nnx.Rngs):
+               remat: str = "none", scan_layers: bool = False, rngs: nnx.Rngs):
     e = cfg.hidden_size
     self.remat = remat  # rematerialises each decoder layer in training (no cache)
+    self.scan_layers = scan_layers
     self.embed_tokens = nnx.Embed(
         vocab_size,
         e,
@@ -217,7 +243,8 @@ class LlamaModel(nnx.Module):
         rngs=rngs,
     )
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.layers = nnx.List([LlamaDecoderLayer(cfg, **kw) for _ in range(cfg.num_layers)])
+    decoder = [LlamaDecoderLayer(cfg, **kw) for _ in range(cfg.num_layers)]
+    self.layers = layers.stack_modules(decoder) if scan_layers else nnx.List(decoder)
     self.norm = RMSNorm(e, epsilon=cfg.rms_norm_eps, **kw)
 
   def __call__(
@@ -251,7 +278,17 @@ class LlamaModel(nnx.Module):
     # Slot order is sequence order, so causality is a comparison of slots.
     mask = (key_slot[None, :] <= query_slot[:, None])[None] & key_valid[:, None, :]
 
-    x = inputs_embeds
+    if self.scan_layers:
+      x, cache = self._scan(inputs_embeds, positions, mask, cache, start)
+    else:
+      x, cache = self._unrolled(inputs_embeds, positions, mask, cache, start)
+    if cache is not None:
+      cache = KVCache(cache[0], cache[1], start + t, key_valid)
+    return self.norm(x), cache
+
+
+  def _unrolled(self, x, positions, mask, cache, start):
+    """The layers one after the other: `[b, t, e]` -> `[b, t, e]`, (keys, values) tuples."""
     keys, values = [], []
     call = _call_layer if cache is not None else layers.remat(_call_layer, self.remat)
     for i, layer in enumerate(self.layers):
@@ -260,15 +297,24 @@ class LlamaModel(nnx.Module):
       if kv is not None:
         keys.append(kv[0])
         values.append(kv[1])
-    if cache is not None:
-      cache = KVCache(tuple(keys), tuple(values), start + t, key_valid)
-    return self.norm(x), cache
+    return x, None if cache is None else (tuple(keys), tuple(values))
+
+  def _scan(self, x, positions, mask, cache, start):
+    """The stacked layers in a scan: `[b, t, e]` -> `[b, t, e]`, stacked (keys, values)."""
+    if cache is None:
+      x, _ = layers.scan_layers(_scan_body, self.layers, x, positions, mask, policy=self.remat)
+      return x, None
+    carry = (x, cache.keys, cache.values, jnp.zeros((), jnp.int32))
+    (x, keys, values, _), _ = layers.scan_layers(
+        _cached_scan_body, self.layers, carry, positions, mask, start)
+    return x, (keys, values)
 
 
 class LlamaForCausalLM(nnx.Module):
   """LLaMA with its LM head, built from `config.model.llm`.
 
   `vocab_size` overrides the config's vocabulary (UniRES++ appends its special tokens as rows).
+  `scan_layers` stacks the decoder layers and scans over them (see the module docstring).
   """
 
   def __init__(
@@ -279,6 +325,7 @@ class LlamaForCausalLM(nnx.Module):
       dtype: Any = None,
       param_dtype: Any = jnp.float32,
       remat: str = "none",
+      scan_layers: bool = False,
       rngs: nnx.Rngs,
   ):
     self.config = read_llm_config(cfg)
@@ -287,7 +334,7 @@ class LlamaForCausalLM(nnx.Module):
     self.dtype = dtype
     self.model = LlamaModel(
         self.config, vocab_size=self.vocab_size, dtype=dtype, param_dtype=param_dtype,
-        remat=remat, rngs=rngs)
+        remat=remat, scan_layers=scan_layers, rngs=rngs)
     if not self.tie_word_embeddings:
       self.lm_head = layers.linear(
           self.config.hidden_size,
@@ -308,9 +355,13 @@ class LlamaForCausalLM(nnx.Module):
     dtype = dtype or self.dtype or jnp.float32
     shape = (batch_size, max_len, self.config.num_kv_heads, self.config.head_dim)
     n = self.config.num_layers
+    if self.model.scan_layers:
+      keys = values = jnp.zeros((n, *shape), dtype)
+    else:
+      keys = values = tuple(jnp.zeros(shape, dtype) for _ in range(n))
     return KVCache(
-        keys=tuple(jnp.zeros(shape, dtype) for _ in range(n)),
-        values=tuple(jnp.zeros(shape, dtype) for _ in range(n)),
+        keys=keys,
+        values=values,
         length=jnp.zeros((), jnp.int32),
         mask=jnp.zeros((batch_size, max_len), bool),
     )

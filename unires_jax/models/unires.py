@@ -102,11 +102,13 @@ class UniRESPP(nnx.Module):
     dtype = layers.parse_dtype(cfg.dtype)
     kw = dict(dtype=dtype, param_dtype=layers.parse_dtype(cfg.param_dtype), rngs=rngs)
     self.special = prompt.SpecialTokens.appended_to(cfg.llm.vocab_size)
-    self.vision = CLIPVisionTransformer(cfg.vision, remat=cfg.remat, **kw)
+    # Configs written before `scan_layers` existed build the unrolled layers.
+    scan = bool(cfg.get("scan_layers", False))
+    self.vision = CLIPVisionTransformer(cfg.vision, remat=cfg.remat, scan_layers=scan, **kw)
     self.convnext = ConvNeXt(cfg.convnext, **kw)
     self.llm = LlamaForCausalLM(
         cfg.llm, vocab_size=cfg.llm.vocab_size + prompt.num_special_tokens(), remat=cfg.remat,
-        **kw)
+        scan_layers=scan, **kw)
     width = cfg.llm.hidden_size
     region_dim = sum(cfg.convnext.dims[l] for l in cfg.roi.levels)
     self.image_projector = Projector(cfg.vision.hidden_size, width, cfg.projector, **kw)

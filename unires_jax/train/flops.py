@@ -11,7 +11,8 @@ costs 2 n i o):
   CLIP ViT (p patches of side P, tokens t = p + 1, width D, MLP width I, heads of total width D):
     patch conv 2 B p P^2 C D; per layer 4 * 2 B t D^2 (q, k, v, out) + 2 * 2 B t^2 D (scores,
     weighted values) + 2 * 2 B t D I. Only the layers up to `select_layer` run: the rest feed
-    nothing the model returns, and XLA drops them (select_layer -2 of 24 runs 23).
+    nothing the model returns, and XLA drops them (select_layer -2 of 24 runs 23). With
+    `config.model.scan_layers` the scan runs every layer (24 of 24).
   ConvNeXt (stage i at side s_i = S / (4 * 2^i), width d_i): stem 2 B s_0^2 16 C d_0; downsample
     2 B s_i^2 4 d_{i-1} d_i; per block the depthwise 7x7 2 B d_i v(s_i, 7)^2 and the MLP
     2 * 2 B s_i^2 d_i 4 d_i.
@@ -167,8 +168,9 @@ def _no_target_head(c: _Counter, m: ml_collections.ConfigDict, batch: int, grad_
   c.linear("no_target_head/match_fc2", batch * regions, hidden, 1, match)
 
 
-def _clip(c: _Counter, cfg: ml_collections.ConfigDict, batch: int) -> bool:
-  """The CLIP ViT layers up to `select_layer`; returns the features' gradient flag."""
+def _clip(c: _Counter, cfg: ml_collections.ConfigDict, batch: int, scanned: bool) -> bool:
+  """The CLIP ViT layers up to `select_layer` (every layer when `scanned`); returns the
+  features' gradient flag."""
   side = cfg.image_size // cfg.patch_size
   patches, width = side * side, cfg.hidden_size
   tokens = patches + 1
@@ -176,7 +178,8 @@ def _clip(c: _Counter, cfg: ml_collections.ConfigDict, batch: int) -> bool:
            cfg.patch_size**2 * cfg.num_channels, width, False)
   g = c.params("vision/embeddings", False)
   g = c.params("vision/pre_layrnorm", g)
-  for i in range(cfg.select_layer % (cfg.num_layers + 1)):
+  run = cfg.num_layers if scanned else cfg.select_layer % (cfg.num_layers + 1)
+  for i in range(run):
     p = f"vision/encoder/layers/{i}"
     h = c.params(f"{p}/layer_norm1", g)
     g |= _attention(c, f"{p}/self_attn", ("q_proj", "k_proj", "v_proj", "out_proj"), batch,
@@ -309,7 +312,7 @@ def count_flops(config: ml_collections.ConfigDict, batch_size: int, seq_len: int
     raise ValueError(f"seq_len={seq_len} cannot hold {num_image} image tokens, "
                      f"{m.max_objects + m.max_parts} region tokens and [SEG]")
   c = _Counter(config.optimizer.lr_multipliers)
-  image = _clip(c, m.vision, batch_size)
+  image = _clip(c, m.vision, batch_size, bool(m.get("scan_layers", False)))
   width = m.llm.hidden_size
   image = _projector(c, "image_projector", m.projector, batch_size * num_image,
                      m.vision.hidden_size, width, image)
