@@ -26,7 +26,8 @@ from collections.abc import Sequence
 from absl import app, flags
 from ml_collections import config_flags
 
-from unires_jax import config_lib, parallel
+from unires_jax import config_lib
+from unires_jax.parallel import mesh as mesh_lib
 from unires_jax.data import preprocess
 from unires_jax.train import aot
 from unires_jax.train import flops as flops_lib
@@ -131,9 +132,9 @@ def main(argv: Sequence[str]) -> None:
         f"remat {config.model.remat}, scan_layers {config.model.get('scan_layers', False)}")
   if overrides:
     print("overrides: " + " ".join(overrides))
-  if batch % parallel.batch_rows(mesh):
+  if batch % mesh_lib.batch_rows(mesh):
     raise app.UsageError(f"--batch={batch} does not divide over the mesh's "
-                         f"{parallel.batch_rows(mesh)} batch rows (data x fsdp)")
+                         f"{mesh_lib.batch_rows(mesh)} batch rows (data x fsdp)")
 
   count = flops_lib.count_flops(config, batch, seq_len)
   rows = []

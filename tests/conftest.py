@@ -13,6 +13,11 @@ import tempfile
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
                       "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
 
+# The CPU backend only: with libtpu installed (the test extra's jax[tpu], for the deviceless TPU
+# compiles), JAX would first try to start a TPU in every test process and subprocess, which costs
+# about a second and a page of warnings each. Topologies for TPU compiles work without it.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
 import pytest  # pylint: disable=wrong-import-position
 
 
