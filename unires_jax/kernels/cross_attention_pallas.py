@@ -31,6 +31,7 @@ TPU findings (deviceless compiles with libtpu 0.0.42.1, tests/kernels/test_tpu_c
   and V keys-minor for such head_dim (a free transpose; the blocks are lane-dense too, which is
   what let the dk/dv kernel fit: head_dim 32 or 64 had filled a quarter or half of each VMEM
   tile), and read a ragged last key block in place instead of padding K and V.
+"""
 
 
 import dataclasses
