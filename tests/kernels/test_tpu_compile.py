@@ -8,8 +8,9 @@ names the chip to the kernels, so the blocks are those chosen for its VMEM.
 
 Shapes: the mask decoder's cross-attention in both configs (derived from them), and the edges:
 one query against 16384 and 20000 keys, head_dim 32 to 256, float32 and bfloat16. Each is compiled
-for v5p and v6e, forward and forward + backward; where K is large, the compiled temp memory must
-stay within the size of K plus V (no copy or relayout of K or V around the kernels).
+for v5p and v6e, forward + backward (which compiles the forward kernel too); forward alone once
+per generation. Where K is large, the compiled temp memory must stay within the size of K plus V
+(no copy or relayout of K or V around the kernels).
 """
 
 import functools
@@ -60,6 +61,20 @@ CASES = (
         (8, 1, 20000, 256, "float32", True),
     ])
 
+# Forward alone (inference), one shape per generation; every case above is forward + backward.
+FORWARD_ONLY = {"v5p": (8, 1, 16384, 64, "float32", True),
+                "v6e": (8, 100, 9216, 256, "bfloat16", True)}
+
+
+def _param(generation, case, backward):
+  h, q, k, d, dtype, _ = case
+  name = f"{generation}-{'fwd+bwd' if backward else 'fwd'}-h{h}-q{q}-k{k}-d{d}-{dtype}"
+  return pytest.param(generation, *case, backward, id=name)
+
+
+COMPILES = ([_param(g, case, False) for g, case in FORWARD_ONLY.items()]
+            + [_param(g, case, True) for g in sorted(TOPOLOGIES) for case in CASES])
+
 
 @functools.cache
 def _mesh(generation: str) -> Mesh:
@@ -85,9 +100,7 @@ def _compile(fn, generation, shapes):
     return jax.jit(fn).trace(*args).lower().compile()
 
 
-@pytest.mark.parametrize("generation", sorted(TOPOLOGIES))
-@pytest.mark.parametrize("heads,num_q,num_k,head_dim,dtype,bound", CASES)
-@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("generation,heads,num_q,num_k,head_dim,dtype,bound,backward", COMPILES)
 def test_kernels_compile_for_tpu(generation, heads, num_q, num_k, head_dim, dtype, bound,
                                  backward):
   qs, ks = (BATCH, heads, num_q, head_dim), (BATCH, heads, num_k, head_dim)

@@ -114,6 +114,16 @@ def tpu_keys_minor(head_dim: int) -> bool:
   return head_dim % 128 != 0
 
 
+def default_keys_minor(head_dim: int, interpret: Any) -> bool:
+  """`tpu_keys_minor` for the Mosaic kernels (compiled for a TPU); False when interpreting.
+
+  The transpose is free only under XLA:TPU's layouts. In the interpreter (on the CPU) arrays are
+  row-major and swapping keys and head_dim copies K and V (and dK and dV back): four K-sized
+  buffers that a TPU does not have, in the compiled memory that the tests measure on the CPU.
+  """
+  return not interpret and tpu_keys_minor(head_dim)
+
+
 def _tile_bytes(rows: int, cols: int, itemsize: int) -> int:
   """VMEM bytes of a [rows, cols] block: (8 x 128) tiles of 32-bit words, 16 rows for 16-bit."""
   return _round_up(rows, 8 * 4 // itemsize) * _round_up(cols, 128) * itemsize
@@ -140,18 +150,19 @@ def tpu_vmem_limit(capacity: int) -> int:
 
 
 def tpu_blocks(num_queries, num_keys, heads, head_dim, itemsize,
-               vmem_capacity=TPU_MIN_VMEM) -> tuple[int, int]:
+               vmem_capacity=TPU_MIN_VMEM, keys_minor=None) -> tuple[int, int]:
   """(block_q, block_k) for the TPU kernels on a chip with `vmem_capacity` bytes of VMEM.
 
   block_q: as few query tiles of at most 128 as possible, each a multiple of 16 (bfloat16 packs
   16 rows per vreg), so that Q = 130 pads to 160, not 256. block_k: a multiple of 128 lanes, the
   largest of `TPU_BLOCK_K` (not beyond the keys) whose `tpu_vmem_bytes` fits the block share of
-  the VMEM limit; 128 if none does.
+  the VMEM limit; 128 if none does. keys_minor: the K/V layout; None: `tpu_keys_minor`.
   """
   num_q_tiles = pl.cdiv(num_queries, 128)
   block_q = _round_up(pl.cdiv(num_queries, num_q_tiles), 16)
   budget = TPU_BLOCK_FRACTION * tpu_vmem_limit(vmem_capacity)
-  keys_minor = tpu_keys_minor(head_dim)
+  if keys_minor is None:
+    keys_minor = tpu_keys_minor(head_dim)
   for block_k in TPU_BLOCK_K:
     if (block_k <= _round_up(num_keys, 128) and
         tpu_vmem_bytes(block_q, block_k, heads, head_dim, itemsize, keys_minor) <= budget):
@@ -187,8 +198,10 @@ def plan(logits, key_valid, num_queries, block_q, block_k):
 
   One reduction over the logits, max over each key tile of the valid keys' logits, gives a
   [batch, queries, key tiles] array (K / block_k times smaller than the logits); everything else
-  is computed from it. A max-reduce of a select fuses into one pass on every XLA backend, where a
-  chain of boolean any-reductions may leave a [queries, keys] bool array behind (it does on CPU).
+  is computed from it. XLA:TPU fuses the select into the reduction. XLA:CPU does not (its YNN
+  reduce fusion takes the select's result as an operand), so there the masked [queries, keys]
+  f32 array is materialised: in the memory test's shapes (queries <= heads * head_dim) XLA places
+  it in a dk/dv output buffer that the backward pass writes later, so it costs no temp there.
 
   Args:
     logits: [batch, queries, keys] float32, block-padded.
@@ -208,9 +221,7 @@ def plan(logits, key_valid, num_queries, block_q, block_k):
   # A NaN logit allows nothing (NaN >= 0 is false in the reference); keep it out of the max.
   tile_max = jnp.max(jnp.where(valid & ~jnp.isnan(tiled), tiled, -jnp.inf), axis=-1)  # [b, q, kt]
   tile_has_valid = jnp.any(valid, axis=-1)                            # [b, 1, key tiles]
-  # any(tile_max >= 0), not max(tile_max) >= 0: XLA merges a max of a max into one reduction of
-  # the select above, which then has two readers and is materialised (it was, on the CPU).
-  has_allowed = jnp.any(tile_max >= 0, axis=-1)                       # [b, q]
+  has_allowed = jnp.max(tile_max, axis=-1) >= 0                       # [b, q]
   real = jnp.arange(padded_q) < num_queries
   threshold = jnp.where(real, jnp.where(has_allowed, 0.0, -jnp.inf), jnp.inf)
   # A valid logit >= threshold exists in the tile; for threshold -inf that is any valid key.
@@ -275,6 +286,7 @@ def masked_cross_attention_pallas(
     block_q: int | None = None,
     block_k: int | None = None,
     k_splits: int | None = None,
+    keys_minor: bool | None = None,
 ) -> jax.Array:
   """Masked multi-head cross-attention by the Pallas kernels; the reference's rule exactly.
 
@@ -291,6 +303,8 @@ def masked_cross_attention_pallas(
       TPU variant); None means only on the CPU.
     block_q, block_k: tile sizes; None picks `tpu_blocks` / `gpu_blocks`.
     k_splits: GPU key-range splits merged by logsumexp; None picks `gpu_k_splits`.
+    keys_minor: TPU variant: hand k and v to the kernels as [batch, heads, head_dim, keys];
+      None picks `default_keys_minor` (compiled for a TPU, where the transpose is free).
 
   Returns:
     [batch, heads, queries, head_dim] in q's dtype.
@@ -302,7 +316,8 @@ def masked_cross_attention_pallas(
   if interpret is None:
     interpret = jax.default_backend() == "cpu"
   if backend == "tpu":
-    return _tpu_attention(q, k, v, mask_logits, key_valid, scale, interpret, block_q, block_k)
+    return _tpu_attention(q, k, v, mask_logits, key_valid, scale, interpret, block_q, block_k,
+                          keys_minor)
   return _gpu_attention(q, k, v, mask_logits, key_valid, scale, interpret, block_q, block_k,
                         k_splits)
 
@@ -317,20 +332,23 @@ def _plan_inputs(mask_logits, key_valid, num_q, padded_q, padded_k, block_q, blo
   return jax.lax.stop_gradient(logits), threshold, key_valid, flags
 
 
-def _tpu_attention(q, k, v, mask_logits, key_valid, scale, interpret, block_q, block_k):
+def _tpu_attention(q, k, v, mask_logits, key_valid, scale, interpret, block_q, block_k,
+                   keys_minor):
   """The TPU (Mosaic) variant: q padded to a multiple of block_q; k and v not padded (the
   kernels handle a ragged last key block) and, for head_dim not a multiple of 128, passed as
   [batch, heads, head_dim, keys] (a free transpose of XLA:TPU's default layout, see
-  `tpu_keys_minor`); the logits [batch, queries, keys] and key flags padded to whole tiles."""
+  `default_keys_minor`); the logits [batch, queries, keys] and key flags padded to whole tiles."""
   batch, heads, num_q, head_dim = q.shape
   num_k = k.shape[2]
   capacity = tpu_vmem_capacity()
-  default_q, default_k = tpu_blocks(num_q, num_k, heads, head_dim, q.dtype.itemsize, capacity)
+  if keys_minor is None:
+    keys_minor = default_keys_minor(head_dim, interpret)
+  default_q, default_k = tpu_blocks(num_q, num_k, heads, head_dim, q.dtype.itemsize, capacity,
+                                    keys_minor)
   block_q, block_k = block_q or default_q, block_k or default_k
   if not interpret:
     _check_blocks("tpu", block_q, block_k)
   padded_q, padded_k = _round_up(num_q, block_q), _round_up(num_k, block_k)
-  keys_minor = tpu_keys_minor(head_dim)
   config = KernelConfig("tpu", float(scale), block_q, block_k, interpret, keys_minor=keys_minor,
                         vmem_limit=None if interpret else tpu_vmem_limit(capacity))
   logits, threshold, key_valid, flags = _plan_inputs(
