@@ -59,7 +59,10 @@ setuptools.setup(
         "build": BUILD,
         "torch": TORCH,
         "xm": ["xmanager>=0.8"],  # launch/launch.py --executor=xm
-        "test": TORCH + BUILD + ["pytest>=8", "pytest-xdist>=3", "hypothesis>=6"],
+        # jax[tpu] brings libtpu, for tests/kernels/test_tpu_compile.py (deviceless TPU compiles);
+        # pinned to the jax the project is tested with (install_requires only asks jax>=0.10).
+        "test": TORCH + BUILD + ["pytest>=8", "pytest-xdist>=3", "hypothesis>=6",
+                                 "jax[tpu]==0.10.2"],
     },
     entry_points={
         "console_scripts": [

@@ -14,8 +14,10 @@ Masks: each query's mask is a random rectangle of the sqrt(K) x sqrt(K) feature 
 masks are blobs, not noise); `--empty_fraction` of the queries have an empty mask, which makes
 every key tile of their query tile live. Time: median of `--iters` runs after compilation.
 Memory: XLA's compiled temp + output bytes (`memory_analysis()`), what a step allocates beyond its
-inputs. On the CPU the Pallas kernel only runs in the interpreter, far too slowly for these sizes;
-its rows are skipped unless `--interpret`.
+inputs. With `--tpu=v5p` (or v4, v5e, v6e; needs libtpu, the jax[tpu] extra) the memory columns
+come from a deviceless compile for one chip of that generation, on any host, the Pallas rows
+included; otherwise from the local compile. On the CPU the Pallas kernel only runs in the
+interpreter, far too slowly for these sizes: its times are skipped unless `--interpret`.
 """
 
 import statistics
@@ -41,7 +43,11 @@ _ITERS = flags.DEFINE_integer("iters", 20, "Timed runs per measurement.")
 _EMPTY = flags.DEFINE_float("empty_fraction", 0.0, "Fraction of queries with an empty mask.")
 _INTERPRET = flags.DEFINE_bool("interpret", False, "On the CPU, run the Pallas rows interpreted.")
 
+_TPU = flags.DEFINE_enum("tpu", None, ["v4", "v5e", "v5p", "v6e"],
+                         "Memory columns from a deviceless compile for this TPU generation.")
+
 IMPLS = ("pallas", "xla", "dpa", "cudnn")
+TPU_TOPOLOGIES = {"v4": "v4:2x2x1", "v5e": "v5e:2x2", "v5p": "v5p:2x2x1", "v6e": "v6e:2x2"}
 
 
 def rectangle_logits(rng, batch, num_q, num_k, empty_fraction):
@@ -91,6 +97,20 @@ def forward_backward(attend):
   return step
 
 
+def tpu_mib(fn, args, generation):
+  """Compiled temp + output MiB of jit(fn)(*args) for one chip of a TPU generation (deviceless;
+  traced under `jax.set_mesh`, so the Pallas kernels pick that chip's blocks)."""
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  topology = topologies.get_topology_desc(platform="tpu",
+                                          topology_name=TPU_TOPOLOGIES[generation])
+  mesh = jax.sharding.Mesh(topology.devices[:1], ("x",))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  specs = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated) for a in args]
+  with jax.set_mesh(mesh):
+    stats = jax.jit(fn).trace(*specs).lower().compile().memory_analysis()
+  return (stats.temp_size_in_bytes + stats.output_size_in_bytes) / 2**20
+
+
 def measure(fn, args, iters):
   """(median ms, compiled temp + output MiB) of jit(fn)(*args)."""
   compiled = jax.jit(fn).lower(*args).compile()
@@ -129,21 +149,33 @@ def run_config(num_q, num_k, head_dim, rng):
   on_cpu = jax.default_backend() == "cpu"
   rows = []
   for impl in IMPLS:
-    if impl == "pallas" and on_cpu and not _INTERPRET.value:
-      rows.append(dict(impl=impl, note="skipped on CPU (interpreter; --interpret to force)"))
-      continue
-    if impl == "cudnn" and on_cpu:
-      rows.append(dict(impl=impl, note="n/a on CPU"))
+    if impl == "cudnn" and (on_cpu or _TPU.value):
+      rows.append(dict(impl=impl, note="n/a on CPU" if on_cpu else "n/a on TPU"))
       continue
     attend = attention_fn(impl)
+    fwd = lambda q, k, v, lg, attend=attend: attend(q, k, v, lg)
+    fb = forward_backward(attend)
+    if impl == "pallas" and _TPU.value:
+      # The TPU kernels, not the interpreter: compiled for the chip, whatever runs the timing.
+      fwd = lambda q, k, v, lg: cap.masked_cross_attention_pallas(q, k, v, lg, backend="tpu",
+                                                                  interpret=False)
+      fb = forward_backward(fwd)
     try:
-      fwd_ms, fwd_mib = measure(lambda q, k, v, lg: attend(q, k, v, lg), (q, k, v, logits),
-                                _ITERS.value)
-      fb_ms, fb_mib = measure(forward_backward(attend), (q, k, v, logits, do), _ITERS.value)
+      row = dict(impl=impl)
+      if impl == "pallas" and on_cpu and not _INTERPRET.value:
+        row.update(fwd_ms=None, fb_ms=None)
+      else:
+        (row["fwd_ms"], row["fwd_mib"]), (row["fb_ms"], row["fb_mib"]) = (
+            measure(fwd, (q, k, v, logits), _ITERS.value),
+            measure(fb, (q, k, v, logits, do), _ITERS.value))
+      if _TPU.value:
+        row.update(fwd_mib=tpu_mib(fwd, (q, k, v, logits), _TPU.value),
+                   fb_mib=tpu_mib(fb, (q, k, v, logits, do), _TPU.value))
+      elif row["fwd_ms"] is None:
+        row = dict(impl=impl, note="skipped on CPU (interpreter; --interpret or --tpu)")
     except Exception as e:  # cuDNN refuses some shapes/dtypes; report and go on
-      rows.append(dict(impl=impl, note=f"failed: {type(e).__name__}: {str(e)[:60]}"))
-      continue
-    rows.append(dict(impl=impl, fwd_ms=fwd_ms, fb_ms=fb_ms, fwd_mib=fwd_mib, fb_mib=fb_mib))
+      row = dict(impl=impl, note=f"failed: {type(e).__name__}: {str(e)[:60]}")
+    rows.append(row)
   return rows, skipped_tiles(logits, num_q, head_dim, h, dtype)
 
 
@@ -164,8 +196,8 @@ def print_table(results):
       if "note" in r:
         print(f"{key}{r['note']}")
         continue
-      line = (f"{key}{r['fwd_ms']:>9.3f}{r['fb_ms']:>9.3f}{r['fwd_mib']:>9.1f}"
-              f"{r['fb_mib']:>9.1f}")
+      ms = [f"{r[m]:>9.3f}" if r[m] is not None else f"{'-':>9}" for m in ("fwd_ms", "fb_ms")]
+      line = f"{key}{''.join(ms)}{r['fwd_mib']:>9.1f}{r['fb_mib']:>9.1f}"
       if r["impl"] == "pallas":
         line += "   " + " ".join(f"{ratio(rows, m, 'xla'):>5}" for m in
                                  ("fwd_ms", "fb_ms", "fb_mib"))
@@ -190,8 +222,9 @@ def main(argv: Sequence[str]) -> None:
       for num_q in queries:
         results[num_q, num_k, head_dim] = run_config(num_q, num_k, head_dim, rng)
   print_table(results)
+  where = f"compiled for TPU {_TPU.value} (deviceless)" if _TPU.value else "compiled here"
   print("skip: key tiles the kernel skips; ratios < 1: the kernel is faster / smaller. "
-        "MiB: XLA temp + output of the compiled step.")
+        f"MiB: XLA temp + output of the step {where}.")
 
 
 if __name__ == "__main__":

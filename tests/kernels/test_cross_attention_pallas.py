@@ -76,7 +76,7 @@ def test_matches_reference_float32(backend, batch, heads, num_q, num_k, head_dim
                  block_k=block_k)
   got, got_grads = _value_and_vjp(lambda *a: cap.masked_cross_attention_pallas(
       *a, backend=backend, interpret=True, block_q=block_q, block_k=block_k,
-      k_splits=k_splits))(*args)
+      k_splits=k_splits, keys_minor=True))(*args)
   want, want_grads = _value_and_vjp(cross_attention_ref.masked_cross_attention_ref)(*args)
   assert got.dtype == jnp.float32
   _assert_close(got, want, 1e-5)
@@ -91,14 +91,29 @@ def test_matches_reference_bfloat16(backend):
   args = _inputs(np.random.default_rng(1), 2, 2, 19, 150, 64, block_k=32)
   bf16 = [jnp.asarray(x, jnp.bfloat16) for x in args[:3]]
   got, got_grads = _value_and_vjp(lambda *a: cap.masked_cross_attention_pallas(
-      *a, backend=backend, interpret=True, block_q=16, block_k=32, k_splits=2))(
-          *bf16, *args[3:5], jnp.asarray(args[5], jnp.bfloat16))
+      *a, backend=backend, interpret=True, block_q=16, block_k=32, k_splits=2,
+      keys_minor=True))(*bf16, *args[3:5], jnp.asarray(args[5], jnp.bfloat16))
   want, want_grads = _value_and_vjp(cross_attention_ref.masked_cross_attention_ref)(
       *(x.astype(jnp.float32) for x in bf16), *args[3:])
   assert got.dtype == jnp.bfloat16
   for g, w in [(got, want), *zip(got_grads, want_grads)]:
     scale = float(jnp.max(jnp.abs(w)))
     assert float(jnp.max(jnp.abs(g.astype(jnp.float32) - w))) <= 2e-2 * scale
+
+
+def test_tpu_keys_major_layout_and_ragged_last_key_block():
+  """The TPU kernels' [keys, head_dim] layout (head_dim 128's on a TPU, and every head_dim's
+  when interpreted; the tests above force the [head_dim, keys] one); K = 150 leaves a ragged last key
+  block of 22 keys, read past the end of k and v (NaN there in the TPU interpreter) and zeroed
+  in the tile."""
+  args = _inputs(np.random.default_rng(5), 2, 2, 9, 150, 128, block_k=32)
+  interpret = pltpu.InterpretParams(uninitialized_memory="nan")
+  got, got_grads = _value_and_vjp(lambda *a: cap.masked_cross_attention_pallas(
+      *a, backend="tpu", interpret=interpret, block_q=16, block_k=128))(*args)
+  want, want_grads = _value_and_vjp(cross_attention_ref.masked_cross_attention_ref)(*args)
+  _assert_close(got, want, 1e-5)
+  for g, w in zip(got_grads, want_grads):
+    _assert_close(g, w, 1e-4)
 
 
 @pytest.mark.parametrize("backend", cap.BACKENDS)
@@ -163,8 +178,18 @@ def test_fetch_plan_refetches_nothing_for_skipped_steps():
 
 
 def test_default_blocks_respect_the_hardware_tiling():
-  assert cap.tpu_blocks(1, 4096, 8, 64, 2) == (16, 512)
-  assert cap.tpu_blocks(130, 65536, 8, 256, 2) == (80, 128)   # two query tiles, not 128 + 128
+  mib = 2**20
+  # v4 (16 MiB of VMEM, also the default off a TPU), v5p (64), v6e (128).
+  assert cap.tpu_blocks(1, 4096, 8, 64, 2) == (16, 256)
+  assert cap.tpu_blocks(1, 4096, 8, 64, 2, 64 * mib) == (16, 1024)
+  assert cap.tpu_blocks(1, 200, 8, 64, 4, 128 * mib) == (16, 256)   # not beyond the keys
+  # Two query tiles, not 128 + 128; block_k grows with the VMEM.
+  assert [cap.tpu_blocks(130, 65536, 8, 256, 2, c * mib)[1] for c in (16, 64, 128)] == [
+      128, 256, 512]
+  assert cap.tpu_blocks(130, 65536, 8, 256, 2)[0] == 80
+  assert cap.tpu_keys_minor(64) and not cap.tpu_keys_minor(256)
+  # Interpreted (on the CPU), a transpose of K and V would be a copy.
+  assert cap.default_keys_minor(64, False) and not cap.default_keys_minor(64, True)
   assert cap.gpu_blocks(1, 256) == (16, 32, 8)
   assert cap.gpu_blocks(300, 64) == (64, 128, 4)
   assert cap.gpu_k_splits(2, 8, 1, 512) == 16   # 16 programs -> 256

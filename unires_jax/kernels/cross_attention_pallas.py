@@ -17,7 +17,22 @@ without any [queries, keys] score or mask array in HBM:
    logsumexp. The logits (and key flags) get no gradient, as in the reference.
 
 Interpret mode (`interpret=True`) runs either variant on the CPU.
+
+TPU findings (deviceless compiles with libtpu 0.0.42.1, tests/kernels/test_tpu_compile.py):
+* VMEM per TensorCore (JAX's `pltpu.get_tpu_info` table): v4 16 MiB, v5e 128, v5p 64, v6e 128.
+  The compiler's default scoped limit is 16 MiB on v5p whatever the chip has; the kernels now ask
+  for 3/4 of the chip's VMEM and size block_k to half of that (`tpu_blocks`): at 8 heads,
+  head_dim 32 or 64, block_k 1024 on v5p/v5e/v6e and 256 on v4; at head_dim 256 bf16 256 on v5p,
+  512 on v5e/v6e, 128 on v4.
+* The copies: XLA:TPU's default layout of a [b, h, keys, head_dim] array with head_dim not a
+  multiple of 128 has the keys minor ({2,3,1,0}); the kernels wanted head_dim minor, so XLA
+  relayouted K and V before every call (and K and V were also padded to block multiples: two more
+  copies). At (1, 8, 1, 16384, 64) f32 that was 129 MiB of temp on v5p. The kernels now take K
+  and V keys-minor for such head_dim (a free transpose; the blocks are lane-dense too, which is
+  what let the dk/dv kernel fit: head_dim 32 or 64 had filled a quarter or half of each VMEM
+  tile), and read a ragged last key block in place instead of padding K and V.
 """
+
 
 import dataclasses
 import functools
@@ -26,6 +41,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 
 from unires_jax.kernels import cross_attention_pallas_gpu as gpu
 from unires_jax.kernels import cross_attention_pallas_tpu as tpu
@@ -33,9 +49,17 @@ from unires_jax.kernels import cross_attention_ref
 
 BACKENDS = ("tpu", "gpu")
 
-# TPU: VMEM budget for the blocks of the largest kernel (dk/dv), under the 16 MiB default scoped
-# limit of the smallest TPU generation.
-TPU_VMEM_BUDGET = 12 * 2**20
+# TPU VMEM per TensorCore, from JAX's own table (`pltpu.get_tpu_info`, the Pallas "TPU Hardware
+# Reference" page): v4 16 MiB, v5e 128 MiB, v5p 64 MiB, v6e 128 MiB. When the target is not known
+# at trace time (the CPU, or a deviceless compile traced outside `jax.set_mesh`), the smallest.
+TPU_MIN_VMEM = 16 * 2**20
+# Of that, the kernels' scoped VMEM limit (the compiler's default is 16 MiB on v4 and v5p, whatever
+# the chip has) ...
+TPU_VMEM_LIMIT_FRACTION = 0.75
+# ... and, of the limit, what the blocks, scratch and tile temporaries that `tpu_vmem_bytes`
+# counts may take; the rest is for what Mosaic allocates beyond them.
+TPU_BLOCK_FRACTION = 0.5
+TPU_BLOCK_K = (1024, 512, 256, 128)
 # GPU: aim for about two waves of programs on an H100 (132 SMs) when choosing key splits.
 GPU_TARGET_PROGRAMS = 256
 
@@ -52,10 +76,14 @@ class KernelConfig:
   k_splits: int = 1        # GPU only
   num_warps: int = 4       # GPU only
   num_stages: int = 2      # GPU only
+  keys_minor: bool = False  # TPU only: k, v as [batch, heads, head_dim, keys]
+  vmem_limit: int | None = None  # TPU only: scoped VMEM limit in bytes
 
   def kernel_kwargs(self) -> dict:
     kw = dict(scale=self.scale, block_q=self.block_q, block_k=self.block_k,
               interpret=self.interpret)
+    if self.backend == "tpu":
+      kw.update(keys_minor=self.keys_minor, vmem_limit=self.vmem_limit)
     if self.backend == "gpu":
       kw.update(k_splits=self.k_splits, num_warps=self.num_warps, num_stages=self.num_stages)
     return kw
@@ -65,31 +93,81 @@ def _round_up(x: int, m: int) -> int:
   return -(-x // m) * m
 
 
-def _tpu_vmem_bytes(block_q, block_k, heads, head_dim, itemsize):
-  """Rough VMEM of the dk/dv kernel: double-buffered blocks, f32 scratch, f32 tile temporaries."""
-  kv = heads * block_k * head_dim
-  qs = heads * block_q * head_dim
-  return (2 * 4 * kv * itemsize      # k, v in; dk, dv out
-          + 2 * kv * 4               # dk, dv accumulators
-          + 2 * 2 * qs * itemsize    # q, do
-          + 2 * block_q * block_k * 4 + 6 * block_q * block_k * 4)  # logits; s, p, dp, ds, ...
+def tpu_vmem_capacity() -> int:
+  """VMEM bytes per TensorCore of the TPU being traced for, or `TPU_MIN_VMEM` if not a TPU.
+
+  The target is the default device, or the device of the abstract mesh set with `jax.set_mesh`
+  (how a deviceless compile for a TPU topology names it).
+  """
+  try:
+    return pltpu.get_tpu_info().vmem_capacity_bytes
+  except ValueError:  # "Unsupported TPU device kind: cpu"
+    return TPU_MIN_VMEM
 
 
-def tpu_blocks(num_queries, num_keys, heads, head_dim, itemsize) -> tuple[int, int]:
-  """(block_q, block_k) for the TPU kernels.
+def tpu_keys_minor(head_dim: int) -> bool:
+  """Keys in the lanes ([.., head_dim, keys]) unless head_dim fills whole 128-lane vregs.
+
+  It is also XLA:TPU's default layout of a [batch, heads, keys >= 128, head_dim] array (v4 to
+  v6e alike): with it, the kernel's operands are the caller's arrays, not relayouted copies.
+  """
+  return head_dim % 128 != 0
+
+
+def default_keys_minor(head_dim: int, interpret: Any) -> bool:
+  """`tpu_keys_minor` for the Mosaic kernels (compiled for a TPU); False when interpreting.
+
+  The transpose is free only under XLA:TPU's layouts. In the interpreter (on the CPU) arrays are
+  row-major and swapping keys and head_dim copies K and V (and dK and dV back): four K-sized
+  buffers that a TPU does not have, in the compiled memory that the tests measure on the CPU.
+  """
+  return not interpret and tpu_keys_minor(head_dim)
+
+
+def _tile_bytes(rows: int, cols: int, itemsize: int) -> int:
+  """VMEM bytes of a [rows, cols] block: (8 x 128) tiles of 32-bit words, 16 rows for 16-bit."""
+  return _round_up(rows, 8 * 4 // itemsize) * _round_up(cols, 128) * itemsize
+
+
+def tpu_vmem_bytes(block_q, block_k, heads, head_dim, itemsize, keys_minor) -> int:
+  """VMEM of the largest of the three kernels (the dk/dv one): double-buffered blocks, f32
+  scratch, and about eight [block_q, block_k] f32 tile temporaries (logits, mask, s, p, dp, ds,
+  and their casts). The fwd and dq kernels hold fewer [.., block_k, ..] blocks."""
+  kv_shape = (head_dim, block_k) if keys_minor else (block_k, head_dim)
+  kv = heads * _tile_bytes(*kv_shape, itemsize)
+  kv_f32 = heads * _tile_bytes(*kv_shape, 4)
+  q = heads * _tile_bytes(block_q, head_dim, itemsize)
+  columns = heads * _tile_bytes(block_q, 128, 4)
+  per_tile = (_tile_bytes(block_q, block_k, 4) + _tile_bytes(block_q, 128, 4)
+              + _tile_bytes(8, block_k, 4))  # logits, threshold, key flags
+  pipelined = 4 * kv + 2 * q + 2 * columns + per_tile   # k, v, dk, dv; q, do; lse, delta
+  return 2 * pipelined + 2 * kv_f32 + 8 * _tile_bytes(block_q, block_k, 4)
+
+
+def tpu_vmem_limit(capacity: int) -> int:
+  """The kernels' scoped VMEM limit for a chip with `capacity` bytes of VMEM per core."""
+  return int(capacity * TPU_VMEM_LIMIT_FRACTION)
+
+
+def tpu_blocks(num_queries, num_keys, heads, head_dim, itemsize,
+               vmem_capacity=TPU_MIN_VMEM, keys_minor=None) -> tuple[int, int]:
+  """(block_q, block_k) for the TPU kernels on a chip with `vmem_capacity` bytes of VMEM.
 
   block_q: as few query tiles of at most 128 as possible, each a multiple of 16 (bfloat16 packs
   16 rows per vreg), so that Q = 130 pads to 160, not 256. block_k: a multiple of 128 lanes, the
-  largest of 512/256/128 whose blocks fit `TPU_VMEM_BUDGET`.
+  largest of `TPU_BLOCK_K` (not beyond the keys) whose `tpu_vmem_bytes` fits the block share of
+  the VMEM limit; 128 if none does. keys_minor: the K/V layout; None: `tpu_keys_minor`.
   """
   num_q_tiles = pl.cdiv(num_queries, 128)
   block_q = _round_up(pl.cdiv(num_queries, num_q_tiles), 16)
-  max_k = _round_up(num_keys, 128)
-  for block_k in (512, 256, 128):
-    if block_k <= max_k and _tpu_vmem_bytes(block_q, block_k, heads, head_dim,
-                                            itemsize) <= TPU_VMEM_BUDGET:
+  budget = TPU_BLOCK_FRACTION * tpu_vmem_limit(vmem_capacity)
+  if keys_minor is None:
+    keys_minor = tpu_keys_minor(head_dim)
+  for block_k in TPU_BLOCK_K:
+    if (block_k <= _round_up(num_keys, 128) and
+        tpu_vmem_bytes(block_q, block_k, heads, head_dim, itemsize, keys_minor) <= budget):
       return block_q, block_k
-  return block_q, 128
+  return block_q, TPU_BLOCK_K[-1]
 
 
 def gpu_blocks(num_queries, head_dim) -> tuple[int, int, int]:
@@ -120,8 +198,10 @@ def plan(logits, key_valid, num_queries, block_q, block_k):
 
   One reduction over the logits, max over each key tile of the valid keys' logits, gives a
   [batch, queries, key tiles] array (K / block_k times smaller than the logits); everything else
-  is computed from it. A max-reduce of a select fuses into one pass on every XLA backend, where a
-  chain of boolean any-reductions may leave a [queries, keys] bool array behind (it does on CPU).
+  is computed from it. XLA:TPU fuses the select into the reduction. XLA:CPU does not (its YNN
+  reduce fusion takes the select's result as an operand), so there the masked [queries, keys]
+  f32 array is materialised: in the memory test's shapes (queries <= heads * head_dim) XLA places
+  it in a dk/dv output buffer that the backward pass writes later, so it costs no temp there.
 
   Args:
     logits: [batch, queries, keys] float32, block-padded.
@@ -206,6 +286,7 @@ def masked_cross_attention_pallas(
     block_q: int | None = None,
     block_k: int | None = None,
     k_splits: int | None = None,
+    keys_minor: bool | None = None,
 ) -> jax.Array:
   """Masked multi-head cross-attention by the Pallas kernels; the reference's rule exactly.
 
@@ -222,6 +303,8 @@ def masked_cross_attention_pallas(
       TPU variant); None means only on the CPU.
     block_q, block_k: tile sizes; None picks `tpu_blocks` / `gpu_blocks`.
     k_splits: GPU key-range splits merged by logsumexp; None picks `gpu_k_splits`.
+    keys_minor: TPU variant: hand k and v to the kernels as [batch, heads, head_dim, keys];
+      None picks `default_keys_minor` (compiled for a TPU, where the transpose is free).
 
   Returns:
     [batch, heads, queries, head_dim] in q's dtype.
@@ -232,33 +315,73 @@ def masked_cross_attention_pallas(
     raise ValueError(f"unknown Pallas backend {backend!r}; options: {BACKENDS}")
   if interpret is None:
     interpret = jax.default_backend() == "cpu"
-  batch, heads, num_q, head_dim = q.shape
-  num_k = k.shape[2]
-
-  padded_d = head_dim
-  num_warps = 4
   if backend == "tpu":
-    default_q, default_k = tpu_blocks(num_q, num_k, heads, head_dim, q.dtype.itemsize)
-  else:
-    padded_d = max(16, pl.next_power_of_2(head_dim))
-    default_q, default_k, num_warps = gpu_blocks(num_q, padded_d)
-  block_q, block_k = block_q or default_q, block_k or default_k
-  if not interpret:
-    _check_blocks(backend, block_q, block_k)
-  padded_q, padded_k = _round_up(num_q, block_q), _round_up(num_k, block_k)
-  num_q_tiles, num_k_tiles = padded_q // block_q, padded_k // block_k
-  if backend == "gpu" and k_splits is None:
-    k_splits = gpu_k_splits(batch, heads, num_q_tiles, num_k_tiles)
-  config = KernelConfig(backend, float(scale), block_q, block_k, interpret,
-                        k_splits=min(k_splits or 1, num_k_tiles), num_warps=num_warps)
+    return _tpu_attention(q, k, v, mask_logits, key_valid, scale, interpret, block_q, block_k,
+                          keys_minor)
+  return _gpu_attention(q, k, v, mask_logits, key_valid, scale, interpret, block_q, block_k,
+                        k_splits)
 
+
+def _plan_inputs(mask_logits, key_valid, num_q, padded_q, padded_k, block_q, block_k):
+  """Block-padded logits [b, padded_q, padded_k] f32 and key flags [b, padded_k], the pre-pass'
+  threshold [b, padded_q] and tile flags; none of them differentiable."""
+  batch = mask_logits.shape[0]
   logits = _pad_to(mask_logits.astype(jnp.float32), (batch, padded_q, padded_k))
   key_valid = _pad_to(key_valid, (batch, padded_k), False)
   threshold, flags = jax.lax.stop_gradient(plan(logits, key_valid, num_q, block_q, block_k))
+  return jax.lax.stop_gradient(logits), threshold, key_valid, flags
+
+
+def _tpu_attention(q, k, v, mask_logits, key_valid, scale, interpret, block_q, block_k,
+                   keys_minor):
+  """The TPU (Mosaic) variant: q padded to a multiple of block_q; k and v not padded (the
+  kernels handle a ragged last key block) and, for head_dim not a multiple of 128, passed as
+  [batch, heads, head_dim, keys] (a free transpose of XLA:TPU's default layout, see
+  `default_keys_minor`); the logits [batch, queries, keys] and key flags padded to whole tiles."""
+  batch, heads, num_q, head_dim = q.shape
+  num_k = k.shape[2]
+  capacity = tpu_vmem_capacity()
+  if keys_minor is None:
+    keys_minor = default_keys_minor(head_dim, interpret)
+  default_q, default_k = tpu_blocks(num_q, num_k, heads, head_dim, q.dtype.itemsize, capacity,
+                                    keys_minor)
+  block_q, block_k = block_q or default_q, block_k or default_k
+  if not interpret:
+    _check_blocks("tpu", block_q, block_k)
+  padded_q, padded_k = _round_up(num_q, block_q), _round_up(num_k, block_k)
+  config = KernelConfig("tpu", float(scale), block_q, block_k, interpret, keys_minor=keys_minor,
+                        vmem_limit=None if interpret else tpu_vmem_limit(capacity))
+  logits, threshold, key_valid, flags = _plan_inputs(
+      mask_logits, key_valid, num_q, padded_q, padded_k, block_q, block_k)
+  k, v = (jnp.swapaxes(x, 2, 3) if keys_minor else x for x in (k, v))
+  out = _attention(config, _pad_to(q, (batch, heads, padded_q, head_dim)), k, v,
+                   logits, threshold, key_valid, flags)
+  return out[:, :, :num_q]
+
+
+def _gpu_attention(q, k, v, mask_logits, key_valid, scale, interpret, block_q, block_k,
+                   k_splits):
+  """The GPU (Triton) variant: queries and keys padded to block multiples, head_dim to a power of
+  two (at least 16)."""
+  batch, heads, num_q, head_dim = q.shape
+  num_k = k.shape[2]
+  padded_d = max(16, pl.next_power_of_2(head_dim))
+  default_q, default_k, num_warps = gpu_blocks(num_q, padded_d)
+  block_q, block_k = block_q or default_q, block_k or default_k
+  if not interpret:
+    _check_blocks("gpu", block_q, block_k)
+  padded_q, padded_k = _round_up(num_q, block_q), _round_up(num_k, block_k)
+  num_q_tiles, num_k_tiles = padded_q // block_q, padded_k // block_k
+  if k_splits is None:
+    k_splits = gpu_k_splits(batch, heads, num_q_tiles, num_k_tiles)
+  config = KernelConfig("gpu", float(scale), block_q, block_k, interpret,
+                        k_splits=min(k_splits, num_k_tiles), num_warps=num_warps)
+  logits, threshold, key_valid, flags = _plan_inputs(
+      mask_logits, key_valid, num_q, padded_q, padded_k, block_q, block_k)
   out = _attention(
       config,
       _pad_to(q, (batch, heads, padded_q, padded_d)),
       _pad_to(k, (batch, heads, padded_k, padded_d)),
       _pad_to(v, (batch, heads, padded_k, padded_d)),
-      jax.lax.stop_gradient(logits), threshold, key_valid, flags)
+      logits, threshold, key_valid, flags)
   return out[:, :, :num_q, :head_dim]

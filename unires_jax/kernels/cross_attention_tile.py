@@ -5,6 +5,12 @@ Everything here works on values already loaded from a kernel's refs: one query t
 max, running sum, logsumexp, threshold) are `[block_q, 1]` columns so that they broadcast against
 `[block_q, block_k]` scores on both lowerings. Scores and softmax are float32 whatever the input
 dtype, as in the reference.
+
+Key and value tiles come in one of two layouts (`keys_minor`, static): `[block_k, head_dim]`
+(keys major, the GPU's and the TPU's for head_dim a multiple of 128) or `[head_dim, block_k]`
+(keys minor, the TPU's for smaller head_dim: keys fill the 128 lanes, where head_dim 32 or 64
+would leave three or two quarters of every vreg and VMEM tile empty; it is also the layout XLA:TPU
+gives a [..., keys, head_dim] array by default, so the kernel reads it without a relayout).
 """
 
 import jax
@@ -14,6 +20,11 @@ import jax.numpy as jnp
 def dot_nt(a: jax.Array, b: jax.Array) -> jax.Array:
   """a [m, d] x b [n, d] -> [m, n] float32: contract the last dims (no transpose in memory)."""
   return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def dot_tn(a: jax.Array, b: jax.Array) -> jax.Array:
+  """a [m, d] x b [m, n] -> [d, n] float32: contract the first dims (a.T @ b)."""
+  return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
 
 def allowed(logits: jax.Array, threshold: jax.Array, key_valid: jax.Array) -> jax.Array:
@@ -32,12 +43,38 @@ def allowed(logits: jax.Array, threshold: jax.Array, key_valid: jax.Array) -> ja
   return jnp.logical_and(jnp.logical_or(logits >= threshold, threshold == -jnp.inf), key_valid)
 
 
-def scores(q: jax.Array, k: jax.Array, scale: float) -> jax.Array:
-  """q [block_q, head_dim] . k [block_k, head_dim] -> [block_q, block_k] float32, scaled."""
+def scores(q: jax.Array, k: jax.Array, scale: float, keys_minor: bool = False) -> jax.Array:
+  """q [block_q, head_dim] . k -> [block_q, block_k] float32, scaled.
+
+  k is [block_k, head_dim], or [head_dim, block_k] when keys_minor.
+  """
+  if keys_minor:
+    return scale * jax.lax.dot(q, k, preferred_element_type=jnp.float32)
   return scale * dot_nt(q, k)
 
 
-def online_softmax_step(s, mask, m_prev, l_prev, acc_prev, v):
+def weighted_values(p: jax.Array, v: jax.Array, keys_minor: bool = False) -> jax.Array:
+  """p [block_q, block_k] (cast to v's dtype) @ v -> [block_q, head_dim] float32.
+
+  v is [block_k, head_dim], or [head_dim, block_k] when keys_minor. Also dq's ds @ k.
+  """
+  if keys_minor:
+    return dot_nt(p.astype(v.dtype), v)
+  return jax.lax.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+
+
+def key_grad(w: jax.Array, x: jax.Array, keys_minor: bool = False) -> jax.Array:
+  """w.T @ x for w [block_q, block_k] (cast to x's dtype), x [block_q, head_dim]: float32.
+
+  [block_k, head_dim], or [head_dim, block_k] (the same transposed) when keys_minor: dv from
+  (p, do), dk from (ds, q), in the layout of the key tiles.
+  """
+  if keys_minor:
+    return dot_tn(x, w.astype(x.dtype))
+  return jax.lax.dot(w.T.astype(x.dtype), x, preferred_element_type=jnp.float32)
+
+
+def online_softmax_step(s, mask, m_prev, l_prev, acc_prev, v, keys_minor=False):
   """One key tile of the flash-attention recurrence.
 
   Args:
@@ -45,7 +82,7 @@ def online_softmax_step(s, mask, m_prev, l_prev, acc_prev, v):
     mask: [block_q, block_k] bool, from `allowed`.
     m_prev, l_prev: [block_q, 1] float32 running max (-inf before any allowed key) and sum.
     acc_prev: [block_q, head_dim] float32 running sum of weights * values.
-    v: [block_k, head_dim] values.
+    v: [block_k, head_dim] values, or [head_dim, block_k] when keys_minor.
 
   Returns:
     (m, l, acc) updated with this tile.
@@ -58,8 +95,7 @@ def online_softmax_step(s, mask, m_prev, l_prev, acc_prev, v):
   p = jnp.exp(s - shift)
   alpha = jnp.exp(m_prev - shift)
   l_next = alpha * l_prev + jnp.sum(p, axis=1, keepdims=True)
-  pv = jax.lax.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-  return m_next, l_next, alpha * acc_prev + pv
+  return m_next, l_next, alpha * acc_prev + weighted_values(p, v, keys_minor)
 
 
 def finalize(m, l, acc):
