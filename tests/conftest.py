@@ -17,6 +17,9 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
 # compiles), JAX would first try to start a TPU in every test process and subprocess, which costs
 # about a second and a page of warnings each. Topologies for TPU compiles work without it.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# libtpu takes a lock file per host; the xdist workers compile for TPU side by side (deviceless,
+# nothing runs on a chip), so each may load it.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import pytest  # pylint: disable=wrong-import-position
 
