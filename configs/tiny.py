@@ -30,6 +30,10 @@ def get_config(arg=None):
   m.no_target_hidden = 32
   m.max_objects = 4
   m.max_parts = 4
+  # The CPU's choices, not the TPU recipe of the full config: float32, layers unrolled and kept,
+  # the batch split over every device.
+  m.update(dtype="float32", remat="none", scan_layers=False)
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
 
   config.input.train = ml_collections.ConfigDict(
       {"shapes_parts": dict(name="ref_coco_m", split="train", weight=1.0)})

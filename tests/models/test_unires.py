@@ -12,7 +12,7 @@ from flax import nnx
 
 from unires_jax import models
 from unires_jax.config_lib import load_config
-from unires_jax.models import prompt
+from unires_jax.models import layers, prompt
 from unires_jax.models.synthetic import synthetic_batch
 from unires_jax.models.unires import UniRESOutput, compute_loss, train_forward
 
@@ -231,3 +231,16 @@ def test_without_proposals_the_no_target_logit_is_the_text_prior(config):
   no_target = logits > np.log(threshold / (1 - threshold))
   assert not no_target.all(), logits
   np.testing.assert_array_equal(np.asarray(out.region_logits), -1e4)
+
+
+def test_param_keys_give_the_parameters_of_nnx_rngs(config):
+  """`layers.ParamKeys` (what the sharded model, the converters and the summary build with, so
+  that an abstract 7B build takes seconds) initialises exactly as `nnx.Rngs(params=seed)`."""
+  want = nnx.state(models.build_model(config, nnx.Rngs(params=3)), nnx.Param)
+  got = nnx.state(models.build_model(config, layers.ParamKeys(3)), nnx.Param)
+  want, got = jax.tree.leaves(want), jax.tree.leaves(got)
+  assert len(want) == len(got) > 100
+  for a, b in zip(want, got):
+    assert a.dtype == b.dtype and np.array_equal(a, b)
+  other = jax.tree.leaves(nnx.state(models.build_model(config, layers.ParamKeys(4)), nnx.Param))
+  assert not np.array_equal(other[0], got[0])

@@ -257,7 +257,7 @@ def _fresh_parameters(config: ml_collections.ConfigDict, seed: int) -> dict[str,
   XLA drops the initialisers of everything else."""
 
   def init():
-    model = models.build_model(config, nnx.Rngs(params=seed))
+    model = models.build_model(config, layers.ParamKeys(seed))
     return {path: var[...] for path, var in torch_io.iter_params(model)
             if is_head(path) or path in VOCAB_PARAMS}
 
@@ -276,7 +276,7 @@ def import_released(config: ml_collections.ConfigDict, *, vision_dir: str, convn
   differs). Host memory holds the model once plus the source tensor being converted: the model
   starts abstract and each parameter is materialised only when its value is known.
   """
-  model = nnx.eval_shape(lambda: models.build_model(config, nnx.Rngs(params=seed)))
+  model = nnx.eval_shape(lambda: models.build_model(config, layers.ParamKeys(seed)))
   params = dict(torch_io.iter_params(model))
   for path, value in _fresh_parameters(config, seed).items():
     params[path].set_value(value)

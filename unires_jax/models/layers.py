@@ -51,6 +51,24 @@ def axes(*names: str | None) -> dict[str, Any]:
   return {"out_sharding": tuple(names), "eager_sharding": False}
 
 
+class ParamKeys:
+  """The parameter keys of `nnx.Rngs(params=seed)` (key i is `fold_in(key(seed), i)`), counted
+  in Python: pass it where a module takes `rngs` to build a model, abstractly too.
+
+  `nnx.Rngs` keeps its count in a Variable; under `nnx.eval_shape` each key bumps a traced count,
+  and flax 0.12.8 then reads the tracer's `sharding`, whose error message JAX builds by walking
+  the whole trace so far: quadratic in the number of parameters. Same keys, no trace.
+  """
+
+  def __init__(self, seed: int):
+    self._key, self._count = jax.random.key(seed), 0
+
+  def params(self) -> jax.Array:
+    key = jax.random.fold_in(self._key, self._count)
+    self._count += 1
+    return key
+
+
 Rules = Sequence[tuple[str, str | Sequence[str] | None]]
 
 

@@ -9,11 +9,12 @@ import jax
 from flax import nnx
 
 from unires_jax import models
+from unires_jax.models import layers
 
 
 def count_by_component(config) -> dict[str, int]:
   """{top-level submodule name: parameter count} of `config`'s model, built abstractly."""
-  model = nnx.eval_shape(lambda: models.build_model(config, nnx.Rngs(0)))
+  model = nnx.eval_shape(lambda: models.build_model(config, layers.ParamKeys(0)))
   counts: dict[str, int] = {}
   for path, leaf in jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param)):
     component = str(getattr(path[0], "key", path[0]))

@@ -15,6 +15,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from unires_jax import models
+from unires_jax.models import layers
 from unires_jax.parallel import mesh as mesh_lib
 from unires_jax.parallel import rules
 
@@ -23,7 +24,7 @@ Batch = Mapping[str, jax.Array]
 
 def build(config: ml_collections.ConfigDict) -> nnx.Module:
   """The model of `config`, initialised from `config.train.seed`."""
-  return models.build_model(config, nnx.Rngs(params=config.train.seed))
+  return models.build_model(config, layers.ParamKeys(config.train.seed))
 
 
 def abstract_model(config: ml_collections.ConfigDict) -> tuple[nnx.GraphDef, nnx.State]:
