@@ -60,6 +60,10 @@ def get_config(arg=None):
       rope_theta=10000.0,
       max_position_embeddings=4096,
       tie_word_embeddings=False,
+      # Self-attention (unires_jax/kernels/llm_attention.py): "xla" (einsum, any platform),
+      # "cudnn" (cuDNN fused attention, GPU only) or "splash" (Pallas splash attention, TPU
+      # only); generation with a KV cache always runs "xla".
+      attention="xla",
   )
   m.roi = dict(  # Multi-Granularity Vision Flow: RoIAlign over E_h stages.
       levels=(0, 1, 2, 3),       # ConvNeXt stages pooled (C2..C5), concatenated

@@ -16,6 +16,7 @@ from unires_jax import config_lib
 from unires_jax.convert import torch_io
 from unires_jax.convert.llama import (check_llm_config, llm_config_from_hf, load_llama,
                                       save_llama)
+from unires_jax.kernels import llm_attention
 from unires_jax.models.generate import generate
 from unires_jax.models.llama import LlamaForCausalLM
 
@@ -47,8 +48,8 @@ def _save(path, **overrides) -> transformers.LlamaForCausalLM:
   return model
 
 
-def _load(path, **kwargs) -> LlamaForCausalLM:
-  cfg = llm_config_from_hf(torch_io.read_config_json(str(path)))
+def _load(path, attention="xla", **kwargs) -> LlamaForCausalLM:
+  cfg = dict(llm_config_from_hf(torch_io.read_config_json(str(path))), attention=attention)
   model = LlamaForCausalLM(cfg, rngs=nnx.Rngs(0), **kwargs)
   load_llama(model, str(path))
   return model
@@ -295,7 +296,8 @@ def test_hf_config_fields_and_defaults():
       "vocab_size": 32000,
   }
   full = dict(config_lib.load_config("unires_pp_7b").model.llm)
-  assert llm_config_from_hf(old_style) == full
+  # The attention implementation is ours to choose, not the checkpoint's.
+  assert llm_config_from_hf(old_style) == {k: v for k, v in full.items() if k != "attention"}
   check_llm_config(full, old_style)
   with pytest.raises(ValueError, match="rope_type"):
     llm_config_from_hf(dict(old_style, rope_scaling={"rope_type": "llama3", "factor": 8.0}))
@@ -315,6 +317,8 @@ def test_argument_errors():
     LlamaForCausalLM(dict(cfg, num_kv_heads=3), rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="'rope_theta'"):
     LlamaForCausalLM({k: v for k, v in cfg.items() if k != "rope_theta"}, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"config\.model\.llm\.attention .*'flash'"):
+    LlamaForCausalLM(dict(cfg, attention="flash"), rngs=nnx.Rngs(0))
 
 
 def test_every_parameter_has_one_logical_name_per_dimension():
@@ -403,3 +407,75 @@ def test_export_refuses_an_existing_directory_and_leaves_no_partial_output(tmp_p
   with pytest.raises(SafetensorError, match="object"):  # a failure halfway through the write
     torch_io.write_model_dir(str(tmp_path / "broken"), {}, {"w": np.array([object()])})
   assert sorted(os.listdir(tmp_path)) == ["existing"]
+
+
+def _padded_ids():
+  """Three rows of 9 tokens: unpadded, left-padded (3 pads), right-padded (4 pads)."""
+  ids = np.random.default_rng(8).integers(0, VOCAB, (3, 9))
+  mask = np.ones((3, 9), np.int64)
+  mask[1, :3] = mask[2, 5:] = 0
+  return jnp.asarray(ids), jnp.asarray(mask)
+
+
+def _loss_and_grads(model, ids, mask):
+  """Jitted in the caller's `llm_attention.testing` context: the squared logits of the real
+  tokens, summed, and their gradients with respect to every parameter."""
+  graphdef, state = nnx.split(model)
+
+  def loss(state):
+    logits = nnx.merge(graphdef, state)(ids, attention_mask=mask)[0]
+    return jnp.sum(jnp.where(mask[..., None] > 0, logits, 0.0) ** 2), logits
+
+  (value, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(state)
+  return value, logits, grads
+
+
+@pytest.mark.parametrize("attention", ["splash", "cudnn"])
+def test_attention_kernels_match_xla_and_transformers(gqa, attention):
+  """Splash in the Pallas interpreter and the cudnn path through `jax.nn`'s XLA implementation
+  (same arguments as on a GPU): the real tokens' logits match transformers and the "xla"
+  einsum, and so do the gradients, with left and right padding."""
+  torch_model, model, path = gqa
+  kernel_model = _load(path, attention=attention, scan_layers=model.model.scan_layers)
+  ids, mask = _padded_ids()
+  with llm_attention.testing(cudnn_implementation="xla", splash_interpret=True):
+    got = _loss_and_grads(kernel_model, ids, mask)
+  want = _loss_and_grads(model, ids, mask)
+
+  real = np.asarray(mask, bool)
+  logits = np.asarray(got[1])[real]
+  np.testing.assert_allclose(logits, np.asarray(want[1])[real], atol=ATOL, rtol=0)
+  np.testing.assert_allclose(logits, _torch_logits(torch_model, np.asarray(ids),
+                                                   np.asarray(mask))[real], atol=ATOL, rtol=0)
+  # float32: the gradients agree to rounding, 1e-5 of each array's largest entry.
+  for g, w in zip(jax.tree.leaves(got[2]), jax.tree.leaves(want[2])):
+    np.testing.assert_allclose(g, w, atol=1e-5 * float(np.abs(w).max()), rtol=0)
+
+
+def test_cudnn_outside_a_gpu_names_the_config_field(gqa):
+  _, model, path = gqa
+  kernel_model = _load(path, attention="cudnn", scan_layers=model.model.scan_layers)
+  with pytest.raises(ValueError, match=r"config\.model\.llm\.attention='cudnn' runs on gpu "
+                     r"only; this program is traced for 'cpu'"):
+    kernel_model(jnp.zeros((1, 4), jnp.int32))
+
+
+def test_splash_outside_a_tpu_names_the_config_field(gqa):
+  _, model, path = gqa
+  kernel_model = _load(path, attention="splash", scan_layers=model.model.scan_layers)
+  with pytest.raises(ValueError, match=r"config\.model\.llm\.attention='splash' runs on tpu "
+                     r"only; this program is traced for 'cpu'"):
+    kernel_model(jnp.zeros((1, 4), jnp.int32))
+
+
+def test_generation_with_a_kernel_runs_the_einsum(gqa):
+  """Splash and cudnn have no cache path: generation (prefill and steps through the KV cache)
+  runs the "xla" einsum on any platform, here the CPU, outside `llm_attention.testing`."""
+  torch_model, model, path = gqa
+  ids, mask = _left_padded_prompts()
+  want = _torch_greedy(torch_model, ids, mask, eos_token_id=None)
+  kernel_model = _load(path, attention="splash", scan_layers=model.model.scan_layers)
+
+  got = generate(kernel_model, jnp.asarray(ids), jnp.asarray(mask), max_new_tokens=16)
+
+  np.testing.assert_array_equal(got, want)

@@ -398,15 +398,30 @@ def batch_local(fn: Callable[..., jax.Array], x: jax.Array, *replicated: Any) ->
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return fn(x, *replicated)
-  rules = dict(flax.core.spmd.get_logical_axis_rules())
-  if "activation_batch" not in rules:
-    raise ValueError("batch_local runs under a mesh but no logical axis rule maps "
-                     "'activation_batch' to mesh axes: trace it under "
-                     "unires_jax.parallel.on_mesh (or nnx.logical_axis_rules)")
-  axes = rules["activation_batch"]
-  axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-  if x.shape[0] % math.prod(mesh.shape[a] for a in axes):
-    axes = ()  # rows that do not divide evenly stay whole on every device
-  rows = PartitionSpec(axes or None)
+  rows = PartitionSpec(dividing_mesh_axes("activation_batch", x.shape[0]) or None)
   return jax.shard_map(fn, mesh=mesh, in_specs=(rows,) + (PartitionSpec(),) * len(replicated),
                        out_specs=rows)(x, *replicated)
+
+
+def mesh_axes(name: str) -> tuple[str, ...]:
+  """The mesh axes the logical axis `name` maps to under the rules and mesh it is traced under
+  (`unires_jax.parallel.on_mesh` sets both); () outside a mesh.
+
+  Raises a ValueError when a mesh is set but no rule names `name`.
+  """
+  if jax.sharding.get_abstract_mesh().empty:
+    return ()
+  rules = dict(flax.core.spmd.get_logical_axis_rules())
+  if name not in rules:
+    raise ValueError(f"traced under a mesh but no logical axis rule maps {name!r} to mesh "
+                     "axes: trace it under unires_jax.parallel.on_mesh (or nnx.logical_axis_rules)")
+  axes = rules[name]
+  return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def dividing_mesh_axes(name: str, *sizes: int) -> tuple[str, ...]:
+  """`mesh_axes(name)` when their total size divides every one of `sizes`, else () (the
+  dimension stays whole on every device)."""
+  axes = mesh_axes(name)
+  ways = math.prod(jax.sharding.get_abstract_mesh().shape[a] for a in axes)
+  return axes if all(size % ways == 0 for size in sizes) else ()

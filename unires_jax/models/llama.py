@@ -9,6 +9,11 @@ Padding: `attention_mask` marks real tokens with 1. Attention is causal over pos
 sequence (or cache slots) and skips padded keys; rotary positions count real tokens only, so
 left- and right-padded batches give every real token the logits it would get unpadded.
 
+Attention (`config.model.llm.attention`, `unires_jax.kernels.llm_attention`): "xla" is the
+einsum below with a dense mask; "cudnn" (GPU) and "splash" (TPU) are fused kernels for whole
+sequences. With a KV cache (generation) every choice runs the einsum: the kernels' causal mask
+has no cache offset.
+
 KV cache: `KVCache` holds, per layer, preallocated keys and values `[batch, max_len, kv_heads,
 head_dim]`, the number of slots written so far and which slots hold real tokens. All shapes are
 static, so a decoding step jits once and runs in a `lax` loop (see `unires_jax.models.generate`).
@@ -26,10 +31,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from unires_jax.kernels import llm_attention
 from unires_jax.models import layers
 
 class LlamaConfig(NamedTuple):
-  """The architecture fields of `config.model.llm` (hashable, so it can live in a GraphDef)."""
+  """The fields of `config.model.llm` (hashable, so it can live in a GraphDef): the
+  architecture, and the attention implementation (optional, "xla" by default)."""
 
   vocab_size: int
   hidden_size: int
@@ -42,14 +49,17 @@ class LlamaConfig(NamedTuple):
   rope_theta: float
   max_position_embeddings: int
   tie_word_embeddings: bool
+  attention: str = "xla"
 
 
 def read_llm_config(cfg: Mapping[str, Any]) -> LlamaConfig:
   """`config.model.llm` (a ConfigDict or dict) -> `LlamaConfig`, checked for consistency."""
-  missing = [name for name in LlamaConfig._fields if name not in cfg]
+  optional = LlamaConfig._field_defaults
+  missing = [name for name in LlamaConfig._fields if name not in cfg and name not in optional]
   if missing:
     raise ValueError(f"llm config lacks field {missing[0]!r}")
-  out = LlamaConfig(**{name: cfg[name] for name in LlamaConfig._fields})
+  out = LlamaConfig(**{name: cfg[name] for name in LlamaConfig._fields if name in cfg})
+  llm_attention.check(out.attention)
   if out.num_heads % out.num_kv_heads:
     raise ValueError(
         f"llm config: num_heads={out.num_heads} is not a multiple of "
@@ -120,6 +130,7 @@ class LlamaAttention(nnx.Module):
     self.num_kv_heads = cfg.num_kv_heads
     self.head_dim = cfg.head_dim
     self.rope_theta = cfg.rope_theta
+    self.attention = cfg.attention
     e = cfg.hidden_size
     q_width, kv_width = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
     kw = dict(rngs=rngs, use_bias=False, dtype=dtype, param_dtype=param_dtype)
@@ -141,7 +152,9 @@ class LlamaAttention(nnx.Module):
     Args:
       x: `[b, t, e]` hidden states.
       positions: `[b, t]` rotary positions.
-      mask: `[b, t, s]` bool, True where query i may attend to key j (s = t, or the cache length).
+      mask: `[b, t, s]` bool, True where query i may attend to key j (s = t, or the cache
+        length); for a kernel (`attention` not "xla", no cache) `[b, t]` bool, True at real
+        tokens, the causal rule implied.
       kv: the cache's (keys, values), each `[b, s, kv_heads, head_dim]`, or None.
       start: int32 scalar, the slot of x's first token in the cache.
 
@@ -154,6 +167,9 @@ class LlamaAttention(nnx.Module):
     v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
     q = apply_rope(q, positions, self.rope_theta)
     k = apply_rope(k, positions, self.rope_theta)
+    if kv is None and self.attention != "xla":
+      out = llm_attention.causal_attention(q, k, v, mask, impl=self.attention)
+      return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), None
     if kv is not None:
       at = (0, start, 0, 0)
       k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), at)
@@ -232,6 +248,7 @@ class LlamaModel(nnx.Module):
                remat: str = "none", scan_layers: bool = False, rngs: nnx.Rngs):
     e = cfg.hidden_size
     self.remat = remat  # rematerialises each decoder layer in training (no cache)
+    self.attention = cfg.attention
     self.scan_layers = scan_layers
     self.embed_tokens = nnx.Embed(
         vocab_size,
@@ -275,8 +292,11 @@ class LlamaModel(nnx.Module):
     if positions is None:
       # As transformers' generate: count real tokens; padding gets position 0.
       positions = jnp.maximum(seen[:, None] + jnp.cumsum(valid, axis=-1) - 1, 0)
-    # Slot order is sequence order, so causality is a comparison of slots.
-    mask = (key_slot[None, :] <= query_slot[:, None])[None] & key_valid[:, None, :]
+    if cache is None and self.attention != "xla":
+      mask = valid  # the kernels take the real tokens `[b, t]` and imply causality
+    else:
+      # Slot order is sequence order, so causality is a comparison of slots.
+      mask = (key_slot[None, :] <= query_slot[:, None])[None] & key_valid[:, None, :]
 
     if self.scan_layers:
       x, cache = self._scan(inputs_embeds, positions, mask, cache, start)
