@@ -243,4 +243,4 @@ def test_param_keys_give_the_parameters_of_nnx_rngs(config):
   for a, b in zip(want, got):
     assert a.dtype == b.dtype and np.array_equal(a, b)
   other = jax.tree.leaves(nnx.state(models.build_model(config, layers.ParamKeys(4)), nnx.Param))
-  assert not np.array_equal(other[0], got[0])
+  assert any(not np.array_equal(a, b) for a, b in zip(other, got))  # the seed matters
