@@ -452,19 +452,12 @@ def test_attention_kernels_match_xla_and_transformers(gqa, attention):
     np.testing.assert_allclose(g, w, atol=1e-5 * float(np.abs(w).max()), rtol=0)
 
 
-def test_cudnn_outside_a_gpu_names_the_config_field(gqa):
+@pytest.mark.parametrize("attention,platform", [("cudnn", "gpu"), ("splash", "tpu")])
+def test_kernel_outside_its_platform_names_the_config_field(gqa, attention, platform):
   _, model, path = gqa
-  kernel_model = _load(path, attention="cudnn", scan_layers=model.model.scan_layers)
-  with pytest.raises(ValueError, match=r"config\.model\.llm\.attention='cudnn' runs on gpu "
-                     r"only; this program is traced for 'cpu'"):
-    kernel_model(jnp.zeros((1, 4), jnp.int32))
-
-
-def test_splash_outside_a_tpu_names_the_config_field(gqa):
-  _, model, path = gqa
-  kernel_model = _load(path, attention="splash", scan_layers=model.model.scan_layers)
-  with pytest.raises(ValueError, match=r"config\.model\.llm\.attention='splash' runs on tpu "
-                     r"only; this program is traced for 'cpu'"):
+  kernel_model = _load(path, attention=attention, scan_layers=model.model.scan_layers)
+  with pytest.raises(ValueError, match=rf"config\.model\.llm\.attention='{attention}' runs on "
+                     rf"{platform} only; this program is traced for 'cpu'"):
     kernel_model(jnp.zeros((1, 4), jnp.int32))
 
 
