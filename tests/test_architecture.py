@@ -18,7 +18,7 @@ LAYERS = (
     ("cli",),
     ("demo", "inference", "propose", "train", "evaluation", "convert"),
     ("data", "models", "parallel", "kernels", "checkpoint", "torch"),
-    ("utils", "config_lib", "metric_writer"),
+    ("utils", "config_lib", "metric_writer", "sharding"),
 )
 LAYER_OF = {part: i for i, parts in enumerate(LAYERS) for part in parts}
 

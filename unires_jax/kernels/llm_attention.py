@@ -18,10 +18,12 @@ never read by a real token.
 
 Splash under a mesh: the kernel runs per device (`jax.shard_map`) on the device's rows (the
 logical axis `activation_batch`) and heads (`heads`, when it divides both the query and the
-key/value heads), as `unires_jax.models.layers.batch_local` does; no mesh axis is named here.
+key/value heads), as `unires_jax.models.layers.batch_local` does (`unires_jax.sharding`); no mesh
+axis is named here.
 """
 
 import contextlib
+import contextvars
 import dataclasses
 import functools
 from typing import Iterator
@@ -31,7 +33,7 @@ import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
 from jax.sharding import PartitionSpec
 
-from unires_jax.models import layers
+from unires_jax import sharding
 
 IMPLEMENTATIONS = ("xla", "cudnn", "splash")
 FIELD = "config.model.llm.attention"
@@ -46,13 +48,15 @@ def check(name: str) -> str:
   return name
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class _Testing:
   cudnn_implementation: str = "cudnn"
   splash_interpret: bool = False
 
 
-_TESTING = _Testing()
+# Context-local (as JAX's own config contexts): a `testing` block changes nothing outside it.
+_TESTING: contextvars.ContextVar[_Testing] = contextvars.ContextVar(
+    "unires_llm_attention_testing", default=_Testing())
 
 
 @contextlib.contextmanager
@@ -62,14 +66,11 @@ def testing(*, cudnn_implementation: str = "cudnn", splash_interpret: bool = Fal
   `cudnn_implementation` ("xla" runs on the CPU, same arguments) and "splash" runs the kernel in
   the Pallas interpreter; neither checks the platform then. Read when a function is traced:
   trace (a fresh `jit`) inside the context."""
-  saved = dataclasses.replace(_TESTING)
-  _TESTING.cudnn_implementation = cudnn_implementation
-  _TESTING.splash_interpret = splash_interpret
+  token = _TESTING.set(_Testing(cudnn_implementation, splash_interpret))
   try:
     yield
   finally:
-    _TESTING.cudnn_implementation = saved.cudnn_implementation
-    _TESTING.splash_interpret = saved.splash_interpret
+    _TESTING.reset(token)
 
 
 def platform() -> str:
@@ -115,7 +116,7 @@ def _same_segment(valid: jax.Array) -> jax.Array:
 def _cudnn(q, k, v, valid):
   """cuDNN fused attention: causal, padding as a `[b, 1, t, t]` mask (left and right padding
   alike; sequence lengths would describe right padding only)."""
-  implementation = _TESTING.cudnn_implementation
+  implementation = _TESTING.get().cudnn_implementation
   if implementation == "cudnn":
     _require_platform("cudnn")
   dtype = q.dtype
@@ -133,16 +134,16 @@ def splash_block(length: int) -> int:
 
 def _splash(q, k, v, valid):
   """The splash kernel per device: on its rows and, where they divide, its heads."""
-  interpret = _TESTING.splash_interpret
+  interpret = _TESTING.get().splash_interpret
   if not interpret:
     _require_platform("splash")
   local = functools.partial(_splash_local, interpret=interpret)
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return local(q, k, v, valid)
-  rows = layers.dividing_mesh_axes("activation_batch", q.shape[0]) or None
-  heads = layers.dividing_mesh_axes("heads", q.shape[2], k.shape[2]) or None
-  if heads is not None and layers.mesh_axes("kv_heads") != heads:
+  rows = sharding.dividing_mesh_axes("activation_batch", q.shape[0]) or None
+  heads = sharding.dividing_mesh_axes("heads", q.shape[2], k.shape[2]) or None
+  if heads is not None and sharding.mesh_axes("kv_heads") != heads:
     heads = None  # query head h must find its key/value head on the same device
   qkv = PartitionSpec(rows, None, heads, None)
   # check_vma=False: the kernel's pallas_call does not say how its outputs vary over the axes.

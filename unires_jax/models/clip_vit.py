@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from unires_jax import sharding
 from unires_jax.models import layers
 
 SELECT_FEATURES = ("patch", "cls_patch")
@@ -183,7 +184,7 @@ class CLIPEncoderLayer(nnx.Module):
   def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     x = x + self.self_attn(self.layer_norm1(x), mask)
     x = x + self.mlp(self.layer_norm2(x))
-    return layers.constrain(x, "activation_batch", "activation_length", "activation_embed")
+    return sharding.constrain(x, "activation_batch", "activation_length", "activation_embed")
 
 
 def _call_layer(layer, x, mask):

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from unires_jax.kernels import llm_attention
+from unires_jax import sharding
 from unires_jax.models import layers
 
 class LlamaConfig(NamedTuple):
@@ -217,7 +218,7 @@ class LlamaDecoderLayer(nnx.Module):
     h, kv = self.self_attn(self.input_layernorm(x), positions, mask, kv, start)
     x = x + h
     x = x + self.mlp(self.post_attention_layernorm(x))
-    return layers.constrain(x, "activation_batch", "activation_length", "activation_embed"), kv
+    return sharding.constrain(x, "activation_batch", "activation_length", "activation_embed"), kv
 
 
 def _call_layer(layer, *args):

@@ -19,6 +19,7 @@ from flax import nnx
 
 from unires_jax.kernels.cross_attention import IMPLEMENTATIONS
 from unires_jax.kernels.cross_attention import fine_grained_cross_attention
+from unires_jax import sharding
 from unires_jax.models import layers
 
 NORM_EPS = 1e-5  # torch.nn.GroupNorm / LayerNorm default
@@ -298,7 +299,7 @@ class MaskDecoder(nnx.Module):
       MaskDecoderOutput (see there).
     """
     mask_features, levels = self.pixel_decoder(features)
-    mask_features = layers.constrain(mask_features, "activation_batch", None, None,
+    mask_features = sharding.constrain(mask_features, "activation_batch", None, None,
                                      "activation_embed")
     batch, num_seg = seg_states.shape[:2]
 
@@ -316,7 +317,7 @@ class MaskDecoder(nnx.Module):
       src = levels[level]
       h, w = src.shape[1:3]
       value = (src + self.level_embed[i].astype(src.dtype)).reshape(batch, h * w, -1)
-      value = layers.constrain(value, "activation_batch", "activation_length", "activation_embed")
+      value = sharding.constrain(value, "activation_batch", "activation_length", "activation_embed")
       pos = sine_position_encoding(h, w, self.hidden_dim).reshape(h * w, -1)
       memories.append((value + pos.astype(value.dtype), value, (h, w)))
 

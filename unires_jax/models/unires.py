@@ -24,6 +24,7 @@ import flax.struct
 import numpy as np
 from flax import nnx
 
+from unires_jax import sharding
 from unires_jax.models import layers
 from unires_jax.models import losses
 from unires_jax.models import prompt
@@ -202,7 +203,7 @@ class UniRESPP(nnx.Module):
         ("part", self.special.part_patch, n_part, part_tokens)):
       slots[name] = _gather_tokens(ids, ids == token, count)
       embeds = embeds.at[rows, slots[name]].set(feats.astype(embeds.dtype))
-    embeds = layers.constrain(embeds, "activation_batch", "activation_length", "activation_embed")
+    embeds = sharding.constrain(embeds, "activation_batch", "activation_length", "activation_embed")
 
     if lm_positions is None:
       lm_positions = jnp.broadcast_to(jnp.arange(ids.shape[1], dtype=jnp.int32), ids.shape)

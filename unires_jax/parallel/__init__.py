@@ -5,7 +5,7 @@ from unires_jax.parallel.mesh import MESH_AXES
 from unires_jax.parallel.mesh import batch_sharding
 from unires_jax.parallel.mesh import make_mesh
 from unires_jax.parallel.mesh import shard_batch
-from unires_jax.models.layers import logical_to_mesh
+from unires_jax.sharding import logical_to_mesh
 from unires_jax.parallel.rules import from_config as rules_from_config
 from unires_jax.parallel.rules import state_shardings
 from unires_jax.parallel.rules import variable_sharding

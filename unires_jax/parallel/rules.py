@@ -13,7 +13,7 @@ are ~1% of the parameters; ConvNeXt's pointwise MLPs, where its weight is, are s
 `embed` / `mlp`.
 
 A dimension whose size the mesh axis does not divide stays replicated (e.g. a vocabulary of
-138 rows on tensor=4): `layers.logical_to_mesh` says so in its result, and the tests check
+138 rows on tensor=4): `sharding.logical_to_mesh` says so in its result, and the tests check
 every array against it.
 """
 
@@ -24,14 +24,10 @@ import ml_collections
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from unires_jax import utils
-from unires_jax.models import layers
+from unires_jax import sharding, utils
 from unires_jax.parallel import mesh as mesh_lib
 
-Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
-
-
-def from_config(config: ml_collections.ConfigDict) -> Rules:
+def from_config(config: ml_collections.ConfigDict) -> sharding.Rules:
   """The rules of `config.logical_axis_rules` (logical name -> comma-separated mesh axes, ""
   for replicated), as `(name, None | axis | (axes...))` pairs; an unknown mesh axis is named with
   its field."""
@@ -51,17 +47,17 @@ def from_config(config: ml_collections.ConfigDict) -> Rules:
   return tuple(out)
 
 
-def variable_sharding(variable: nnx.Variable, mesh: Mesh, rules: Rules, *,
+def variable_sharding(variable: nnx.Variable, mesh: Mesh, rules: sharding.Rules, *,
                       where: str = "variable") -> NamedSharding:
   """The sharding of one variable from its logical axis names; replicated without names."""
   names = variable.get_metadata().get("out_sharding")
   if names is None:
     return NamedSharding(mesh, PartitionSpec())
-  return NamedSharding(mesh, layers.logical_to_mesh(names, variable.get_value().shape, mesh,
+  return NamedSharding(mesh, sharding.logical_to_mesh(names, variable.get_value().shape, mesh,
                                                     rules, where=where))
 
 
-def state_shardings(tree: Any, mesh: Mesh, rules: Rules) -> Any:
+def state_shardings(tree: Any, mesh: Mesh, rules: sharding.Rules) -> Any:
   """`NamedSharding`s for a pytree holding `nnx.Variable`s (an `nnx.State`, a train state with
   optimizer moments), abstract or concrete, with the same structure.
 

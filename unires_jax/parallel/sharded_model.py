@@ -14,7 +14,7 @@ import ml_collections
 from flax import nnx
 from jax.sharding import Mesh
 
-from unires_jax import models
+from unires_jax import models, sharding
 from unires_jax.models import layers
 from unires_jax.parallel import mesh as mesh_lib
 from unires_jax.parallel import rules
@@ -68,9 +68,9 @@ class ShardedModel:
         self.abstract, self.shardings)
 
 
-def on_mesh(mesh: Mesh, axis_rules: rules.Rules, jitted):
+def on_mesh(mesh: Mesh, axis_rules: sharding.Rules, jitted):
   """`jitted`, traced under `mesh` and the logical axis rules (`nnx.logical_axis_rules`): model
-  code that lays out activations (`unires_jax.models.layers.constrain`) or works per device
+  code that lays out activations (`unires_jax.sharding.constrain`) or works per device
   (`layers.batch_local`) reads both from there."""
 
   def call(*args):
