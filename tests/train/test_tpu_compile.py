@@ -3,7 +3,6 @@ XLA:TPU compiler over a topology's abstract chips, every mesh axis > 1. Needs li
 extra's `jax[tpu]`); nothing executes."""
 
 import jax
-import numpy as np
 import pytest
 from flax import nnx
 
@@ -13,10 +12,6 @@ from unires_jax import utils  # pylint: disable=g-import-not-at-top,wrong-import
 from unires_jax.config_lib import load_config  # pylint: disable=g-import-not-at-top
 from unires_jax.train import aot  # pylint: disable=g-import-not-at-top
 from unires_jax.train.state import StateFactory  # pylint: disable=g-import-not-at-top
-
-
-def _nbytes(tree) -> int:
-  return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
 @pytest.mark.slow
@@ -29,11 +24,11 @@ def test_tiny_train_step_compiles_for_a_v5p_slice_with_every_mesh_axis():
   factory = StateFactory(config, mesh)
   compiled = aot.compile_train_step(config, mesh, 8, factory)
 
-  # The state is donated (aliased into the new state) and sharded: one chip holds well under
-  # the whole state (fsdp x tensor split the big matrices 4 ways; norms and convolutions stay
-  # whole), plus its rows of the batch.
-  memory, state_bytes = compiled.memory, _nbytes(factory.abstract)
-  assert 0 < memory["aliased"] <= memory["arguments"] < 0.5 * state_bytes
+  # The state is donated: the compiled program writes the new state into the old one's buffers.
+  # (Per-chip bytes say little about the sharding at these widths: TPU tiles pad every small
+  # array to (8, 128); the compiled input shardings below show it.)
+  memory = compiled.memory
+  assert 0 < memory["aliased"] <= memory["arguments"]
   assert memory["total"] < aot.HBM_GIB["v5p"] * 2**30
   cost = compiled.cost
   assert cost["flops"] > 0 and cost["seconds"] > 0
