@@ -11,8 +11,8 @@ state of the trainable ones and a batch of 8 fit one device. No GPU numbers are 
 What runs: the jitted train step of `unires_jax.train.step.make_train_step` (forward, backward,
 AdamW) on the state of `StateFactory(config, mesh).create()` over `make_mesh(config.mesh)` (all
 devices), with the parameters `config.optimizer.lr_multipliers` freezes frozen (stage 1: both
-vision towers). The batch is `models.synthetic.synthetic_batch` padded to the input pipeline's
-sequence length (`preprocess.sample_spec(...).max_length`), so the shapes are the training run's.
+vision towers). The batch is `train.aot.synthetic_batch_at_pipeline_length`: synthetic
+sequences as long as the input pipeline's, so the shapes are the training run's.
 
 Measured: compile = lowering + XLA compilation of the step; step = wall time of one call that
 blocks on its outputs (metrics and the new state), over `--steps` calls after `--warmup`;
@@ -36,11 +36,10 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from unires_jax import config_lib, parallel
-from unires_jax.data import preprocess
-from unires_jax.models.synthetic import synthetic_batch
+from unires_jax.train import aot
 from unires_jax.train import flops as flops_lib
 from unires_jax.train.state import StateFactory
-from unires_jax.train.step import make_train_step, model_fields
+from unires_jax.train.step import make_train_step
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", config_lib.resolve("configs/tiny.py"),
@@ -75,14 +74,6 @@ def peak_tflops(device: jax.Device) -> tuple[float | None, str]:
       return peak, f"dense bf16 of {kind}"
   return None, (f"no peak FLOP/s known for {device.platform} '{device.device_kind}'; "
                 "pass --peak_tflops")
-
-
-def benchmark_batch(config, batch_size: int) -> dict[str, np.ndarray]:
-  """A synthetic batch as long as the input pipeline's sequences (the prompt fills the rest)."""
-  probe = synthetic_batch(config.model, 1, prompt_length=1)["input_ids"].shape[1]
-  length = preprocess.sample_spec(config.model, config.input).max_length
-  return model_fields(synthetic_batch(
-      config.model, batch_size, no_target_every=4, prompt_length=1 + length - probe))
 
 
 def abstract_inputs(factory: StateFactory, batch: dict[str, np.ndarray]):
@@ -151,7 +142,7 @@ def main(argv: Sequence[str]) -> None:
 
   mesh = parallel.make_mesh(config.mesh)
   factory = StateFactory(config, mesh)
-  host_batch = benchmark_batch(config, batch_size)
+  host_batch = aot.synthetic_batch_at_pipeline_length(config, batch_size)
   seq_len = host_batch["input_ids"].shape[1]
   start = time.perf_counter()
   compiled = make_train_step(factory).lower(*abstract_inputs(factory, host_batch)).compile()

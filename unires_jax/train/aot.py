@@ -51,14 +51,22 @@ def topology_mesh(topology: str, mesh_cfg: ml_collections.ConfigDict) -> Mesh:
   return parallel.make_mesh(mesh_cfg, devices=devices)
 
 
-def batch_spec(config: ml_collections.ConfigDict, batch_size: int, mesh: Mesh,
-               keys: tuple[str, ...]) -> dict[str, jax.ShapeDtypeStruct]:
-  """The fields `keys` of a training batch of `batch_size` sequences as long as the input
-  pipeline's (`preprocess.sample_spec(...).max_length`), as ShapeDtypeStructs sharded over the
-  mesh's batch axes."""
+def synthetic_batch_at_pipeline_length(config: ml_collections.ConfigDict,
+                                       batch_size: int) -> dict[str, np.ndarray]:
+  """A synthetic training batch (`MODEL_KEYS`) whose sequences are as long as the input
+  pipeline's (`preprocess.sample_spec(...).max_length`; the prompt fills the rest), so that
+  compiled and benchmarked steps have the training run's shapes."""
   length = preprocess.sample_spec(config.model, config.input).max_length
   probe = synthetic_batch(config.model, 1, prompt_length=1)["input_ids"].shape[1]
-  one = model_fields(synthetic_batch(config.model, 1, prompt_length=1 + length - probe))
+  return model_fields(synthetic_batch(config.model, batch_size, no_target_every=4,
+                                      prompt_length=1 + length - probe))
+
+
+def batch_spec(config: ml_collections.ConfigDict, batch_size: int, mesh: Mesh,
+               keys: tuple[str, ...]) -> dict[str, jax.ShapeDtypeStruct]:
+  """The fields `keys` of `synthetic_batch_at_pipeline_length` as ShapeDtypeStructs of
+  `batch_size` rows, sharded over the mesh's batch axes."""
+  one = synthetic_batch_at_pipeline_length(config, 1)
   rows = parallel.batch_sharding(mesh)
   return {k: jax.ShapeDtypeStruct((batch_size, *np.shape(one[k])[1:]), one[k].dtype,
                                   sharding=rows) for k in keys}
