@@ -239,9 +239,11 @@ def test_full_config_matches_timm_convnext_large():
   assert abstract.strides == tuple(i["reduction"] for i in reference.feature_info.get_dicts())
 
 
-def test_export_loads_in_timm_and_round_trips(tmp_path):
+@pytest.mark.parametrize("scan_layers", [False, True], ids=["unrolled", "scanned"])
+def test_export_loads_in_timm_and_round_trips(tmp_path, scan_layers):
+  """Scanned blocks (stacked per stage) export under timm's per-block names and import back."""
   cfg = _cfg()
-  ours = _ours(cfg)
+  ours = _ours(cfg, scan_layers=scan_layers)
   out = tmp_path / "high_res_encoder"
   save_convnext(ours, str(out))
   spec = json.loads((out / "config.json").read_text())
@@ -255,7 +257,7 @@ def test_export_loads_in_timm_and_round_trips(tmp_path):
   assert sorted(result.missing_keys) == ["head.norm.bias", "head.norm.weight"]  # the classifier
   x = _image(cfg)
   _assert_features_close([np.asarray(f) for f in ours(x)], _timm_features(theirs, x))
-  back = ConvNeXt(cfg, rngs=nnx.Rngs(params=7, dropout=2))
+  back = ConvNeXt(cfg, scan_layers=scan_layers, rngs=nnx.Rngs(params=7, dropout=2))
   load_convnext(back, str(out / "model.safetensors"))
   imported = dict(torch_io.iter_params(back))
   for path, var in torch_io.iter_params(ours):
@@ -267,3 +269,28 @@ def test_known_sizes_export_under_their_timm_names():
   assert timm_name((3, 3, 27, 3), (192, 384, 768, 1536)) == "convnext_large"
   assert timm_name([3, 3, 9, 3], [96, 192, 384, 768]) == "convnext_tiny"
   assert timm_spec(_cfg())["timm_model"] == "convnext_tiny"  # with its own depths / dims
+
+
+def test_scanned_blocks_are_the_unrolled_blocks_stacked(timm_pair):
+  """The same rngs give the unrolled parameters stacked per stage (leading axis `layers`); the
+  scanned trunk loads timm's weights and gives timm's features."""
+  cfg, _, state, expected = timm_pair
+  unrolled, scanned = _ours(cfg), _ours(cfg, scan_layers=True)
+  flat = dict(torch_io.iter_params(unrolled))
+  for path, var in torch_io.iter_params(scanned):
+    if "/blocks/" not in path:
+      np.testing.assert_array_equal(var[...], flat[path][...], err_msg=path)
+      continue
+    assert var.get_metadata()["out_sharding"][0] == "layers", path
+    stage, rest = path.split("/blocks/")
+    depth = cfg.depths[int(stage.split("/")[-1])]
+    assert var.shape[0] == depth, path
+    for j in range(depth):
+      np.testing.assert_array_equal(var[...][j], flat[f"{stage}/blocks/{j}/{rest}"][...])
+  load_convnext(scanned, state)
+  _assert_features_close(scanned(jnp.asarray(_image(cfg))), expected)
+
+
+def test_scanned_blocks_refuse_stochastic_depth():
+  with pytest.raises(ValueError, match=r"drop_path_rate 0.1 > 0 needs unrolled blocks"):
+    _ours(_cfg(drop_path_rate=0.1), scan_layers=True)

@@ -244,7 +244,10 @@ def remat(fn: Callable[..., Any], policy: str) -> Callable[..., Any]:
   return call
 
 
-LAYERS = "layers"  # logical name of the stacked-layer axis, and the attribute holding the stack
+LAYERS = "layers"  # logical name of the stacked-layer axis
+# Attributes that hold a stack (`stack_modules`) in a parameter path: the CLIP and LLaMA layers,
+# the blocks of a ConvNeXt stage. Unrolled, a layer index follows them ('.../layers/3/...').
+STACK_ATTRIBUTES = ("layers", "blocks")
 
 
 def _is_variable(x: Any) -> bool:
@@ -271,22 +274,31 @@ def stack_modules(modules: Sequence[nnx.Module]) -> nnx.Module:
   return first
 
 
+def _stack_at(parts: list[str]) -> int | None:
+  """Index of the path component holding a stack: a `STACK_ATTRIBUTES` name followed by a
+  parameter name, not by a layer index."""
+  for i, part in enumerate(parts[:-1]):
+    if part in STACK_ATTRIBUTES and not parts[i + 1].isdigit():
+      return i
+  return None
+
+
 def layer_path(path: str, index: int) -> str:
-  """The unrolled path of layer `index` of a stacked parameter: the first `layers` component
-  gains the index ('model/layers/mlp/up_proj/kernel', 3 -> 'model/layers/3/mlp/up_proj/kernel')."""
+  """The unrolled path of layer `index` of a stacked parameter: the stack's component gains the
+  index ('model/layers/mlp/up_proj/kernel', 3 -> 'model/layers/3/mlp/up_proj/kernel';
+  'stages/2/blocks/gamma', 5 -> 'stages/2/blocks/5/gamma')."""
   parts = path.split("/")
-  if LAYERS not in parts:
-    raise ValueError(f"{path!r} is not under a `{LAYERS}` stack")
-  at = parts.index(LAYERS) + 1
-  return "/".join(parts[:at] + [str(index)] + parts[at:])
+  at = _stack_at(parts)
+  if at is None:
+    raise ValueError(f"{path!r} is not under a stack ({', '.join(STACK_ATTRIBUTES)})")
+  return "/".join(parts[:at + 1] + [str(index)] + parts[at + 1:])
 
 
 def is_stacked_path(path: str) -> bool:
-  """Whether a saved parameter path is a stacked layer's: a `layers` component followed by a
-  name, not a layer index ('llm/model/layers/mlp/up_proj/kernel', not '.../layers/3/...' nor
-  the mask decoder's 'seg_proj/layers/0/kernel')."""
-  parts = path.split("/")
-  return LAYERS in parts[:-1] and not parts[parts.index(LAYERS) + 1].isdigit()
+  """Whether a saved parameter path is a stacked layer's: a `layers` (or ConvNeXt `blocks`)
+  component followed by a name, not a layer index ('llm/model/layers/mlp/up_proj/kernel', not
+  '.../layers/3/...' nor the mask decoder's 'seg_proj/layers/0/kernel')."""
+  return _stack_at(path.split("/")) is not None
 
 
 def is_stacked(var: nnx.Variable) -> bool:

@@ -106,7 +106,7 @@ class UniRESPP(nnx.Module):
     # Configs written before `scan_layers` existed build the unrolled layers.
     scan = bool(cfg.get("scan_layers", False))
     self.vision = CLIPVisionTransformer(cfg.vision, remat=cfg.remat, scan_layers=scan, **kw)
-    self.convnext = ConvNeXt(cfg.convnext, **kw)
+    self.convnext = ConvNeXt(cfg.convnext, scan_layers=scan, **kw)
     self.llm = LlamaForCausalLM(
         cfg.llm, vocab_size=cfg.llm.vocab_size + prompt.num_special_tokens(), remat=cfg.remat,
         scan_layers=scan, **kw)
