@@ -36,6 +36,7 @@ class StateFactory:
 
   Attributes:
     model: the `ShardedModel` (graph, parameter shardings, the predict function's source).
+    multipliers: the learning-rate multipliers (`optimizer.multipliers_of`; 0 freezes).
     tx: the optimizer of the trainable parameters.
     abstract: the `TrainState` as ShapeDtypeStructs; `shardings`: its `NamedSharding`s.
   """
@@ -43,10 +44,11 @@ class StateFactory:
   def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh):
     self.config, self.mesh = config, mesh
     self.model = parallel.ShardedModel(config, mesh)
-    multipliers = dict(config.optimizer.lr_multipliers)
-    optimizer_lib.check_multipliers(self.model.abstract, multipliers)
-    trainable, _ = optimizer_lib.split_trainable(self.model.abstract, multipliers)
-    self.tx = optimizer_lib.make_optimizer(config.optimizer, config.train.num_steps, trainable)
+    self.multipliers = optimizer_lib.multipliers_of(config)
+    optimizer_lib.check_multipliers(self.model.abstract, self.multipliers)
+    trainable, _ = optimizer_lib.split_trainable(self.model.abstract, self.multipliers)
+    self.tx = optimizer_lib.make_optimizer(config.optimizer, config.train.num_steps, trainable,
+                                           self.multipliers)
     self.abstract = jax.eval_shape(self._init)
     self.shardings = parallel.state_shardings(self.abstract, mesh, self.model.rules)
 
@@ -58,7 +60,7 @@ class StateFactory:
     return self._start_from(self.model.init_params())
 
   def _start_from(self, params: nnx.State) -> TrainState:
-    trainable, _ = optimizer_lib.split_trainable(params, dict(self.config.optimizer.lr_multipliers))
+    trainable, _ = optimizer_lib.split_trainable(params, self.multipliers)
     zero = jnp.zeros((), jnp.int32)
     return TrainState(step=zero, params=params, opt_state=self.tx.init(trainable),
                       nonfinite_in_row=zero, nonfinite_total=zero)
