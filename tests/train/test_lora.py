@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from unires_jax import parallel, utils
+from unires_jax import checkpoint, models, parallel, utils
 from unires_jax.config_lib import load_config
 from unires_jax.models.synthetic import synthetic_batch
 from unires_jax.train import step as step_lib
@@ -22,9 +22,6 @@ def _flat(tree):
   return {utils.path_str(p): np.asarray(value(v)) for p, v in
           jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
           if hasattr(value(v), "shape")}
-
-
-pytestmark = pytest.mark.slow  # one compile of the demo's train step, about a minute
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +39,7 @@ def lora_demo():
   return factory, step_lib.make_train_step(factory), batch
 
 
+@pytest.mark.slow  # the fixture compiles the demo's train step: about a minute
 def test_only_adapters_and_new_parts_train(lora_demo):
   factory, step, batch = lora_demo
   state = factory.create()
@@ -67,6 +65,7 @@ def test_only_adapters_and_new_parts_train(lora_demo):
     assert any(p.startswith(part + "/") for p in moved), part
 
 
+@pytest.mark.slow
 def test_demo_loss_decreases(lora_demo):
   factory, step, batch = lora_demo
   state = factory.create()
@@ -75,3 +74,24 @@ def test_demo_loss_decreases(lora_demo):
     state, metrics = step(state, batch)
     losses.append(float(metrics["loss"]))
   assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_init_from_a_checkpoint_without_adapters(tmp_path):
+  """Released weights converted with LoRA off: a LoRA run starts from them, its adapters fresh
+  (B = 0, the added rows the checkpoint's), so it starts from the checkpoint's model."""
+  config = load_config("configs/tiny.py")
+  plain = nnx.state(models.build_model(config, nnx.Rngs(params=7)), nnx.Param)
+  checkpoint.save_converted(plain, config, str(tmp_path / "converted"))
+  config.model.llm.lora.update(rank=2, targets=("q_proj", "up_proj"))
+  mesh = parallel.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
+  params = _flat(StateFactory(config, mesh).params_from(str(tmp_path / "converted")))
+  saved = _flat(plain)
+  for path, value in saved.items():
+    np.testing.assert_array_equal(params[path], value, err_msg=path)
+  added = sorted(set(params) - set(saved))
+  assert len(added) == 2 * 2 * 2 + 2, added  # 2 layers x 2 targets x (A, B), 2 row tables
+  assert not params["llm/model/layers/0/mlp/up_proj/lora_b"].any()
+  assert params["llm/model/layers/0/mlp/up_proj/lora_a"].any()
+  np.testing.assert_array_equal(params["llm/new_token_embedding"],
+                                saved["llm/model/embed_tokens/embedding"][128:])
+  np.testing.assert_array_equal(params["llm/new_token_head"], saved["llm/lm_head/kernel"][:, 128:])

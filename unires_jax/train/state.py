@@ -9,7 +9,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from unires_jax import parallel
+from unires_jax import checkpoint, parallel, utils
 from unires_jax.train import optimizer as optimizer_lib
 
 
@@ -71,6 +71,34 @@ class StateFactory:
     if params is None:
       return jax.jit(self._init, out_shardings=self.shardings)()
     return jax.jit(self._start_from, out_shardings=self.shardings, donate_argnums=0)(params)
+
+  def params_from(self, path: str) -> nnx.State:
+    """The parameters of the checkpoint under `path` (`config.train.init_from`), placed as
+    `shardings.params`. With LoRA on, a checkpoint without adapters (released weights converted
+    with LoRA off, a full fine-tune) gives the rest, and the adapters start fresh: B = 0 and the
+    added vocabulary rows copies of the checkpoint's, so the run starts from its model."""
+    target = self.model.abstract_sharded()
+    adapters, base = nnx.split_state(target, nnx.LoRAParam, ...)
+    wanted = {utils.path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(adapters)}
+    saved = checkpoint.param_shapes(checkpoint.locate(path))
+    if not wanted or any(p.removesuffix("/value") in saved for p in wanted):
+      return checkpoint.restore_params(path, target)[0]
+    restored, _ = checkpoint.restore_params(path, base)
+    base_vocab = self.config.model.llm.vocab_size
+
+    def fresh_adapters(params: nnx.State) -> nnx.State:
+      fresh, _ = nnx.split_state(self.model.init_params(), nnx.LoRAParam, ...)
+      llm, new = params["llm"], fresh["llm"]
+      if "new_token_embedding" in new:
+        new["new_token_embedding"].set_value(
+            llm["model"]["embed_tokens"]["embedding"][...][base_vocab:])
+      if "new_token_head" in new:
+        new["new_token_head"].set_value(llm["lm_head"]["kernel"][...][:, base_vocab:])
+      return fresh
+
+    shardings, _ = nnx.split_state(self.model.shardings, nnx.LoRAParam, ...)
+    fresh = jax.jit(fresh_adapters, out_shardings=shardings)(restored)
+    return nnx.merge_state(restored, fresh)
 
   def abstract_sharded(self) -> TrainState:
     """The state as ShapeDtypeStructs carrying this mesh's shardings (an Orbax restore target)."""
