@@ -8,6 +8,7 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.numpy
 from flax import nnx
 
 from tests.repo import ROOT as REPO
@@ -143,3 +144,36 @@ def test_adapter_errors_name_the_field(trained, tmp_path):
   with pytest.raises(ValueError, match=r"no LoRA adapter \(config.model.llm.lora.rank=0\)"):
     convert_unires.export_pytorch(plain, plain_config.model, str(tmp_path / "x"),
                                   lora_adapter=True)
+
+
+def _files(directory) -> dict[str, np.ndarray]:
+  """Every tensor of an export, by file and name."""
+  return {f"{f.relative_to(directory)}:{k}": v for f in sorted(directory.rglob("*.safetensors"))
+          for k, v in safetensors.numpy.load_file(f).items()}
+
+
+def test_scanned_layers_export_the_same_files(trained, tmp_path):
+  """The trained model with its layers stacked (`scan_layers`) writes the very tensors of the
+  unrolled one, merged and adapter, from memory and from a checkpoint."""
+  config, model, _ = trained
+  scanned_config = config.copy_and_resolve_references()
+  scanned_config.model.scan_layers = True
+  scanned = models.build_model(scanned_config, nnx.Rngs(1))
+  torch_io.assign_params(scanned, {p: torch_io.read_unstacked(*v) for p, v in
+                                   torch_io.unstacked_params(model).items()}, "unrolled")
+  assert scanned.llm.model.layers.self_attn.q_proj.lora_b[...].shape == (2, 4, 64)
+  convert_unires.export_pytorch(model, config.model, str(tmp_path / "unrolled"),
+                                lora_adapter=True)
+  convert_unires.export_pytorch(scanned, scanned_config.model, str(tmp_path / "scanned"),
+                                lora_adapter=True)
+  checkpoint.save_converted(nnx.state(scanned, nnx.Param), scanned_config, str(tmp_path / "ckpt"))
+  convert_unires.export_checkpoint(str(tmp_path / "ckpt"), str(tmp_path / "from_ckpt"),
+                                   lora_adapter=True, group_bytes=64 << 10)
+  want = _files(tmp_path / "unrolled")
+  assert "llm_adapter/adapter_model.safetensors:base_model.model.model.layers.1.mlp.up_proj." \
+         "lora_B.weight" in want
+  for name in ("scanned", "from_ckpt"):
+    got = _files(tmp_path / name)
+    assert got.keys() == want.keys(), name
+    for key, value in want.items():
+      np.testing.assert_array_equal(got[key], value, err_msg=f"{name} {key}")
