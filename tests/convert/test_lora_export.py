@@ -2,6 +2,7 @@
 (convert/lora.py, `unires-convert to-pytorch --lora_adapter`, `import_released(llm_adapter=)`)."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -98,6 +99,29 @@ def test_merged_and_peft_logits_equal_ours_in_a_process_without_jax(trained, tmp
   np.testing.assert_allclose(theirs["merged"], ours, atol=ATOL, rtol=0)
   np.testing.assert_allclose(theirs["peft"], ours, atol=ATOL, rtol=0)
 
+  # And back: the export's parts plus the base LLM plus the adapter are the model we started
+  # from (`from-pytorch --llm_adapter`, the config's LoRA as the run's).
+  lora = dict(config.model.llm.lora)
+  (tmp_path / "lora_tiny.py").write_text(
+      "from unires_jax.config_lib import load_config\n"
+      "def get_config(arg=None):\n"
+      f"  config = load_config({os.path.join(REPO, 'configs', 'tiny.py')!r})\n"
+      f"  config.model.llm.lora.update({lora!r})\n"
+      "  return config\n")
+  pt = tmp_path / "pt"
+  run = subprocess.run(
+      [sys.executable, "-m", "unires_jax.cli.convert", "from-pytorch",
+       f"--config={tmp_path / 'lora_tiny.py'}", f"--vision={pt / 'vision_tower'}",
+       f"--convnext={pt / 'high_res_encoder'}", f"--llm={root / 'base'}",
+       f"--heads={pt / convert_unires.HEADS_FILE}", f"--llm_adapter={pt / 'llm_adapter'}",
+       f"--out={tmp_path / 'back'}"], cwd=REPO, capture_output=True, text=True, timeout=600,
+      check=False)
+  assert run.returncode == 0, run.stderr
+  ours = _params(model)
+  back = checkpoint.read_params(checkpoint.locate(str(tmp_path / "back")), sorted(ours))
+  for path, value in ours.items():
+    np.testing.assert_array_equal(back[path], value, err_msg=path)
+
 
 def test_adapter_imports_back_bit_identically(trained, tmp_path):
   config, model, root = trained
@@ -109,11 +133,10 @@ def test_adapter_imports_back_bit_identically(trained, tmp_path):
   assert (adapter["r"], adapter["lora_alpha"], adapter["target_modules"]) == (4, 8.0, sorted(ALL))
 
   # The released parts (here: this export's) plus the base LLM plus the adapter: the model.
-  back = convert_unires.import_released(
-      config, vision_dir=str(out / "vision_tower"), convnext_file=str(out / "high_res_encoder"),
-      llm_dir=str(root / "base"), heads_file=str(out / convert_unires.HEADS_FILE),
-      llm_adapter=str(out / lora_convert.ADAPTER_DIR), seed=1)
-  ours, theirs = _params(model), _params(back)
+  back = models.build_model(config, nnx.Rngs(1))  # other values everywhere
+  llama.load_llama(back.llm, str(root / "base"))
+  lora_convert.load_adapter(back.llm, str(out / lora_convert.ADAPTER_DIR))
+  ours, theirs = _params(model.llm), _params(back.llm)
   assert ours.keys() == theirs.keys()
   for path, value in ours.items():
     np.testing.assert_array_equal(theirs[path], value, err_msg=path)
