@@ -120,3 +120,24 @@ def test_off_by_default_and_in_old_configs():
   model = LlamaForCausalLM(dict(cfg), vocab_size=VOCAB, rngs=nnx.Rngs(0))
   assert model.new_token_embedding is None
   assert not jax.tree_util.tree_leaves(nnx.state(model, nnx.LoRAParam))
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_dropout_under_remat_and_grad(scan_layers):
+  """Adapter dropout inside rematerialised (and scanned) layers, differentiated: the keys
+  reach every layer through `jax.checkpoint` and `lax.scan`."""
+  model = LlamaForCausalLM(_llm_config(**LORA), vocab_size=VOCAB, rngs=nnx.Rngs(0),
+                           remat="full", scan_layers=scan_layers)
+  _randomise_adapters(model)
+  graphdef, adapters, rest = nnx.split(model, nnx.LoRAParam, ...)
+  ids = _ids()
+
+  def loss(adapters, key):
+    with lora_lib.dropout_key(key):
+      return jnp.mean(nnx.merge(graphdef, adapters, rest)(ids)[0] ** 2)
+
+  grad = jax.jit(jax.grad(loss))
+  plain, dropped = grad(adapters, None), grad(adapters, jax.random.key(3))
+  leaves = lambda g: [np.asarray(x) for x in jax.tree_util.tree_leaves(g)]
+  assert all(np.isfinite(x).all() for x in leaves(dropped))
+  assert any(not np.allclose(a, b) for a, b in zip(leaves(plain), leaves(dropped)))
