@@ -84,7 +84,9 @@ def test_init_from_a_checkpoint_without_adapters(tmp_path):
   checkpoint.save_converted(plain, config, str(tmp_path / "converted"))
   config.model.llm.lora.update(rank=2, targets=("q_proj", "up_proj"))
   mesh = parallel.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
-  params = _flat(StateFactory(config, mesh).params_from(str(tmp_path / "converted")))
+  factory = StateFactory(config, mesh)
+  state = factory.params_from(str(tmp_path / "converted"))
+  params = _flat(state)
   saved = _flat(plain)
   for path, value in saved.items():
     np.testing.assert_array_equal(params[path], value, err_msg=path)
@@ -95,3 +97,9 @@ def test_init_from_a_checkpoint_without_adapters(tmp_path):
   np.testing.assert_array_equal(params["llm/new_token_embedding"],
                                 saved["llm/model/embed_tokens/embedding"][128:])
   np.testing.assert_array_equal(params["llm/new_token_head"], saved["llm/lm_head/kernel"][:, 128:])
+  # A checkpoint with adapters (this one saved) restores as it is.
+  checkpoint.save_converted(state, config, str(tmp_path / "with_adapters"))
+  again = _flat(factory.params_from(str(tmp_path / "with_adapters")))
+  assert again.keys() == params.keys()
+  for path, value in params.items():
+    np.testing.assert_array_equal(again[path], value, err_msg=path)
