@@ -11,6 +11,7 @@ TORCH = [
     "transformers>=5.0",
     "timm>=1.0",
     "safetensors>=0.4",
+    "peft==0.21.2",  # loading an exported LoRA adapter (tests/convert/test_lora_export.py)
 ]
 
 # Building TFDS datasets (`tfds build`, the Beam builder of MRES-32M) needs TensorFlow and Beam;

@@ -13,6 +13,10 @@ the compiler's cost model (a roofline estimate, not a measurement) with the MFU 
 (analytic FLOPs / estimated time / the chip's dense bf16 peak). Then the analytic FLOPs per
 module. `--compare=remat` or `--compare=scan_layers` compiles the train step once more with that
 switch flipped ("none" vs the config's remat; scanned vs unrolled) and prints both rows.
+`--compare=lora` compiles it three ways, the LLM frozen (stage 1), trained with LoRA (the
+config's `model.llm.lora`, rank 8 if it is off) and fully fine-tuned, the other multipliers as
+the config has them (`aot.llm_mode`), and estimates for each the smallest v5p and v6e slice
+it fits (`aot.smallest_slice`).
 
 Nothing executes: `unires_jax.train.aot` lowers the steps with ShapeDtypeStructs over the
 topology's abstract chips and runs the real XLA:TPU compiler.
@@ -44,12 +48,10 @@ _BATCH = flags.DEFINE_integer(
     "batch", None, "Global batch size (default: config.input.global_batch_size).")
 _STEPS = flags.DEFINE_list("steps", ["train", "predict"], "Which steps to compile.")
 _COMPARE = flags.DEFINE_enum(
-    "compare", None, ["remat", "scan_layers"],
+    "compare", None, ["remat", "scan_layers", "lora"],
     "Also compile the train step with this switch flipped and print both rows.")
 
 GIB = 2**30
-
-
 def parse_mesh(text: str) -> dict[str, int]:
   """"data=1,fsdp=-1,tensor=2" -> {"data": 1, "fsdp": -1, "tensor": 2}."""
   out = {}
@@ -106,6 +108,11 @@ def describe(config, switch: str | None) -> str:
     return f"remat={config.model.remat}"
   if switch == "scan_layers":
     return "scanned" if config.model.scan_layers else "unrolled"
+  if switch == "lora":
+    lora = config.model.llm.lora
+    if lora.rank:
+      return f"LoRA r={lora.rank} {'+'.join(t.split('_')[0] for t in lora.targets)}"
+    return "frozen LLM" if "llm" in config.optimizer.lr_multipliers else "full LLM"
   return ""
 
 
@@ -138,7 +145,10 @@ def main(argv: Sequence[str]) -> None:
 
   count = flops_lib.count_flops(config, batch, seq_len)
   rows = []
-  configs = [config] + ([flipped(config, _COMPARE.value)] if _COMPARE.value else [])
+  if _COMPARE.value == "lora":
+    configs = [aot.llm_mode(config, mode) for mode in aot.LLM_MODES]
+  else:
+    configs = [config] + ([flipped(config, _COMPARE.value)] if _COMPARE.value else [])
   for i, cfg in enumerate(configs):
     start = time.perf_counter()
     factory = StateFactory(cfg, mesh)
@@ -148,7 +158,8 @@ def main(argv: Sequence[str]) -> None:
           flush=True)
     if "train" in _STEPS.value:
       compiled = aot.compile_train_step(cfg, mesh, batch, factory)
-      rows.append(row(f"train {label}".strip(), compiled, count.train, chips, peak))
+      analytic = flops_lib.count_flops(cfg, batch, seq_len).train  # what trains differs
+      rows.append(row(f"train {label}".strip(), compiled, analytic, chips, peak))
       print(f"  train step compiled in {compiled.seconds:.1f} s", flush=True)
     if "predict" in _STEPS.value and i == 0:
       compiled = aot.compile_predict_step(cfg, mesh, batch, factory.model)
@@ -159,6 +170,15 @@ def main(argv: Sequence[str]) -> None:
   worst = max(float(r["total GiB"]) for r in rows)
   print(f"\nlargest total per chip: {worst:.2f} GiB of {hbm:g} GiB HBM "
         f"({'fits' if worst <= hbm else 'does NOT fit'})")
+  if _COMPARE.value == "lora":
+    print(f"\n{'train step':<28}{'smallest v5p slice (est.)':>30}{'smallest v6e slice (est.)':>30}")
+    for r in rows:
+      if r["step"].startswith("train"):
+        total = float(r["total GiB"]) * GIB
+        print(f"{r['step']:<28}" + "".join(
+            f"{aot.smallest_slice(total, chips, batch, g):>30}" for g in ("v5p", "v6e")))
+    print("(est.: this compile's per-chip total x its chips / the slice's chips; compile on "
+          "the slice itself to confirm)")
   print("memory and XLA FLOPs are per chip, from the compiled program; analytic = "
         "unires_jax/train/flops.py / chips (the predict row: the forward count, LM head at the "
         "answer); est. step and MFU come from the compiler's cost model (optimal_seconds), an "

@@ -64,6 +64,11 @@ def get_config(arg=None):
       # "cudnn" (cuDNN fused attention, GPU only) or "splash" (Pallas splash attention, TPU
       # only); generation with a KV cache always runs "xla".
       attention="xla",
+      # Low-rank adapters (unires_jax/models/lora.py): rank 0 trains the LLM as
+      # config.optimizer.lr_multipliers say; rank > 0 freezes its weights and trains adapters
+      # of that rank on the `targets` (any of q_proj, k_proj, v_proj, o_proj, gate_proj,
+      # up_proj, down_proj) and the special-token rows. LISA: rank 8, alpha 16, dropout 0.05.
+      lora=dict(rank=0, alpha=16.0, dropout=0.05, targets=("q_proj", "v_proj")),
   )
   m.roi = dict(  # Multi-Granularity Vision Flow: RoIAlign over E_h stages.
       levels=(0, 1, 2, 3),       # ConvNeXt stages pooled (C2..C5), concatenated
@@ -126,7 +131,8 @@ def get_config(arg=None):
       activation_batch="data,fsdp", activation_length="", activation_embed="",
       embed="fsdp", features="fsdp", mlp="tensor", heads="tensor", kv_heads="tensor",
       vocab="tensor", conv_in="", conv_out="", position="", conv_window="", norm="",
-      layers=""))  # the stacked-layer axis of scanned layers (config.model.scan_layers)
+      layers="",  # the stacked-layer axis of scanned layers (config.model.scan_layers)
+      lora_rank=""))  # the rank dimension of LoRA adapters (config.model.llm.lora)
 
   # AdamW with linear warmup then cosine decay to `end_lr_fraction * learning_rate`.
   config.optimizer = ml_collections.ConfigDict()

@@ -156,3 +156,19 @@ def test_scanned_model_follows_the_rules():
   assert stacked["vision/encoder/layers/mlp/fc1/kernel"] == P(None, "fsdp", "tensor")
   assert stacked["llm/model/layers/input_layernorm/scale"] == P(None, "fsdp")
   assert specs["llm/model/layers/mlp/up_proj/kernel"][1] == (2, 4096, 11008)
+
+
+def test_lora_adapters_follow_the_rules():
+  """LoRA's adapters (scanned) shard as their projection's input / output dimension, the rank
+  dimension whole (`lora_rank`, replicated in every config's table)."""
+  config = load_config("configs/unires_pp_7b.py:llm_layers=2")
+  assert config.logical_axis_rules.lora_rank == ""
+  config.model.scan_layers = True
+  config.model.llm.lora.update(rank=8, targets=("q_proj", "down_proj"))
+  specs = _param_specs(config, _mesh(2, 2, 2))
+  q, down = "llm/model/layers/self_attn/q_proj", "llm/model/layers/mlp/down_proj"
+  assert specs[f"{q}/lora_a"] == (P(None, "fsdp", None), (2, 4096, 8))
+  assert specs[f"{q}/lora_b"] == (P(None, None, "tensor"), (2, 8, 4096))
+  assert specs[f"{down}/lora_a"] == (P(None, "tensor", None), (2, 11008, 8))
+  assert specs["llm/new_token_embedding"][1] == (10, 4096)
+  assert specs["llm/new_token_head"][1] == (4096, 10)

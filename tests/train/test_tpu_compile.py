@@ -45,3 +45,26 @@ def test_tiny_train_step_compiles_for_a_v5p_slice_with_every_mesh_axis():
 def test_unknown_generation_is_named():
   with pytest.raises(ValueError, match=r"topology 'v9x:2x2': unknown TPU generation 'v9x'"):
     aot.generation("v9x:2x2")
+
+
+def test_llm_modes_for_the_lora_comparison_and_the_slice_estimate():
+  """`benchmarks/tpu_compile.py --compare=lora`: the three ways the LLM trains, and the
+  smallest slice a per-chip total scales to."""
+  from unires_jax.train import flops  # pylint: disable=g-import-not-at-top
+  config = load_config("configs/unires_pp_7b.py:llm_layers=2")
+  frozen, lora, full = (aot.llm_mode(config, mode) for mode in aot.LLM_MODES)
+  assert dict(frozen.optimizer.lr_multipliers) == {"vision": 0.0, "convnext": 0.0, "llm": 0.0}
+  assert (frozen.model.llm.lora.rank, lora.model.llm.lora.rank, full.model.llm.lora.rank) == (
+      0, aot.LISA_RANK, 0)
+  assert dict(full.optimizer.lr_multipliers) == {"vision": 0.0, "convnext": 0.0}
+  train = [flops.count_flops(c, 2, 800).train for c in (frozen, lora, full)]
+  assert train[0] == train[1] < train[2]  # LoRA's adapters are not counted, the base is frozen
+  with pytest.raises(ValueError, match="unknown LLM mode 'half'"):
+    aot.llm_mode(config, "half")
+
+  gib = 2**30
+  # 40 GiB per chip on 4 chips: 160 GiB in all -> 2 v5p chips' worth (4 is the smallest slice),
+  # 6 v6e chips' worth (8 is the first slice that holds it).
+  assert aot.smallest_slice(40 * gib, 4, 128, "v5p") == "v5p:2x2x1 (4 chips)"
+  assert aot.smallest_slice(40 * gib, 4, 128, "v6e") == "v6e:2x4 (8 chips)"
+  assert aot.smallest_slice(40 * gib, 4, 4, "v6e") == "none up to v6e:16x16"  # batch too small

@@ -2,15 +2,19 @@
 
   unires-convert from-pytorch --config=configs/unires_pp_7b.py --vision=CLIP_DIR \\
       --convnext=CONVNEXT_FILE --llm=LLAMA_DIR --out=CKPT [--heads=unires_heads.safetensors]
+      [--llm_adapter=ADAPTER_DIR]
     An Orbax checkpoint of the whole UniRES++ (CKPT/params, CKPT/config.json and the LLaMA
     directory's tokenizer in CKPT/tokenizer): the backbones carry the given weights, the new parts
     are freshly initialised (from config.train.seed) or read from --heads. Start training from it
-    with --config.train.init_from=CKPT.
+    with --config.train.init_from=CKPT. With LoRA on (--config.model.llm.lora.rank=R) the
+    adapters start fresh or are read from --llm_adapter (a PEFT adapter directory).
 
   unires-convert to-pytorch --checkpoint=CKPT_OR_WORKDIR [--step=N] --out=DIR [--dtype=bfloat16]
+      [--lora_adapter [--base_model=NAME]]
     DIR/vision_tower, DIR/high_res_encoder, DIR/llm (with the tokenizer), DIR/unires_heads.safetensors
     and DIR/config.json (see unires_jax.convert.unires), streamed tensor by tensor from a
-    converted checkpoint or a training run's checkpoint, sharded or not.
+    converted checkpoint or a training run's checkpoint, sharded or not. A LoRA model's DIR/llm
+    is merged; --lora_adapter also writes DIR/llm_adapter, the adapter in PEFT's layout.
 
 Both refuse an existing --out and leave nothing behind when they fail.
 """
@@ -32,6 +36,14 @@ _LLM = flags.DEFINE_string("llm", None, "from-pytorch: transformers LLaMA direct
 _HEADS = flags.DEFINE_string("heads", None,
                              "from-pytorch: unires_heads.safetensors of an export (default: "
                              "freshly initialised new parts).")
+_LLM_ADAPTER = flags.DEFINE_string(
+    "llm_adapter", None, "from-pytorch: a PEFT LoRA adapter directory for the LLM (needs "
+    "--config.model.llm.lora to match it).")
+_LORA_ADAPTER = flags.DEFINE_bool(
+    "lora_adapter", False, "to-pytorch: also write DIR/llm_adapter, the LLM's LoRA adapter in "
+    "PEFT's layout (a model trained with config.model.llm.lora.rank > 0).")
+_BASE_MODEL = flags.DEFINE_string(
+    "base_model", None, "to-pytorch --lora_adapter: the adapter's base_model_name_or_path.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
                            "to-pytorch: dtype of the written tensors.")
 _GROUP_MB = flags.DEFINE_integer("group_mb", 1024,
@@ -61,7 +73,8 @@ def from_pytorch() -> None:
   config = common.CONFIG.value
   model = unires.import_released(config, vision_dir=_VISION.value,
                                  convnext_file=_CONVNEXT.value, llm_dir=_LLM.value,
-                                 heads_file=_HEADS.value, seed=config.train.seed)
+                                 heads_file=_HEADS.value, llm_adapter=_LLM_ADAPTER.value,
+                                 seed=config.train.seed)
   tokenizer = _LLM.value if any(os.path.isfile(os.path.join(_LLM.value, name)) for name in (
       "tokenizer.json", "tokenizer_config.json")) else None
   checkpoint.save_converted(nnx.state(model, nnx.Param), config, common.OUT.value, tokenizer)
@@ -73,8 +86,10 @@ def to_pytorch() -> None:
   from unires_jax.convert import unires  # pylint: disable=g-import-not-at-top
 
   before = _max_rss_mib()
-  unires.export_checkpoint(common.CHECKPOINT.value, common.OUT.value, step=common.STEP.value, dtype=_DTYPE.value,
-                           group_bytes=_GROUP_MB.value << 20, progress=print)
+  unires.export_checkpoint(common.CHECKPOINT.value, common.OUT.value, step=common.STEP.value,
+                           dtype=_DTYPE.value, group_bytes=_GROUP_MB.value << 20,
+                           lora_adapter=_LORA_ADAPTER.value, base_model=_BASE_MODEL.value,
+                           progress=print)
   print(f"wrote {common.OUT.value}; peak host memory (max RSS) {_max_rss_mib():.0f} MiB, "
         f"{before:.0f} MiB before the conversion began")
 

@@ -143,11 +143,33 @@ def _keep_extra_rows(module: LlamaForCausalLM, rules, source: str):
   return padded
 
 
+def _keep_adapters(module: LlamaForCausalLM, rules):
+  """Wraps `rules` for a module with LoRA: its adapters keep their values, and the added rows'
+  own parameters (`new_token_embedding`, `new_token_head`) start as the loaded table's rows."""
+  if not module.lora.enabled:
+    return rules
+
+  def with_adapters(state: torch_io.TorchState) -> dict[str, np.ndarray]:
+    out = rules(state)
+    for path, (var, index) in torch_io.unstacked_params(module).items():
+      if path.endswith(("/lora_a", "/lora_b")):
+        out[path] = torch_io.read_unstacked(var, index)
+    base = module.config.vocab_size
+    if module.new_token_embedding is not None:
+      out["new_token_embedding"] = out["model/embed_tokens/embedding"][base:]
+    if module.new_token_head is not None:
+      out["new_token_head"] = out["lm_head/kernel"][:, base:]
+    return out
+
+  return with_adapters
+
+
 def load_llama(module: LlamaForCausalLM, model_dir: str) -> None:
   """Reads `model_dir` (config.json + weights) into `module`, checking the config first.
 
   The checkpoint's vocabulary is the config's (rows beyond it keep the module's values) or the
-  module's whole one (a `save_llama` export of a model with added tokens)."""
+  module's whole one (a `save_llama` export of a model with added tokens). A module with LoRA
+  keeps its adapters (`unires_jax.convert.lora.load_adapter` reads them)."""
   hf = torch_io.read_config_json(model_dir)
   expected = module.config._asdict()
   if hf.get("vocab_size") == module.vocab_size:  # an export of this model: added rows included
@@ -155,7 +177,8 @@ def load_llama(module: LlamaForCausalLM, model_dir: str) -> None:
   check_llm_config(expected, hf)
   tensors = torch_io.read_state_dir(model_dir)
   tied = module.tie_word_embeddings
-  rules = _keep_extra_rows(module, _rules(module.config.num_layers, tied), model_dir)
+  rules = _keep_adapters(module, _keep_extra_rows(
+      module, _rules(module.config.num_layers, tied), model_dir))
   torch_io.convert_all(
       rules,
       tensors,
@@ -201,7 +224,8 @@ def export_plan(shapes: Mapping[str, tuple[int, ...]]) -> torch_io.ExportPlan:
 
 
 def save_llama(module: LlamaForCausalLM, out_dir: str) -> None:
-  """Writes `module` as a new transformers model directory (config.json + model.safetensors)."""
+  """Writes `module` as a new transformers model directory (config.json + model.safetensors).
+  A module with LoRA writes its base weights: the adapters are not in it (`convert.lora`)."""
   plan = export_plan(torch_io.module_shapes(module))
   torch_io.write_model_dir(out_dir, hf_config(module.config._asdict(), module.vocab_size),
                            torch_io.export_tensors(plan, module))

@@ -220,6 +220,7 @@ def assign_params(
     values: Mapping[str, np.ndarray],
     source: str,
     consume: bool = False,
+    select: type[nnx.Param] = nnx.Param,
 ) -> None:
   """Sets every `nnx.Param` of `module` from `values` ({'a/b/0/kernel': array}), keyed by the
   unrolled paths of `unstacked_params` (a stacked-layer parameter gets its layers' values
@@ -228,9 +229,11 @@ def assign_params(
   Every parameter must be given exactly once with its exact shape; the error names the
   parameter, the source and the shapes. Values are cast to the parameter's dtype. `consume`
   removes each value from `values` (a dict) once it is set, so that memory holds each tensor
-  once, as a source array or as a parameter, not both.
+  once, as a source array or as a parameter, not both. `select`: set only the parameters of
+  this type (e.g. `nnx.LoRAParam`, an adapter); the others are left as they are.
   """
-  params = unstacked_params(module)
+  params = {path: (var, index) for path, (var, index) in unstacked_params(module).items()
+            if isinstance(var, select)}
   missing = sorted(set(params) - set(values))
   if missing:
     raise CheckpointError(f"{source}: no value for parameter {missing[0]!r} ({len(missing)} in all)")

@@ -7,6 +7,9 @@
   DIR/unires_heads.safetensors  every other parameter (projectors, mask decoder, no-target head)
                                 under its path in the Flax model, e.g. "mask_decoder/query_embed"
   DIR/config.json               the `config.model` the parts were built from
+  DIR/llm_adapter/              with `lora_adapter`: the LLM's LoRA adapter in PEFT's layout
+                                (`unires_jax.convert.lora`); a LoRA model's llm/ is merged and
+                                its config.json says `llm.lora.rank = 0`
 
 `export_pytorch` writes a model in memory, `export_checkpoint` a checkpoint on disk; both stream:
 tensors are read in groups of at most `group_bytes`, converted and appended to their safetensors
@@ -25,7 +28,9 @@ from flax import nnx
 
 from unires_jax import checkpoint, models, utils
 from unires_jax.convert import clip_vit, convnext, llama, torch_io
+from unires_jax.convert import lora as lora_convert
 from unires_jax.models import layers, prompt
+from unires_jax.models import lora as lora_lib
 
 BACKBONES = ("vision", "convnext", "llm")  # UniRES++ attributes exported through their libraries
 HEADS_FILE = "unires_heads.safetensors"
@@ -152,7 +157,8 @@ def write_tokenizer(tokenizer_dir: str, model_config: ml_collections.ConfigDict,
 
 def write_export(source, model_config: ml_collections.ConfigDict, out_dir: str, *,
                  dtype: str = "float32", tokenizer_dir: str | None = None,
-                 group_bytes: int = GROUP_BYTES,
+                 group_bytes: int = GROUP_BYTES, lora_adapter: bool = False,
+                 base_model: str | None = None,
                  progress: Callable[[str], None] = lambda message: None) -> None:
   """Writes the parameters of `source` (`ModuleParams` or `CheckpointParams`), a UniRES++ built
   from `model_config` (= `config.model`), as the new directory `out_dir` (see the module doc).
@@ -161,11 +167,21 @@ def write_export(source, model_config: ml_collections.ConfigDict, out_dir: str, 
     dtype: "float32" or "bfloat16", the dtype of every written tensor.
     tokenizer_dir: a tokenizer to save in `out_dir/llm`, special tokens added (optional).
     group_bytes: at most this many bytes of parameters are read at once.
+    lora_adapter: also write the LoRA adapter as `out_dir/llm_adapter` (a model with LoRA).
+    base_model: the adapter's `base_model_name_or_path` (e.g. lmsys/vicuna-7b-v1.5).
     progress: called with a line per part written.
   """
   if dtype not in DTYPES:
     raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
   out_dtype, cfg = DTYPES[dtype], model_config
+  lora = lora_lib.read_lora_config(cfg.llm.get("lora"))
+  if lora_adapter and not lora.enabled:
+    raise ValueError("lora_adapter: the model has no LoRA adapter (config.model.llm.lora.rank=0)")
+  adapted = source
+  if lora.enabled:
+    source = lora_convert.Merged(adapted, lora, cfg.llm.vocab_size)
+    cfg = ml_collections.ConfigDict(cfg.to_dict())
+    cfg.llm.lora.rank = 0  # what llm/ holds: the merged model
 
   def sub(prefix: str) -> dict[str, tuple[int, ...]]:
     return {p[len(prefix):]: s for p, s in source.shapes.items() if p.startswith(prefix)}
@@ -194,11 +210,29 @@ def write_export(source, model_config: ml_collections.ConfigDict, out_dir: str, 
     heads = {p: (p, torch_io.SAME) for p in source.shapes if is_head(p)}
     _write_tensors(source, "", heads, os.path.join(tmp, HEADS_FILE), out_dtype, {}, group_bytes)
     progress(f"{HEADS_FILE}: {len(heads)} tensors, {_mib(source, '', heads, out_dtype):.1f} MiB")
+    if lora_adapter:
+      _write_adapter(adapted, model_config, vocab, os.path.join(tmp, lora_convert.ADAPTER_DIR),
+                     out_dtype, group_bytes, base_model, progress)
     if tokenizer_dir:
       write_tokenizer(tokenizer_dir, cfg, os.path.join(tmp, "llm"))
       progress("llm: tokenizer with the special tokens")
     with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
-      f.write(model_config.to_json_best_effort(indent=2, sort_keys=True))
+      f.write(cfg.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def _write_adapter(source, model_config: ml_collections.ConfigDict, vocab: int, out_dir: str,
+                   dtype: np.dtype, group_bytes: int, base_model: str | None,
+                   progress: Callable[[str], None]) -> None:
+  """The LLM's LoRA adapter as PEFT's directory `out_dir` (`unires_jax.convert.lora`)."""
+  lora = lora_lib.read_lora_config(model_config.llm.lora)
+  plan = lora_convert.adapter_plan(p[len("llm/"):] for p in source.shapes if p.startswith("llm/"))
+  os.makedirs(out_dir)
+  _write_json(os.path.join(out_dir, lora_convert.CONFIG_FILE),
+              lora_convert.adapter_config(lora, model_config.llm, vocab, base_model))
+  _write_tensors(source, "llm/", plan, os.path.join(out_dir, lora_convert.WEIGHTS_FILE), dtype,
+                 {}, group_bytes)
+  progress(f"{lora_convert.ADAPTER_DIR}: {len(plan)} tensors, "
+           f"{_mib(source, 'llm/', plan, dtype):.1f} MiB")
 
 
 def export_pytorch(model: nnx.Module, model_config: ml_collections.ConfigDict, out_dir: str,
@@ -259,18 +293,21 @@ def _fresh_parameters(config: ml_collections.ConfigDict, seed: int) -> dict[str,
   def init():
     model = models.build_model(config, layers.ParamKeys(seed))
     return {path: var[...] for path, var in torch_io.iter_params(model)
-            if is_head(path) or path in VOCAB_PARAMS}
+            if is_head(path) or path in VOCAB_PARAMS or isinstance(var, nnx.LoRAParam)}
 
   return jax.jit(init)()
 
 
 def import_released(config: ml_collections.ConfigDict, *, vision_dir: str, convnext_file: str,
-                    llm_dir: str, heads_file: str | None = None, seed: int = 0) -> nnx.Module:
+                    llm_dir: str, heads_file: str | None = None, llm_adapter: str | None = None,
+                    seed: int = 0) -> nnx.Module:
   """A UniRES++ (`config`) whose backbones carry released PyTorch weights: a transformers CLIP
   (vision tower or whole CLIP model) directory, a timm / open_clip ConvNeXt state dict (or an
   export's `high_res_encoder/`) and a transformers LLaMA directory. The other parameters (projectors, mask decoder, no-target head,
   the added vocabulary rows) are freshly initialised from `seed`, or read from `heads_file` (an
-  export's `unires_heads.safetensors`).
+  export's `unires_heads.safetensors`). With LoRA on (`config.model.llm.lora`), the adapters
+  start fresh (B = 0: the model computes what the released LLM does) or are read from
+  `llm_adapter` (a PEFT adapter directory, e.g. an export's `llm_adapter/`).
 
   Each backbone's config is checked against its weights (the error names the first field that
   differs). Host memory holds the model once plus the source tensor being converted: the model
@@ -287,4 +324,6 @@ def import_released(config: ml_collections.ConfigDict, *, vision_dir: str, convn
     convnext_file = os.path.join(convnext_file, torch_io.SAFETENSORS_SINGLE)
   convnext.load_convnext(model.convnext, convnext_file)
   llama.load_llama(model.llm, llm_dir)
+  if llm_adapter:
+    lora_convert.load_adapter(model.llm, llm_adapter)
   return model

@@ -20,6 +20,7 @@ Logical axis names used by the models:
   features     input features that come from another tower (projector inputs)
   layers       the leading axis of a stacked layer (`config.model.scan_layers`): one entry per
                transformer layer, never sharded
+  lora_rank    the rank dimension of a low-rank adapter (`unires_jax.models.lora`), never sharded
 A dimension that is never sharded (e.g. a size-1 output) is named None.
 
 Activations get names too, where a tower's residual stream passes (`unires_jax.sharding.constrain`):

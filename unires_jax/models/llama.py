@@ -34,6 +34,7 @@ from flax import nnx
 from unires_jax.kernels import llm_attention
 from unires_jax import sharding
 from unires_jax.models import layers
+from unires_jax.models import lora as lora_lib
 
 class LlamaConfig(NamedTuple):
   """The fields of `config.model.llm` (hashable, so it can live in a GraphDef): the
@@ -126,7 +127,8 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
 class LlamaAttention(nnx.Module):
   """Grouped-query self-attention with rotary embeddings; no biases."""
 
-  def __init__(self, cfg: LlamaConfig, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(self, cfg: LlamaConfig, *, lora: lora_lib.LoRAConfig = lora_lib.LoRAConfig(),
+               dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
     self.num_heads = cfg.num_heads
     self.num_kv_heads = cfg.num_kv_heads
     self.head_dim = cfg.head_dim
@@ -134,11 +136,11 @@ class LlamaAttention(nnx.Module):
     self.attention = cfg.attention
     e = cfg.hidden_size
     q_width, kv_width = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-    kw = dict(rngs=rngs, use_bias=False, dtype=dtype, param_dtype=param_dtype)
-    self.q_proj = layers.linear(e, q_width, ("embed", "heads"), **kw)
-    self.k_proj = layers.linear(e, kv_width, ("embed", "kv_heads"), **kw)
-    self.v_proj = layers.linear(e, kv_width, ("embed", "kv_heads"), **kw)
-    self.o_proj = layers.linear(q_width, e, ("heads", "embed"), **kw)
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.q_proj = lora_lib.linear("q_proj", lora, e, q_width, ("embed", "heads"), **kw)
+    self.k_proj = lora_lib.linear("k_proj", lora, e, kv_width, ("embed", "kv_heads"), **kw)
+    self.v_proj = lora_lib.linear("v_proj", lora, e, kv_width, ("embed", "kv_heads"), **kw)
+    self.o_proj = lora_lib.linear("o_proj", lora, q_width, e, ("heads", "embed"), **kw)
 
   def __call__(
       self,
@@ -191,12 +193,13 @@ class LlamaAttention(nnx.Module):
 class LlamaMLP(nnx.Module):
   """SwiGLU: down(silu(gate(x)) * up(x)), no biases."""
 
-  def __init__(self, cfg: LlamaConfig, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(self, cfg: LlamaConfig, *, lora: lora_lib.LoRAConfig = lora_lib.LoRAConfig(),
+               dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
     e, m = cfg.hidden_size, cfg.intermediate_size
-    kw = dict(rngs=rngs, use_bias=False, dtype=dtype, param_dtype=param_dtype)
-    self.gate_proj = layers.linear(e, m, ("embed", "mlp"), **kw)
-    self.up_proj = layers.linear(e, m, ("embed", "mlp"), **kw)
-    self.down_proj = layers.linear(m, e, ("mlp", "embed"), **kw)
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.gate_proj = lora_lib.linear("gate_proj", lora, e, m, ("embed", "mlp"), **kw)
+    self.up_proj = lora_lib.linear("up_proj", lora, e, m, ("embed", "mlp"), **kw)
+    self.down_proj = lora_lib.linear("down_proj", lora, m, e, ("mlp", "embed"), **kw)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -205,13 +208,14 @@ class LlamaMLP(nnx.Module):
 class LlamaDecoderLayer(nnx.Module):
   """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-  def __init__(self, cfg: LlamaConfig, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(self, cfg: LlamaConfig, *, lora: lora_lib.LoRAConfig = lora_lib.LoRAConfig(),
+               dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     e, eps = cfg.hidden_size, cfg.rms_norm_eps
     self.input_layernorm = RMSNorm(e, epsilon=eps, **kw)
-    self.self_attn = LlamaAttention(cfg, **kw)
+    self.self_attn = LlamaAttention(cfg, lora=lora, **kw)
     self.post_attention_layernorm = RMSNorm(e, epsilon=eps, **kw)
-    self.mlp = LlamaMLP(cfg, **kw)
+    self.mlp = LlamaMLP(cfg, lora=lora, **kw)
 
   def __call__(self, x, positions, mask, kv=None, start=None):
     """`[b, t, e]` -> `[b, t, e]` and the layer's updated cache; see `LlamaAttention`."""
@@ -225,9 +229,12 @@ def _call_layer(layer, *args):
   return layer(*args)
 
 
-def _scan_body(layer, x, positions, mask):
-  """One scanned layer without a cache: `[b, t, e]` -> `([b, t, e], None)`."""
-  return layer(x, positions, mask)[0], None
+def _scan_body(layer, carry, positions, mask):
+  """One scanned layer without a cache: (`[b, t, e]`, layer index) -> the same, None; the
+  index gives the layer its own adapter-dropout key (`lora.layer_scope`)."""
+  x, i = carry
+  with lora_lib.layer_scope(i):
+    return (layer(x, positions, mask)[0], i + 1), None
 
 
 def _cached_scan_body(layer, carry, positions, mask, start):
@@ -246,7 +253,8 @@ class LlamaModel(nnx.Module):
   """Token embeddings, decoder layers and the final norm (transformers' `model.`)."""
 
   def __init__(self, cfg: LlamaConfig, *, vocab_size: int, dtype=None, param_dtype=jnp.float32,
-               remat: str = "none", scan_layers: bool = False, rngs: nnx.Rngs):
+               remat: str = "none", scan_layers: bool = False,
+               lora: lora_lib.LoRAConfig = lora_lib.LoRAConfig(), rngs: nnx.Rngs):
     e = cfg.hidden_size
     self.remat = remat  # rematerialises each decoder layer in training (no cache)
     self.attention = cfg.attention
@@ -261,7 +269,7 @@ class LlamaModel(nnx.Module):
         rngs=rngs,
     )
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    decoder = [LlamaDecoderLayer(cfg, **kw) for _ in range(cfg.num_layers)]
+    decoder = [LlamaDecoderLayer(cfg, lora=lora, **kw) for _ in range(cfg.num_layers)]
     self.layers = layers.stack_modules(decoder) if scan_layers else nnx.List(decoder)
     self.norm = RMSNorm(e, epsilon=cfg.rms_norm_eps, **kw)
 
@@ -314,7 +322,8 @@ class LlamaModel(nnx.Module):
     call = _call_layer if cache is not None else layers.remat(_call_layer, self.remat)
     for i, layer in enumerate(self.layers):
       kv = None if cache is None else (cache.keys[i], cache.values[i])
-      x, kv = call(layer, x, positions, mask, kv, start)
+      with lora_lib.layer_scope(i):
+        x, kv = call(layer, x, positions, mask, kv, start)
       if kv is not None:
         keys.append(kv[0])
         values.append(kv[1])
@@ -323,7 +332,8 @@ class LlamaModel(nnx.Module):
   def _scan(self, x, positions, mask, cache, start):
     """The stacked layers in a scan: `[b, t, e]` -> `[b, t, e]`, stacked (keys, values)."""
     if cache is None:
-      x, _ = layers.scan_layers(_scan_body, self.layers, x, positions, mask, policy=self.remat)
+      (x, _), _ = layers.scan_layers(_scan_body, self.layers, (x, jnp.zeros((), jnp.int32)),
+                                     positions, mask, policy=self.remat)
       return x, None
     carry = (x, cache.keys, cache.values, jnp.zeros((), jnp.int32))
     (x, keys, values, _), _ = layers.scan_layers(
@@ -336,6 +346,12 @@ class LlamaForCausalLM(nnx.Module):
 
   `vocab_size` overrides the config's vocabulary (UniRES++ appends its special tokens as rows).
   `scan_layers` stacks the decoder layers and scans over them (see the module docstring).
+
+  With LoRA (`cfg["lora"]`, `unires_jax.models.lora`) the targeted projections carry adapters,
+  and the rows beyond the config's vocabulary get parameters of their own that replace the
+  table's (`new_token_embedding` `[added, hidden]`, and `new_token_head` `[hidden, added]`
+  unless the embeddings are tied; PEFT's trainable tokens): they start as copies of those rows,
+  and train while the LLM's own weights stay frozen.
   """
 
   def __init__(
@@ -353,9 +369,10 @@ class LlamaForCausalLM(nnx.Module):
     self.vocab_size = vocab_size or self.config.vocab_size
     self.tie_word_embeddings = bool(self.config.tie_word_embeddings)
     self.dtype = dtype
+    self.lora = lora_lib.read_lora_config(cfg.get("lora"))
     self.model = LlamaModel(
         self.config, vocab_size=self.vocab_size, dtype=dtype, param_dtype=param_dtype,
-        remat=remat, scan_layers=scan_layers, rngs=rngs)
+        remat=remat, scan_layers=scan_layers, lora=self.lora, rngs=rngs)
     if not self.tie_word_embeddings:
       self.lm_head = layers.linear(
           self.config.hidden_size,
@@ -366,10 +383,37 @@ class LlamaForCausalLM(nnx.Module):
           dtype=dtype,
           param_dtype=param_dtype,
       )
+    base = self.config.vocab_size
+    new_rows = self.lora.enabled and self.vocab_size > base
+    self.new_token_embedding = nnx.LoRAParam(
+        self.model.embed_tokens.embedding[...][base:], **layers.axes("vocab", "embed")
+    ) if new_rows else None
+    self.new_token_head = nnx.LoRAParam(
+        self.lm_head.kernel[...][:, base:], **layers.axes("embed", "vocab")
+    ) if new_rows and not self.tie_word_embeddings else None
 
   def embed(self, input_ids: jax.Array) -> jax.Array:
     """Token embeddings: `[b, t]` int -> `[b, t, hidden_size]`."""
-    return self.model.embed_tokens(input_ids)
+    x = self.model.embed_tokens(input_ids)
+    if self.new_token_embedding is None:
+      return x
+    base, rows = self.config.vocab_size, self.new_token_embedding[...]
+    new = jnp.take(rows, jnp.clip(input_ids - base, 0, rows.shape[0] - 1), axis=0)
+    return jnp.where((input_ids >= base)[..., None], new.astype(x.dtype), x)
+
+  def logits(self, hidden: jax.Array) -> jax.Array:
+    """LM logits: `[..., hidden_size]` -> `[..., vocab]`."""
+    if self.tie_word_embeddings:
+      logits = self.model.embed_tokens.attend(hidden)
+      new = None if self.new_token_embedding is None else self.new_token_embedding[...].T
+    else:
+      logits = self.lm_head(hidden)
+      new = None if self.new_token_head is None else self.new_token_head[...]
+    if new is None:
+      return logits
+    dtype = self.dtype or hidden.dtype
+    added = (hidden.astype(dtype) @ new.astype(dtype)).astype(logits.dtype)
+    return jnp.concatenate([logits[..., :self.config.vocab_size], added], axis=-1)
 
   def init_cache(self, batch_size: int, max_len: int, dtype: Any = None) -> KVCache:
     """An empty cache for `max_len` tokens per row (prompt and generated)."""
@@ -426,8 +470,4 @@ class LlamaForCausalLM(nnx.Module):
     at = hidden
     if logit_positions is not None:
       at = jnp.take_along_axis(hidden, logit_positions[..., None], axis=1)
-    if self.tie_word_embeddings:
-      logits = self.model.embed_tokens.attend(at)
-    else:
-      logits = self.lm_head(at)
-    return logits, hidden, cache
+    return self.logits(at), hidden, cache

@@ -194,7 +194,7 @@ class UniRESPP(nnx.Module):
     part_tokens = self.part_projector(self._region_features(stages, batch["part_boxes"]))
 
     # Visual features replace the embeddings of their placeholders.
-    embeds = self.llm.model.embed_tokens(ids)
+    embeds = self.llm.embed(ids)
     rows = jnp.arange(ids.shape[0])[:, None]
     slots = {}
     for name, token, count, feats in (

@@ -28,6 +28,16 @@ from unires_jax.train.step import MODEL_KEYS, make_train_step, model_fields
 # (v5p: 95.74 GiB), and the dense bfloat16 peak in TFLOP/s.
 HBM_GIB = {"v4": 32.0, "v5e": 16.0, "v5p": 95.74, "v6e": 31.25}
 PEAK_TFLOPS = {"v4": 275.0, "v5e": 197.0, "v5p": 459.0, "v6e": 918.0}
+# How the LLM trains, for comparing train steps (`llm_mode`, benchmarks/tpu_compile.py).
+LLM_MODES = ("frozen LLM", "LoRA", "full LLM")
+LISA_RANK = 8  # --compare=lora's rank when the config's LoRA is off
+# Slices by chip count: v5p (3-D tori) and v6e (2-D), as `--topology` names them.
+SLICES = {
+    "v5p": ((4, "2x2x1"), (8, "2x2x2"), (16, "2x2x4"), (32, "2x4x4"), (64, "4x4x4"),
+            (128, "4x4x8"), (256, "4x8x8"), (512, "8x8x8")),
+    "v6e": ((1, "1x1"), (4, "2x2"), (8, "2x4"), (16, "4x4"), (32, "4x8"), (64, "8x8"),
+            (128, "8x16"), (256, "16x16")),
+}
 
 
 def generation(topology: str) -> str:
@@ -49,6 +59,34 @@ def topology_mesh(topology: str, mesh_cfg: ml_collections.ConfigDict) -> Mesh:
     raise ValueError(f"cannot build TPU topology {topology!r} on this host ({e}); deviceless "
                      "compilation needs libtpu: pip install 'jax[tpu]'") from e
   return parallel.make_mesh(mesh_cfg, devices=devices)
+
+
+def llm_mode(config: ml_collections.ConfigDict, mode: str) -> ml_collections.ConfigDict:
+  """A copy of `config` whose LLM trains as `mode` (one of LLM_MODES) says: "frozen LLM" adds
+  lr_multipliers "llm": 0.0, "full LLM" drops every "llm..." multiplier, both with LoRA off;
+  "LoRA" keeps the config's LoRA (rank LISA_RANK when off)."""
+  if mode not in LLM_MODES:
+    raise ValueError(f"unknown LLM mode {mode!r}; known: {LLM_MODES}")
+  other = config.copy_and_resolve_references()
+  multipliers = {k: v for k, v in other.optimizer.lr_multipliers.items()
+                 if k.strip("/").split("/")[0] != "llm"}
+  if mode == "frozen LLM":
+    multipliers["llm"] = 0.0
+  other.optimizer.lr_multipliers = ml_collections.ConfigDict(multipliers)
+  lora = other.model.llm.lora
+  lora.rank = (lora.rank or LISA_RANK) if mode == "LoRA" else 0
+  return other
+
+
+def smallest_slice(total_bytes: float, chips: int, batch: int, gen: str) -> str:
+  """The smallest slice of generation `gen` whose chips would hold the step: an estimate that
+  scales the per-chip total of a compile on `chips` chips by chips / slice chips (parameters,
+  optimizer state and activations all sharded over every chip, as `fsdp=-1` does, at the same
+  global batch, which each slice's chips must divide)."""
+  for size, name in SLICES[gen]:
+    if batch % size == 0 and total_bytes * chips / size <= HBM_GIB[gen] * 2**30:
+      return f"{gen}:{name} ({size} chips)"
+  return f"none up to {gen}:{SLICES[gen][-1][1]}"
 
 
 def synthetic_batch_at_pipeline_length(config: ml_collections.ConfigDict,

@@ -51,7 +51,7 @@ import ml_collections
 
 from unires_jax.models import convnext as convnext_lib
 from unires_jax.models import prompt
-from unires_jax.train.optimizer import lr_multiplier
+from unires_jax.train import optimizer as optimizer_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,7 +118,7 @@ class _Counter:
 
   def trainable(self, path: str) -> bool:
     """Whether a parameter under `path` trains (a longer key may unfreeze a part of it)."""
-    if lr_multiplier(path, self.multipliers) != 0:
+    if optimizer_lib.lr_multiplier(path, self.multipliers) != 0:
       return True
     return any(v != 0 and k.strip("/").startswith(path + "/") for k, v in self.multipliers.items())
 
@@ -300,7 +300,8 @@ def count_flops(config: ml_collections.ConfigDict, batch_size: int, seq_len: int
   """The model FLOPs of one UniRES++ step on `batch_size` sequences of `seq_len` tokens.
 
   `config` is the whole config (`config.model` for the shapes, `config.optimizer.lr_multipliers`
-  for what trains). `seq_len` is the batch's `input_ids.shape[1]` (the pipeline's
+  for what trains, `optimizer.multipliers_of`: with LoRA the LLM counts as frozen, its adapters'
+  FLOPs, rank / width of the projections', left out). `seq_len` is the batch's `input_ids.shape[1]` (the pipeline's
   `preprocess.sample_spec(config.model, config.input).max_length`). The LM head runs at
   `config.model.max_answer_tokens` positions of each sequence, as in training
   (`models.unires.train_forward`). FLOPs do not depend on `config.train.accum_steps`
@@ -311,7 +312,7 @@ def count_flops(config: ml_collections.ConfigDict, batch_size: int, seq_len: int
   if seq_len < num_image + m.max_objects + m.max_parts + 1:
     raise ValueError(f"seq_len={seq_len} cannot hold {num_image} image tokens, "
                      f"{m.max_objects + m.max_parts} region tokens and [SEG]")
-  c = _Counter(config.optimizer.lr_multipliers)
+  c = _Counter(optimizer_lib.multipliers_of(config))
   image = _clip(c, m.vision, batch_size, bool(m.get("scan_layers", False)))
   width = m.llm.hidden_size
   image = _projector(c, "image_projector", m.projector, batch_size * num_image,

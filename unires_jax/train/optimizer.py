@@ -4,6 +4,12 @@
 embed_tokens") to a multiplier of the learning rate; the longest matching prefix wins and
 everything else gets 1.0. A multiplier of 0 freezes: frozen parameters get no gradient (the train
 step differentiates only the trainable ones) and no optimizer state.
+
+LoRA (`config.model.llm.lora.rank > 0`, `unires_jax.models.lora`): the LLM is frozen ("llm": 0.0
+unless the table gives "llm" itself), and an adapter parameter (`nnx.LoRAParam`: the adapters
+and the LLM's added vocabulary rows) is never frozen by a prefix: where its prefix says 0 it
+trains at multiplier 1. So the base weights keep no optimizer state, the adapters, the
+special-token rows and the new parts (projectors, mask decoder, heads) train.
 """
 
 from typing import Mapping
@@ -14,6 +20,7 @@ import ml_collections
 import optax
 from flax import nnx
 
+from unires_jax.models import lora as lora_lib
 from unires_jax.utils import path_str
 
 
@@ -25,6 +32,21 @@ def lr_multiplier(path: str, multipliers: Mapping[str, float]) -> float:
     if (path == prefix or path.startswith(prefix + "/")) and len(prefix) > best:
       best, value = len(prefix), float(mult)
   return value
+
+
+def multipliers_of(config: ml_collections.ConfigDict) -> dict[str, float]:
+  """`config.optimizer.lr_multipliers`, with "llm": 0.0 added when LoRA is on."""
+  out = dict(config.optimizer.lr_multipliers)
+  if lora_lib.read_lora_config(config.model.llm.get("lora")).enabled:
+    out.setdefault("llm", 0.0)
+  return out
+
+
+def param_multiplier(path: str, var: nnx.Variable, multipliers: Mapping[str, float]) -> float:
+  """The multiplier of the parameter `var` at `path`: its prefix's, 1.0 for an adapter
+  parameter (`nnx.LoRAParam`) whose prefix freezes."""
+  value = lr_multiplier(path, multipliers)
+  return 1.0 if value == 0.0 and isinstance(var, nnx.LoRAParam) else value
 
 
 def check_multipliers(params: nnx.State, multipliers: Mapping[str, float]) -> None:
@@ -46,8 +68,8 @@ def _variables(state: nnx.State):
 
 def split_trainable(params: nnx.State, multipliers: Mapping[str, float]
                     ) -> tuple[nnx.State, nnx.State]:
-  """(trainable, frozen) parts of `params`; frozen = multiplier 0."""
-  frozen = lambda path, _: lr_multiplier(path_str(path), multipliers) == 0.0
+  """(trainable, frozen) parts of `params`; frozen = multiplier 0 (`param_multiplier`)."""
+  frozen = lambda path, var: param_multiplier(path_str(path), var, multipliers) == 0.0
   frozen_state, trainable = nnx.split_state(params, frozen, ...)
   return trainable, frozen_state
 
@@ -62,17 +84,16 @@ def learning_rate_schedule(opt_cfg: ml_collections.ConfigDict, num_steps: int) -
       decay_steps=num_steps, end_value=opt_cfg.learning_rate * opt_cfg.end_lr_fraction)
 
 
-def make_optimizer(opt_cfg: ml_collections.ConfigDict, num_steps: int,
-                   trainable: nnx.State) -> optax.GradientTransformation:
-  """The optimizer of the trainable parameters.
+def make_optimizer(opt_cfg: ml_collections.ConfigDict, num_steps: int, trainable: nnx.State,
+                   multipliers: Mapping[str, float]) -> optax.GradientTransformation:
+  """The optimizer of the trainable parameters, each at its `param_multiplier`.
 
   clip_by_global_norm -> AdamW (decoupled weight decay on kernels and embeddings only, i.e.
   parameters with 2+ dimensions) with the schedule scaled by each parameter's multiplier.
   """
   schedule = learning_rate_schedule(opt_cfg, num_steps)
-  multipliers = dict(opt_cfg.lr_multipliers)
   labels_of = lambda params: jax.tree_util.tree_map_with_path(
-      lambda path, v: v.replace(repr(lr_multiplier(path_str(path), multipliers))), params,
+      lambda path, v: v.replace(repr(param_multiplier(path_str(path), v, multipliers))), params,
       is_leaf=lambda x: isinstance(x, nnx.Variable))
   labels = {v.get_value() for _, v in _variables(labels_of(trainable))}
 

@@ -9,6 +9,9 @@ is counted. The state is donated: its buffers are reused for the new state.
 With accumulation, the loss is the mean of the micro-batches' losses, each normalised within
 its micro-batch (as every accumulating trainer does); it equals the full-batch loss when the
 micro-batches hold equal numbers of answer tokens and mask targets.
+
+LoRA dropout (`config.model.llm.lora.dropout`) draws from a key folded from `config.train.seed`,
+the step and the micro-batch: a resumed run drops what the uninterrupted one would.
 """
 
 from typing import Callable, Mapping
@@ -20,6 +23,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from unires_jax import parallel
+from unires_jax.models import lora as lora_lib
 from unires_jax.models.unires import INPUT_KEYS, LOSS_KEYS, compute_loss, train_forward
 from unires_jax.train import optimizer as optimizer_lib
 from unires_jax.train.state import StateFactory, TrainState
@@ -67,37 +71,45 @@ def make_train_step(factory: StateFactory) -> Callable[[TrainState, Batch], tupl
   `nonfinite_in_row`, `nonfinite_total`.
   """
   config, graphdef, tx = factory.config, factory.graphdef, factory.tx
-  multipliers = dict(config.optimizer.lr_multipliers)
+  multipliers = factory.multipliers
+  lora = lora_lib.read_lora_config(config.model.llm.get("lora"))
+  dropout = lora.enabled and lora.dropout > 0
   accum_steps = int(config.train.accum_steps)
   if accum_steps < 1:
     raise ValueError(f"config.train.accum_steps must be >= 1, got {accum_steps}")
   schedule = optimizer_lib.learning_rate_schedule(config.optimizer, config.train.num_steps)
   aux_loss = bool(config.model.mask_decoder.aux_loss)
 
-  def loss_fn(trainable, frozen, batch):
+  def loss_fn(trainable, frozen, batch, key):
     model = nnx.merge(graphdef, trainable, frozen)
-    return compute_loss(train_forward(model, batch), batch, config.model.loss, aux_loss=aux_loss)
+    with lora_lib.dropout_key(key if dropout else None):
+      return compute_loss(train_forward(model, batch), batch, config.model.loss,
+                          aux_loss=aux_loss)
 
-  def gradients(trainable, frozen, batch):
-    (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, frozen, batch)
+  def gradients(trainable, frozen, batch, key):
+    (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        trainable, frozen, batch, key)
     return loss, parts, grads
 
-  def accumulated(trainable, frozen, batch):
+  def accumulated(trainable, frozen, batch, key):
     micro = _micro_batches(batch, accum_steps)
     shapes = jax.eval_shape(gradients, trainable, frozen,
-                            jax.tree_util.tree_map(lambda x: x[0], micro))
+                            jax.tree_util.tree_map(lambda x: x[0], micro), key)
     zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
     def body(carry, one):
-      return jax.tree_util.tree_map(jnp.add, carry, gradients(trainable, frozen, one)), None
+      one, j = one
+      grads = gradients(trainable, frozen, one, jax.random.fold_in(key, j))
+      return jax.tree_util.tree_map(jnp.add, carry, grads), None
 
-    sums, _ = jax.lax.scan(body, zeros, micro)
+    sums, _ = jax.lax.scan(body, zeros, (micro, jnp.arange(accum_steps)))
     return jax.tree_util.tree_map(lambda x: x / accum_steps, sums)
 
   def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
     trainable, frozen = optimizer_lib.split_trainable(state.params, multipliers)
     compute = gradients if accum_steps == 1 else accumulated
-    loss, parts, grads = compute(trainable, frozen, batch)
+    key = jax.random.fold_in(jax.random.key(config.train.seed), state.step)
+    loss, parts, grads = compute(trainable, frozen, batch, key)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     learning_rate = schedule(_adam_count(state.opt_state))

@@ -21,7 +21,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from unires_jax import checkpoint, config_lib, parallel
+from unires_jax import config_lib, parallel
 from unires_jax.data import pipeline, tokenizer
 from unires_jax.evaluation import evals, evaluator, overlays
 from unires_jax.metric_writer import MetricWriter
@@ -72,8 +72,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, show_progress: boo
     state = checkpoints.restore(factory.abstract_sharded(), data)
     log.info("resumed from step %d of %s", int(state.step), checkpoints.directory)
   elif tcfg.init_from:
-    params, _ = checkpoint.restore_params(tcfg.init_from, factory.model.abstract_sharded())
-    state = factory.create(params)
+    state = factory.create(factory.params_from(tcfg.init_from))
     log.info("parameters from %s", tcfg.init_from)
   else:
     state = factory.create()
