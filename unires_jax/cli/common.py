@@ -67,7 +67,7 @@ def start(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-  for noisy in ("absl", "jax", "orbax", "tensorflow", "grain"):
+  for noisy in ("absl", "jax", "orbax", "tensorflow", "grain", "httpx"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
   if FLAGS.coordinator_address:
     missing = [f for f in ("num_processes", "process_id") if getattr(FLAGS, f) is None]

@@ -80,11 +80,12 @@ def main(argv) -> int:
       page = app_lib.page(
           batcher, title=f"UniRES++: {os.path.basename(os.path.normpath(common.CHECKPOINT.value))}",
           examples=examples, save_dir=_SAVE_DIR.value, max_pixels=_MAX_PIXELS.value)
-      page.launch(server_name=_HOST.value, server_port=_PORT.value, share=False,
-                  max_file_size=int(_MAX_UPLOAD_MB.value * 2**20), show_error=False,
-                  ssr_mode=False, footer_links=[],
-                  allowed_paths=[os.path.dirname(p) for p, _ in examples[:1]],
-                  prevent_thread_lock=True)
+      _, url, _ = page.launch(
+          server_name=_HOST.value, server_port=_PORT.value, share=False, quiet=True,
+          max_file_size=int(_MAX_UPLOAD_MB.value * 2**20), show_error=False, ssr_mode=False,
+          footer_links=[], allowed_paths=[os.path.dirname(p) for p, _ in examples[:1]],
+          prevent_thread_lock=True)
+      log.info("serving on %s (listening on %s)", url, _HOST.value)
       stop = threading.Event()
       signal.signal(signal.SIGTERM, lambda *_: stop.set())
       try:

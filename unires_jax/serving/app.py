@@ -29,6 +29,7 @@ from unires_jax.serving import batcher as batcher_lib
 
 MAX_TEXT_CHARS = 1000
 BOXES_HINT = '{"object": [[x1, y1, x2, y2], ...], "part": [...]}'
+_BUTTONS = ["download", "fullscreen"]  # not Gradio's "share" (a Hugging Face upload)
 _SOURCES = {"given": "given with the request", "detector": "found by the detector",
             "whole_image": "none given: the whole image is the one object proposal"}
 
@@ -156,7 +157,7 @@ def page(batcher: batcher_lib.Batcher, *, title: str, examples: list[list[str]],
     result = answer.result
     note = details(answer)
     if save_dir:
-      note += f" · saved to {save_request(save_dir, upload, request, answer)}"
+      note += f" · saved as {os.path.basename(save_request(save_dir, upload, request, answer))}"
     return (overlays.overlay(request.image, result.mask), result.mask.astype(np.uint8) * 255,
             overlays.draw_boxes(request.image, result.boxes), inference.describe(result), note)
 
@@ -175,10 +176,12 @@ def page(batcher: batcher_lib.Batcher, *, title: str, examples: list[list[str]],
           gr.Examples(examples, inputs=[upload, text], label="Held-out images of the demo")
       with gr.Column():
         verdict = gr.Textbox(label="Verdict", interactive=False, elem_id="verdict")
-        overlay = gr.Image(label="Overlay", format="png", interactive=False, elem_id="overlay")
-        mask = gr.Image(label="Mask", format="png", interactive=False, elem_id="mask")
+        overlay = gr.Image(label="Overlay", format="png", interactive=False, buttons=_BUTTONS,
+                           elem_id="overlay")
+        mask = gr.Image(label="Mask", format="png", interactive=False, buttons=_BUTTONS,
+                        elem_id="mask")
         proposals = gr.Image(label="Proposals (objects yellow, parts blue)", format="png",
-                             interactive=False, elem_id="proposals")
+                             interactive=False, buttons=_BUTTONS, elem_id="proposals")
         note = gr.Textbox(label="Details", interactive=False, elem_id="details")
     for trigger in (button.click, text.submit):
       trigger(respond, [upload, text, boxes], [overlay, mask, proposals, verdict, note],
