@@ -67,6 +67,7 @@ def main(argv) -> int:
       common.CHECKPOINT.value, step=common.STEP.value, batch_size=common.BATCH_SIZE.value,
       no_target_threshold=common.NO_TARGET_THRESHOLD.value, detector=detector)
   temp_dir = _private_temp_dir()
+  log.info("uploads and results live in %s while the page needs them", temp_dir)
   # Read by Gradio when it is imported: uploads and served results go to `temp_dir`, and no
   # usage statistics are sent.
   os.environ.update(GRADIO_TEMP_DIR=temp_dir, GRADIO_ANALYTICS_ENABLED="False")
