@@ -183,7 +183,11 @@ def page(batcher: batcher_lib.Batcher, *, title: str, examples: list[list[str]],
         proposals = gr.Image(label="Proposals (objects yellow, parts blue)", format="png",
                              interactive=False, buttons=_BUTTONS, elem_id="proposals")
         note = gr.Textbox(label="Details", interactive=False, elem_id="details")
-    for trigger in (button.click, text.submit):
+    # Enter in the expression does what the button does; the button's event is the HTTP API's
+    # one endpoint, /segment (gradio_client: `Client(url).predict(handle_file(path), text, "",
+    # api_name="/segment")`).
+    for trigger, visibility in ((button.click, "public"), (text.submit, "private")):
       trigger(respond, [upload, text, boxes], [overlay, mask, proposals, verdict, note],
+              api_name="segment", api_visibility=visibility,
               concurrency_limit=batcher.segmenter.batch_size, concurrency_id="segment")
   return blocks
