@@ -30,6 +30,8 @@ def test_every_program_imports_into_one_process():
      "work directory or its checkpoints/ directory"),
     ("serve", ["--checkpoint=/nonexistent/run", "--max_pixels=0"], "--max_pixels=0 must be "
      "positive"),
+    ("serve", ["--checkpoint=/nonexistent/run", "--no_target_threshold=1.5"],
+     "--no_target_threshold=1.5 must be in (0, 1)"),
 ])
 def test_a_usage_error_is_one_line(program, args, error):
   run = subprocess.run([sys.executable, "-m", f"unires_jax.cli.{program}", *args],

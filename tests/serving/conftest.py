@@ -1,6 +1,5 @@
 """A tiny checkpoint laid out like an `unires-demo` work directory, for the web demo's tests."""
 
-import numpy as np
 import pytest
 from flax import nnx
 
@@ -33,6 +32,3 @@ def demo_run(tmp_path_factory) -> str:
   shapes_parts.write(str(run / "raw"), num_train=0, num_val=3, seed=0)
   return str(run)
 
-
-def noise_image(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:
-  return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)

@@ -92,8 +92,9 @@ def browser(tmp_path_factory):
     options.add_argument(arg)
   options.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chromium')}")
   # Both paths given: Selenium Manager has nothing to find (SE_OFFLINE: nor may it download).
-  os.environ["SE_OFFLINE"] = "true"
-  driver = webdriver.Chrome(service=webdriver.ChromeService(CHROMEDRIVER), options=options)
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setenv("SE_OFFLINE", "true")
+    driver = webdriver.Chrome(service=webdriver.ChromeService(CHROMEDRIVER), options=options)
   yield driver
   driver.quit()
 

@@ -55,6 +55,9 @@ def main(argv) -> int:
   for flag in (_MAX_UPLOAD_MB, _MAX_PIXELS, common.BATCH_SIZE):
     if flag.value <= 0:
       raise app.UsageError(f"--{flag.name}={flag.value} must be positive")
+  threshold = common.NO_TARGET_THRESHOLD.value
+  if threshold is not None and not 0 < threshold < 1:
+    raise app.UsageError(f"--no_target_threshold={threshold} must be in (0, 1)")
   from unires_jax import checkpoint, inference
 
   try:
