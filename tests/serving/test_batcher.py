@@ -1,9 +1,12 @@
 """serving.batcher: requests that arrive together share one model call, every answer is the
 segmenter's own, and nothing compiles after the warm-up; a failing batch leaves the worker
-serving. Also the page's request checks (serving.app.read_request) and save_request."""
+serving. Also the page's request checks (serving.app.read_request), save_request, and
+unires-serve's --step on a converted checkpoint."""
 
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -13,6 +16,7 @@ import pytest
 from jax import monitoring
 from PIL import Image
 
+from tests.repo import ROOT
 from unires_jax import inference
 from unires_jax.serving import app, batcher as batcher_lib
 
@@ -168,3 +172,11 @@ def test_a_request_is_saved_whole(segmenter, tmp_path):
                                 result.mask)
   assert app.details(answer).startswith("proposals: 1 object box, 0 part boxes (given with the "
                                         "request) · model 0.500 s for a batch of 2 requests")
+
+
+def test_serve_names_a_step_a_converted_checkpoint_does_not_have(demo_run):
+  run = subprocess.run([sys.executable, "-m", "unires_jax.cli.serve", f"--checkpoint={demo_run}",
+                        "--step=3"], capture_output=True, text=True, cwd=ROOT, check=False)
+  assert run.returncode == 1
+  assert (f"error: --checkpoint={demo_run}: {demo_run} is a converted checkpoint (no training "
+          "steps); drop the step") in run.stderr, run.stderr[-2000:]

@@ -158,6 +158,8 @@ def test_the_page_segments_as_unires_segment_does(server, browser, demo_run, det
       ".filter(n => !n.startsWith(arguments[0]))", url)
   assert not outside, f"the page loads from elsewhere: {outside}"
   (private,) = re.findall(r"uploads and results live in (\S+) ", server[2].read_text())
+  if os.path.isdir("/dev/shm"):
+    assert private.startswith("/dev/shm/"), private  # in memory, not on disk
 
   with open(os.path.join(demo_run, "raw", "annotations", "val.json"), encoding="utf-8") as f:
     reference = json.load(f)[0]
