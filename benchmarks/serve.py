@@ -145,7 +145,10 @@ def main(argv: list[str]) -> None:
       segmenter.segment([images[path]], [text])
 
   process, url = _start_server(_CHECKPOINT.value, os.path.join(tmp, "server.log"))
-  uploads = {path: open(path, "rb").read() for path in images}  # pylint: disable=consider-using-with
+  uploads = {}
+  for path in images:
+    with open(path, "rb") as f:
+      uploads[path] = f.read()
 
   def served(path: str, text: str) -> None:
     verdict = _segment_over_http(url, uploads[path], os.path.basename(path), text)

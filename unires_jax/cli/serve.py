@@ -14,7 +14,8 @@ time, so no request compiles again.
 It listens on 127.0.0.1 (this machine only) unless `--host` says otherwise: with
 `--host=0.0.0.0` anyone who can reach the port can upload images and use the accelerator; there
 is no authentication. Uploads and results live in a private temporary folder while the page
-needs them (Gradio serves files from there; removed after 10 minutes and when the server stops);
+needs them (Gradio serves files from there; files older than 10 minutes are deleted every 10
+minutes, the folder when the server stops);
 only with `--save_dir` is each request kept (`unires_jax.serving.app.save_request`).
 """
 
