@@ -23,6 +23,10 @@ BUILD = [
     "importlib_resources",  # likewise
 ]
 
+# The web demo (unires-serve). Its browser tests drive Debian's chromium with Selenium; the
+# browser and its driver come from the system (.ci/run installs them), never from a download.
+SERVE = ["gradio==6.31.0"]
+
 setuptools.setup(
     name="unires-jax",
     version="0.1.0",
@@ -62,8 +66,9 @@ setuptools.setup(
         "xm": ["xmanager>=0.8"],  # launch/launch.py --executor=xm
         # jax[tpu] brings libtpu, for tests/kernels/test_tpu_compile.py (deviceless TPU compiles);
         # pinned to the jax the project is tested with (install_requires only asks jax>=0.10).
-        "test": TORCH + BUILD + ["pytest>=8", "pytest-xdist>=3", "hypothesis>=6",
-                                 "jax[tpu]==0.10.2"],
+        "serve": SERVE,
+        "test": TORCH + BUILD + SERVE + ["pytest>=8", "pytest-xdist>=3", "hypothesis>=6",
+                                         "jax[tpu]==0.10.2", "selenium==4.51.0"],
     },
     entry_points={
         "console_scripts": [
@@ -74,6 +79,7 @@ setuptools.setup(
             "unires-segment=unires_jax.cli.segment:run",
             "unires-convert=unires_jax.cli.convert:run",
             "unires-propose=unires_jax.cli.propose:run",
+            "unires-serve=unires_jax.cli.serve:run",
         ],
     },
 )

@@ -16,7 +16,7 @@ from tests.repo import ROOT
 PACKAGE = "unires_jax"
 LAYERS = (
     ("cli",),
-    ("demo", "inference", "propose", "train", "evaluation", "convert"),
+    ("demo", "inference", "propose", "serving", "train", "evaluation", "convert"),
     ("data", "models", "parallel", "kernels", "checkpoint", "torch"),
     ("utils", "config_lib", "metric_writer", "sharding"),
 )

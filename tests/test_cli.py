@@ -8,7 +8,7 @@ import pytest
 
 from tests.repo import ROOT
 
-PROGRAMS = ("convert", "demo", "eval", "segment", "summary", "train")
+PROGRAMS = ("convert", "demo", "eval", "propose", "segment", "serve", "summary", "train")
 
 
 def test_every_program_imports_into_one_process():
@@ -24,6 +24,14 @@ def test_every_program_imports_into_one_process():
     ("eval", [], "--workdir is required"),
     ("convert", ["to-pytorch", "--out=/nonexistent/x"], "to-pytorch needs --checkpoint"),
     ("segment", [], "--checkpoint is required"),
+    ("serve", [], "--checkpoint is required"),
+    ("serve", ["--checkpoint=/nonexistent/run"], "--checkpoint=/nonexistent/run: no checkpoint "
+     "in /nonexistent/run: expected a converted checkpoint (params/ and config.json), a training "
+     "work directory or its checkpoints/ directory"),
+    ("serve", ["--checkpoint=/nonexistent/run", "--max_pixels=0"], "--max_pixels=0 must be "
+     "positive"),
+    ("serve", ["--checkpoint=/nonexistent/run", "--no_target_threshold=1.5"],
+     "--no_target_threshold=1.5 must be in (0, 1)"),
 ])
 def test_a_usage_error_is_one_line(program, args, error):
   run = subprocess.run([sys.executable, "-m", f"unires_jax.cli.{program}", *args],

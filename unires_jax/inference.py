@@ -59,12 +59,14 @@ class Result:
   no_target_prob:  sigmoid of the no-target logit
   proposals:       where the proposals came from (`PROPOSAL_SOURCES`): given with the input,
                    found by the detector, or the whole image as the one object proposal
+  boxes:           the proposals the model saw, in the image's pixels (`Boxes`)
   """
 
   mask: np.ndarray
   no_target: bool
   no_target_prob: float
   proposals: str
+  boxes: Boxes
 
   @property
   def area_fraction(self) -> float:
@@ -166,7 +168,7 @@ class Segmenter:
       checked = {i: _checked_image(images[i], f"input {i}") for i in rows}
       detect = [i for i in rows if sources[i] == "detector"]
       found = dict(zip(detect, self.detector([checked[i] for i in detect]) if detect else []))
-      samples = []
+      samples, used = [], []
       for i in rows:
         h, w = checked[i].shape[:2]
         if sources[i] == "given":
@@ -178,7 +180,8 @@ class Segmenter:
           image_boxes = {"object": np.array([[0, 0, w, h]], np.float32),
                          "part": np.zeros((0, 4), np.float32)}
         samples.append(self._sample(checked[i], texts[i], image_boxes, f"input {i}"))
-      results += self._predict_rows(samples, [sources[i] for i in rows])
+        used.append(image_boxes)
+      results += self._predict_rows(samples, [sources[i] for i in rows], used)
     return results
 
   def _sample(self, image: np.ndarray, text: str, boxes: Boxes, where: str) -> dict[str, Any]:
@@ -198,7 +201,8 @@ class Segmenter:
                   self._spec.template)
     return preprocess.expand(prepared, self._spec)[0]
 
-  def _predict_rows(self, samples: list[dict[str, Any]], sources: list[str]) -> list[Result]:
+  def _predict_rows(self, samples: list[dict[str, Any]], sources: list[str],
+                    boxes: list[Boxes]) -> list[Result]:
     """One model call on `samples`, padded to `batch_size` rows."""
     rows = samples + [preprocess.padding_like(samples[0])] * (self.batch_size - len(samples))
     batch = {k: np.stack([r[k] for r in rows]) for k in INPUT_KEYS}
@@ -214,8 +218,17 @@ class Segmenter:
       mask = evaluator.to_original(mask_logits[i], sample["original_size"], sample["scale"])
       results.append(Result(mask=mask & (not no_target), no_target=no_target,
                             no_target_prob=float(0.5 + 0.5 * np.tanh(logit / 2)),  # sigmoid
-                            proposals=sources[i]))
+                            proposals=sources[i], boxes=boxes[i]))
     return results
+
+
+def describe(result: Result) -> str:
+  """The verdict in words: `target (no-target p=0.12), mask 5.3% of the image` or
+  `no target (no-target p=0.93), empty mask`."""
+  if result.no_target:
+    return f"no target (no-target p={result.no_target_prob:.2f}), empty mask"
+  return (f"target (no-target p={result.no_target_prob:.2f}), mask "
+          f"{100 * result.area_fraction:.1f}% of the image")
 
 
 def _checked_image(image: Any, where: str) -> np.ndarray:

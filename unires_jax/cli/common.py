@@ -41,6 +41,15 @@ CHECKPOINT = flags.DEFINE_string(
 STEP = flags.DEFINE_integer("step", None, "Training step to read (default: the latest).")
 OUT = flags.DEFINE_string("out", None, "Output: a new directory (unires-convert) or the mask's "
                           "PNG file (unires-segment --image).")
+DETECTOR = flags.DEFINE_string(
+    "detector", None, "A transformers OWLv2 directory (save_pretrained, with its tokenizer): "
+    "proposes the boxes (unires-segment and unires-serve: for inputs given without).")
+BATCH_SIZE = flags.DEFINE_integer(
+    "batch_size", 8, "Rows per model call (unires-segment: inputs; unires-serve: requests that "
+    "arrive together).")
+NO_TARGET_THRESHOLD = flags.DEFINE_float(
+    "no_target_threshold", None, "No target when sigmoid(no-target logit) is above it "
+    "(default: config.model.no_target_threshold).")
 flags.DEFINE_bool("distributed", False,
                   "Call jax.distributed.initialize() with auto-detection (Cloud TPU, SLURM, ...).")
 flags.DEFINE_string("coordinator_address", None,
@@ -58,7 +67,7 @@ def start(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-  for noisy in ("absl", "jax", "orbax", "tensorflow", "grain"):
+  for noisy in ("absl", "jax", "orbax", "tensorflow", "grain", "httpx"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
   if FLAGS.coordinator_address:
     missing = [f for f in ("num_processes", "process_id") if getattr(FLAGS, f) is None]
@@ -83,6 +92,21 @@ def require(*holders: flags.FlagHolder, who: str | None = None) -> None:
     if holder.value is None:
       raise app.UsageError(f"{who} needs --{holder.name}" if who
                            else f"--{holder.name} is required")
+
+
+def load_detector(config, detector_dir: str):
+  """The `propose.Detector` of an OWLv2 directory with the settings of `config.proposals` (a
+  checkpoint's config; one made before unires-propose gets unires_pp_7b.py's), one image per
+  local device and step."""
+  from unires_jax import propose
+
+  if "proposals" not in config:
+    config.proposals = config_lib.load_config(
+        config_lib.resolve("configs/unires_pp_7b.py")).proposals
+    logging.getLogger(__name__).info(
+        "the checkpoint's config has no proposals section: using unires_pp_7b.py's")
+  config.proposals.batch_size = len(jax.local_devices())
+  return propose.Detector.from_pretrained(detector_dir, config.proposals)
 
 
 def run(main, default_config: str | None = None) -> None:

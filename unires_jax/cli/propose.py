@@ -16,8 +16,6 @@ from absl import app, flags
 
 from unires_jax.cli import common
 
-_DETECTOR = flags.DEFINE_string("detector", None, "A transformers OWLv2 directory "
-                                "(save_pretrained, with its tokenizer).")
 _MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "The raw dataset directory (RAW).")
 _SPLIT = flags.DEFINE_string("split", None, "The split to propose for (val, testA, ...).")
 _DATASET = flags.DEFINE_enum("dataset", "ref_coco_m", ["ref_coco_m", "ref_coco", "grefcoco"],
@@ -47,7 +45,7 @@ def _process() -> tuple[int, int]:
 
 def main(argv) -> int:
   common.start(argv)
-  common.require(_DETECTOR, _MANUAL_DIR, _SPLIT)
+  common.require(common.DETECTOR, _MANUAL_DIR, _SPLIT)
   if (_DATASET.value == "ref_coco") != (_BUILDER_CONFIG.value is not None):
     raise app.UsageError("--builder_config names ref_coco's refs file (e.g. refcoco_unc); "
                          "give it with --dataset=ref_coco and only then")
@@ -55,14 +53,14 @@ def main(argv) -> int:
   from unires_jax import propose  # pylint: disable=g-import-not-at-top  (jax, transformers)
 
   cfg = common.CONFIG.value.proposals
-  detector = propose.Detector.from_pretrained(_DETECTOR.value, cfg)
+  detector = propose.Detector.from_pretrained(common.DETECTOR.value, cfg)
   rate = propose.Rate(f"propose {_DATASET.value} {_SPLIT.value}",
                       show_bar=common.FLAGS.progress)
   try:
     summary = propose.propose_split(
         detector, _DATASET.value, _MANUAL_DIR.value, _SPLIT.value,
         builder_config=_BUILDER_CONFIG.value,
-        settings_record=propose.settings(_DETECTOR.value, cfg),
+        settings_record=propose.settings(common.DETECTOR.value, cfg),
         shard_images=cfg.shard_images, process_index=index, process_count=count,
         skip_bad=_SKIP_BAD.value, progress=rate)
   except (ValueError, OSError) as e:  # a bad raw file or image, named; finished shards stay

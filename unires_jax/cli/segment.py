@@ -36,15 +36,8 @@ _BOXES = flags.DEFINE_string("boxes", None,
                              'Proposals as JSON {"object": [[x1, y1, x2, y2], ...], "part": '
                              "[...]} in the image's pixels (default: --detector's, else the "
                              "whole image).")
-_DETECTOR = flags.DEFINE_string("detector", None, "A transformers OWLv2 directory that proposes "
-                                "boxes for inputs given without.")
 _BATCH = flags.DEFINE_string("batch", None, "JSON-lines file of (image, text[, boxes]) inputs.")
 _OUT_DIR = flags.DEFINE_string("out_dir", None, "Output folder (with --batch).")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Inputs per model call.")
-_NO_TARGET_THRESHOLD = flags.DEFINE_float(
-    "no_target_threshold", None,
-    "No target when sigmoid(no-target logit) is above it (default: "
-    "config.model.no_target_threshold).")
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +75,9 @@ def _requests(model_cfg) -> list:
 
 def _verdict(request, result, mask_path: str) -> str:
   """`cup.jpg "the red cup": target (no-target p=0.12), mask 5.3% of the image -> mask.png`"""
-  found = (f"no target (no-target p={result.no_target_prob:.2f}), empty mask" if result.no_target
-           else f"target (no-target p={result.no_target_prob:.2f}), mask "
-                f"{100 * result.area_fraction:.1f}% of the image")
+  from unires_jax import inference
+
+  found = inference.describe(result)
   note = {"given": "", "detector": "; proposals from the detector",
           "whole_image": "; no boxes given, the whole image is the proposal"}[result.proposals]
   return f"{request.image} {json.dumps(request.text, ensure_ascii=False)}: {found} -> {mask_path}{note}"
@@ -101,21 +94,11 @@ def main(argv) -> int:
     requests = _requests(config.model)
   except (OSError, ValueError) as e:
     raise app.UsageError(str(e)) from None
-  detector = None
-  if _DETECTOR.value:
-    import jax
-    from unires_jax import config_lib, propose
-
-    if "proposals" not in config:  # a checkpoint made before unires-propose
-      config.proposals = config_lib.load_config(
-          config_lib.resolve("configs/unires_pp_7b.py")).proposals
-      log.info("the checkpoint's config has no proposals section: using unires_pp_7b.py's")
-    config.proposals.batch_size = len(jax.local_devices())  # one image per device and step
-    detector = propose.Detector.from_pretrained(_DETECTOR.value, config.proposals)
+  detector = common.load_detector(config, common.DETECTOR.value) if common.DETECTOR.value else None
   segmenter = inference.Segmenter.from_checkpoint(
       common.CHECKPOINT.value, step=common.STEP.value,
-      batch_size=min(_BATCH_SIZE.value, len(requests)),
-      no_target_threshold=_NO_TARGET_THRESHOLD.value, detector=detector)
+      batch_size=min(common.BATCH_SIZE.value, len(requests)),
+      no_target_threshold=common.NO_TARGET_THRESHOLD.value, detector=detector)
   log.info("%d inputs in batches of %d on %d devices", len(requests), segmenter.batch_size,
            segmenter.mesh.size)
   if _BATCH.value:
