@@ -47,11 +47,18 @@ _MESH = flags.DEFINE_string(
 _BATCH = flags.DEFINE_integer(
     "batch", None, "Global batch size (default: config.input.global_batch_size).")
 _STEPS = flags.DEFINE_list("steps", ["train", "predict"], "Which steps to compile.")
+_LAYERWISE = flags.DEFINE_bool(
+    "layerwise_cost", None,
+    "For a scanned config, count the train step's FLOPs and cost-model time layer by layer "
+    "(aot.layerwise_cost: a few more compiles of small unrolled variants); XLA's cost analysis "
+    "counts a loop body once. Default: on when config.model.scan_layers.")
 _COMPARE = flags.DEFINE_enum(
     "compare", None, ["remat", "scan_layers", "lora"],
     "Also compile the train step with this switch flipped and print both rows.")
 
 GIB = 2**30
+
+
 def parse_mesh(text: str) -> dict[str, int]:
   """"data=1,fsdp=-1,tensor=2" -> {"data": 1, "fsdp": -1, "tensor": 2}."""
   out = {}
@@ -63,14 +70,20 @@ def parse_mesh(text: str) -> dict[str, int]:
   return out
 
 
-def row(label: str, compiled: aot.Compiled, analytic: float | None, chips: int,
-        peak: float) -> dict[str, str]:
-  """One table row: memory per chip in GiB, FLOPs, compile time, the cost model's estimate."""
-  mem, cost = compiled.memory, compiled.cost
-  estimate = cost["seconds"]
+def row(label: str, compiled: aot.Compiled, analytic: float | None, chips: int, peak: float,
+        scanned: bool, layerwise: aot.LayerwiseCost | None = None) -> dict[str, str]:
+  """One table row: memory per chip in GiB, FLOPs, compile time, the cost model's estimate.
+
+  A scanned step's own XLA FLOPs and cost-model time count each loop body once; its row shows
+  `layerwise` instead when given (marked "lw"), "loop" otherwise."""
+  mem = compiled.memory
+  flops, estimate, mark = compiled.cost["flops"], compiled.cost["seconds"], ""
+  if layerwise is not None:
+    flops, estimate, mark = layerwise.flops, layerwise.seconds, " lw"
+  counted = layerwise is not None or not scanned
   mfu = "n/a"
-  if analytic is not None and estimate > 0:
-    mfu = f"{analytic / chips / estimate / (peak * 1e12):.1%}"
+  if analytic is not None and estimate > 0 and counted:
+    mfu = f"{analytic / chips / estimate / (peak * 1e12):.1%}{mark}"
   return {
       "step": label,
       "args GiB": f"{mem['arguments'] / GIB:.2f}",
@@ -78,11 +91,11 @@ def row(label: str, compiled: aot.Compiled, analytic: float | None, chips: int,
       "aliased": f"{mem['aliased'] / GIB:.2f}",
       "temp GiB": f"{mem['temp'] / GIB:.2f}",
       "total GiB": f"{mem['total'] / GIB:.2f}",
-      "XLA TFLOP": f"{cost['flops'] / 1e12:.4g}",
+      "XLA TFLOP": f"{flops / 1e12:.4g}{mark}" if counted else "loop",
       "analytic TFLOP": "n/a" if analytic is None else f"{analytic / chips / 1e12:.4g}",
       "compile s": f"{compiled.seconds:.1f}",
-      "est. step ms": f"{estimate * 1e3:.1f}",
-      "est. MFU": mfu,
+      "est. step ms": f"{estimate * 1e3:.1f}{mark}" if counted else "loop",
+      "est. MFU": mfu if counted else "loop",
   }
 
 
@@ -158,12 +171,20 @@ def main(argv: Sequence[str]) -> None:
           flush=True)
     if "train" in _STEPS.value:
       compiled = aot.compile_train_step(cfg, mesh, batch, factory)
-      analytic = flops_lib.count_flops(cfg, batch, seq_len).train  # what trains differs
-      rows.append(row(f"train {label}".strip(), compiled, analytic, chips, peak))
       print(f"  train step compiled in {compiled.seconds:.1f} s", flush=True)
+      scanned = bool(cfg.model.get("scan_layers", False))
+      layerwise = None
+      if scanned and (_LAYERWISE.value is None or _LAYERWISE.value):
+        layerwise = aot.layerwise_cost(cfg, mesh, batch, log=lambda m: print(m, flush=True))
+        print(f"  layerwise cost: {layerwise.compiles} compiles, "
+              f"{layerwise.compile_seconds:.1f} s", flush=True)
+      analytic = flops_lib.count_flops(cfg, batch, seq_len).train  # what trains differs
+      rows.append(row(f"train {label}".strip(), compiled, analytic, chips, peak, scanned,
+                      layerwise))
     if "predict" in _STEPS.value and i == 0:
       compiled = aot.compile_predict_step(cfg, mesh, batch, factory.model)
-      rows.append(row("predict", compiled, count.forward, chips, peak))
+      rows.append(row("predict", compiled, count.forward, chips, peak,
+                      bool(cfg.model.get("scan_layers", False))))
       print(f"  predict step compiled in {compiled.seconds:.1f} s", flush=True)
   print()
   print_rows(rows)
@@ -182,7 +203,9 @@ def main(argv: Sequence[str]) -> None:
   print("memory and XLA FLOPs are per chip, from the compiled program; analytic = "
         "unires_jax/train/flops.py / chips (the predict row: the forward count, LM head at the "
         "answer); est. step and MFU come from the compiler's cost model (optimal_seconds), an "
-        "estimate, not a measurement")
+        "estimate, not a measurement. A scanned step's own cost counts each loop body once "
+        "(\"loop\"); \"lw\": counted layer by layer from unrolled compiles "
+        "(aot.layerwise_cost)")
   print(f"\n{'module':<18}{'fwd TFLOP':>12}{'train TFLOP':>13}{'share':>8}   (whole batch)")
   for module, (forward, train) in count.by_module().items():
     print(f"{module:<18}{forward / 1e12:>12.4g}{train / 1e12:>13.4g}"

@@ -18,7 +18,10 @@ def get_config(arg=None):
   config = ml_collections.ConfigDict()
   config.model_name = "unires_pp"
   m = config.model = ml_collections.ConfigDict()
-  m.dtype = "float32"        # compute dtype
+  # The recipe for a pod slice (README, "Compile for a TPU slice"; benchmarks/tpu_compile.py
+  # checks that it fits): bfloat16 compute over float32 master weights, parameters and optimizer
+  # state sharded over every chip (config.mesh: fsdp=-1), layers scanned and rematerialised.
+  m.dtype = "bfloat16"       # compute dtype
   m.param_dtype = "float32"  # master weights
 
   m.vision = dict(  # E_l: CLIP ViT-L/14 at 336 px.
@@ -110,17 +113,20 @@ def get_config(arg=None):
                 region_min_coverage=0.25, no_target_prior=0.5)
   # Rematerialisation of the transformer layers (CLIP ViT and LLaMA) in the backward pass:
   # "none", "full" (recompute everything) or "dots" (keep matmul outputs without batch dims).
-  m.remat = "none"
-  # Scanned layers (MaxText's `scan_layers`): the CLIP ViT and LLaMA layers are each one stacked
-  # module (parameters `[num_layers, ...]` on a `layers` axis) applied with `jax.lax.scan`, so
-  # the train step compiles one layer instead of every layer. False: unrolled layers, parameter
-  # paths `.../layers/<i>/...` (the same values either way; checkpoints differ in layout).
-  m.scan_layers = False
+  # "full" costs a third more LLM FLOPs and holds one layer's activations, what lets the step
+  # fit the smallest slices; with room to spare (a large slice), "dots" or "none" run faster.
+  m.remat = "full"
+  # Scanned layers (MaxText's `scan_layers`): the CLIP ViT and LLaMA layers and the blocks of
+  # each ConvNeXt stage are each one stacked module (parameters `[num_layers, ...]` on a `layers`
+  # axis) applied with `jax.lax.scan`, so the train step compiles one layer instead of every
+  # layer. False: unrolled layers, parameter paths `.../layers/<i>/...`, `.../blocks/<i>/...`
+  # (the same values either way; checkpoints differ in layout, the converters handle both).
+  m.scan_layers = True
 
   # The device mesh (unires_jax/parallel): one size per axis, one of them may be -1 (the rest).
   # Batches are split over data x fsdp; parameters follow the rules table in
   # unires_jax/parallel/rules.py (fsdp shards the embed dimension, tensor the mlp/heads/vocab one).
-  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
   # Logical axis -> mesh axes (MaxText's logical_axis_rules): comma-separated mesh axes, "" for
   # replicated; change one from the command line, e.g. --config.logical_axis_rules.mlp=fsdp.
   # The model names every parameter and residual-stream dimension (unires_jax/models/layers.py
