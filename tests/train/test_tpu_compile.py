@@ -41,6 +41,14 @@ def test_tiny_train_step_compiles_for_a_v5p_slice_with_every_mesh_axis():
   kernel = getattr(kernel, "value", kernel)
   assert kernel.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
 
+  # This unrolled step's own cost analysis counts every layer; adding up one layer of each stack
+  # at a time (`aot.layerwise_cost`, how a scanned step's cost is counted, its own analysis
+  # counting each loop body once) gives the same FLOPs and cost-model time.
+  counted = aot.layerwise_cost(config, mesh, 8)
+  assert counted.compiles == 4  # one layer each; + a LLaMA layer, a CLIP layer, a ConvNeXt block
+  assert counted.flops == pytest.approx(cost["flops"], rel=1e-3)
+  assert counted.seconds == pytest.approx(cost["seconds"], rel=1e-3)
+
 
 def test_unknown_generation_is_named():
   with pytest.raises(ValueError, match=r"topology 'v9x:2x2': unknown TPU generation 'v9x'"):
@@ -68,19 +76,3 @@ def test_llm_modes_for_the_lora_comparison_and_the_slice_estimate():
   assert aot.smallest_slice(40 * gib, 4, 128, "v5p") == "v5p:2x2x1 (4 chips)"
   assert aot.smallest_slice(40 * gib, 4, 128, "v6e") == "v6e:2x4 (8 chips)"
   assert aot.smallest_slice(40 * gib, 4, 4, "v6e") == "none up to v6e:16x16"  # batch too small
-
-
-@pytest.mark.slow
-def test_layerwise_cost_counts_every_layer():
-  """An unrolled step's own cost analysis counts every layer; adding up one layer of each stack
-  at a time (`aot.layerwise_cost`, what a scanned step's MFU is estimated with, its own analysis
-  counting each loop body once) gives the same FLOPs and cost-model time."""
-  config = load_config("tiny")
-  config.model.convnext.depths = (1, 1, 3, 1)  # a stage deep enough for the count to matter
-  config.mesh.update(data=1, fsdp=4, tensor=1)
-  mesh = aot.topology_mesh("v5p:2x2x1", config.mesh)
-  unrolled = aot.compile_train_step(config, mesh, 8).cost
-  counted = aot.layerwise_cost(config, mesh, 8)
-  assert counted.compiles == 4  # one layer each; + a LLaMA layer, a CLIP layer, a ConvNeXt block
-  assert counted.flops == pytest.approx(unrolled["flops"], rel=1e-3)
-  assert counted.seconds == pytest.approx(unrolled["seconds"], rel=1e-3)
