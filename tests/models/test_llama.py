@@ -296,8 +296,9 @@ def test_hf_config_fields_and_defaults():
       "vocab_size": 32000,
   }
   full = dict(config_lib.load_config("unires_pp_7b").model.llm)
-  # The attention implementation is ours to choose, not the checkpoint's.
-  assert llm_config_from_hf(old_style) == {k: v for k, v in full.items() if k != "attention"}
+  # The attention implementation and the adapters are ours to choose, not the checkpoint's.
+  assert llm_config_from_hf(old_style) == {k: v for k, v in full.items()
+                                           if k not in ("attention", "lora")}
   check_llm_config(full, old_style)
   with pytest.raises(ValueError, match="rope_type"):
     llm_config_from_hf(dict(old_style, rope_scaling={"rope_type": "llama3", "factor": 8.0}))
