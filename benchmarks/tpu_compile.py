@@ -183,6 +183,8 @@ def main(argv: Sequence[str]) -> None:
       analytic = flops_lib.count_flops(cfg, batch, seq_len).train  # what trains differs
       rows.append(row(f"train {label}".strip(), compiled, analytic, chips, peak, scanned,
                       layerwise))
+      print("  " + ", ".join(f"{k} {v}" for k, v in rows[-1].items()), flush=True)  # kept if
+      # a long run (several 7B compiles) is stopped before the table
     if "predict" in _STEPS.value and i == 0:
       compiled = aot.compile_predict_step(cfg, mesh, batch, factory.model)
       rows.append(row("predict", compiled, count.forward, chips, peak,
