@@ -21,6 +21,7 @@ from unires_jax import parallel
 from unires_jax.data import preprocess
 from unires_jax.models.synthetic import synthetic_batch
 from unires_jax.models.unires import INPUT_KEYS
+from unires_jax.train import flops as flops_lib
 from unires_jax.train.state import StateFactory
 from unires_jax.train.step import MODEL_KEYS, make_train_step, model_fields
 
@@ -184,12 +185,6 @@ def _with_stacks(config: ml_collections.ConfigDict, llm_layers: int, vision_laye
   return other
 
 
-def vision_layers_run(vision: ml_collections.ConfigDict, scanned: bool) -> int:
-  """CLIP layers a step computes: scanned, all; unrolled, those up to `select_layer` (XLA drops
-  the layers whose outputs nothing reads)."""
-  return vision.num_layers if scanned else vision.select_layer % (vision.num_layers + 1)
-
-
 def layerwise_cost(config: ml_collections.ConfigDict, mesh: Mesh, batch_size: int,
                    log=lambda message: None) -> LayerwiseCost:
   """The train step's XLA FLOPs and cost-model seconds per chip, every layer counted.
@@ -208,7 +203,7 @@ def layerwise_cost(config: ml_collections.ConfigDict, mesh: Mesh, batch_size: in
   depths = tuple(m.convnext.depths)
   ones = (1,) * len(depths)
   base_cfg = _with_stacks(config, 1, 1, ones)
-  clip_layers = vision_layers_run(m.vision, bool(m.get("scan_layers", False)))
+  clip_layers = flops_lib.clip_layers_run(m.vision, bool(m.get("scan_layers", False)))
   added = [(_with_stacks(config, 2, 1, ones), m.llm.num_layers - 1, "LLaMA layer"),
            (_with_stacks(config, 1, 2, ones), clip_layers - 1, "CLIP layer")]
   for depth in sorted(set(depths) - {1}):

@@ -168,6 +168,12 @@ def _no_target_head(c: _Counter, m: ml_collections.ConfigDict, batch: int, grad_
   c.linear("no_target_head/match_fc2", batch * regions, hidden, 1, match)
 
 
+def clip_layers_run(cfg: ml_collections.ConfigDict, scanned: bool) -> int:
+  """CLIP layers a step computes (`config.model.vision`): scanned, all; unrolled, those up to
+  `select_layer` (XLA drops the layers whose outputs nothing reads)."""
+  return cfg.num_layers if scanned else cfg.select_layer % (cfg.num_layers + 1)
+
+
 def _clip(c: _Counter, cfg: ml_collections.ConfigDict, batch: int, scanned: bool) -> bool:
   """The CLIP ViT layers up to `select_layer` (every layer when `scanned`); returns the
   features' gradient flag."""
@@ -178,8 +184,7 @@ def _clip(c: _Counter, cfg: ml_collections.ConfigDict, batch: int, scanned: bool
            cfg.patch_size**2 * cfg.num_channels, width, False)
   g = c.params("vision/embeddings", False)
   g = c.params("vision/pre_layrnorm", g)
-  run = cfg.num_layers if scanned else cfg.select_layer % (cfg.num_layers + 1)
-  for i in range(run):
+  for i in range(clip_layers_run(cfg, scanned)):
     p = f"vision/encoder/layers/{i}"
     h = c.params(f"{p}/layer_norm1", g)
     g |= _attention(c, f"{p}/self_attn", ("q_proj", "k_proj", "v_proj", "out_proj"), batch,
