@@ -157,6 +157,7 @@ class ConvNeXt(nnx.Module):
 
   Config fields (`config.model.convnext`): image_size, in_chans, depths, dims,
   layer_scale_init, drop_path_rate, norm_eps, grouped_conv_grad_bug_workaround.
+  `scan_layers` stacks each stage's blocks and scans over them (see the module docstring).
 
   `grouped_conv_grad_bug_workaround`: jaxlib 0.10.2's SPMD partitioner gets the kernel gradient
   of a grouped (e.g. depthwise) convolution wrong when the batch is not split over every mesh
