@@ -23,6 +23,16 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import pytest  # pylint: disable=wrong-import-position
 
+# TensorFlow (the TFDS builders) and Triton (imported by torch._dynamo, which transformers
+# imports) each carry LLVM; loading Triton's after TensorFlow's crashes the process in LLVM's
+# static initialisers (libtriton.so's DebugCounter, a segmentation fault), loading it first
+# does not. A worker may build a dataset and then convert a PyTorch model, so Triton goes
+# first where the torch extra installed it (0.2 s).
+try:
+  import triton  # pylint: disable=g-import-not-at-top,unused-import,wrong-import-position
+except ImportError:
+  pass
+
 
 def pytest_configure(config):
   """One persistent XLA compilation cache for the run, shared by the xdist workers and the
@@ -46,6 +56,15 @@ _FIRST = ("tests/test_demo.py::",)
 
 def pytest_collection_modifyitems(items):
   items.sort(key=lambda item: not item.nodeid.startswith(_FIRST))  # stable otherwise
+
+
+@pytest.fixture(scope="session")
+def shapes_root(tmp_path_factory) -> str:
+  """A small ShapesParts dataset, built once per worker (tests/shapes.py): `raw/`, `tfds/` and
+  `tokenizer/`."""
+  from tests import shapes  # pylint: disable=g-import-not-at-top
+
+  return shapes.write_shapes_root(str(tmp_path_factory.mktemp("shapes")))
 
 
 @pytest.fixture(autouse=True, scope="session")

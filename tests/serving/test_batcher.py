@@ -20,6 +20,8 @@ from tests.repo import ROOT
 from unires_jax import inference
 from unires_jax.serving import app, batcher as batcher_lib
 
+pytestmark = pytest.mark.xdist_group("serving")  # one worker trains `demo_run` (.ci/run)
+
 LOWERING = "/jax/core/compile/jaxpr_to_mlir_module_duration"  # each jit cache miss lowers
 
 
@@ -132,8 +134,8 @@ def _write(path, data: bytes) -> str:
     ("a.png", "png:20x10", "  ", "", r"type an expression"),
     ("a.png", "png:20x10", "x" * 1001, "", "the expression has 1001 characters; at most 1000"),
     ("a.png", "png:20x10", "x", "[1, 2", r"boxes are not JSON .*; expected \{\"object\""),
-    ("a.png", "png:20x10", "x", json.dumps({"object": [[0, 0, 1, 1]] * 5}),
-     r"boxes: 5 object boxes, the model takes at most 4"),
+    ("a.png", "png:20x10", "x", json.dumps({"object": [[0, 0, 1, 1]] * 7}),
+     r"boxes: 7 object boxes, the model takes at most 6"),  # tests/train/shapes_config.py
 ])
 def test_bad_requests_are_named(segmenter, tmp_path, name, data, text, boxes, message):
   upload = None
@@ -174,9 +176,10 @@ def test_a_request_is_saved_whole(segmenter, tmp_path):
                                         "request) · model 0.500 s for a batch of 2 requests")
 
 
-def test_serve_names_a_step_a_converted_checkpoint_does_not_have(demo_run):
-  run = subprocess.run([sys.executable, "-m", "unires_jax.cli.serve", f"--checkpoint={demo_run}",
-                        "--step=3"], capture_output=True, text=True, cwd=ROOT, check=False)
+def test_serve_names_a_step_a_converted_checkpoint_does_not_have(converted_run):
+  run = subprocess.run([sys.executable, "-m", "unires_jax.cli.serve",
+                        f"--checkpoint={converted_run}", "--step=3"],
+                       capture_output=True, text=True, cwd=ROOT, check=False)
   assert run.returncode == 1
-  assert (f"error: --checkpoint={demo_run}: {demo_run} is a converted checkpoint (no training "
+  assert (f"error: --checkpoint={converted_run}: {converted_run} is a converted checkpoint (no training "
           "steps); drop the step") in run.stderr, run.stderr[-2000:]

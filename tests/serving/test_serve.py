@@ -21,6 +21,7 @@ from absl import flags
 from PIL import Image
 
 from tests.repo import ROOT
+from tests.serving.conftest import NO_TARGET_THRESHOLD
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 # Without the networking switches Chromium reaches for Google's services (a closed network here).
@@ -31,6 +32,7 @@ MAX_PIXELS, MAX_UPLOAD_MB = 40_000, 0.1
 
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.xdist_group("serving"),  # one worker trains `demo_run` (.ci/run: loadgroup)
     pytest.mark.skipif(not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)),
                        reason="needs Debian's chromium and chromium-driver (.ci/run installs "
                        "them)"),
@@ -63,7 +65,7 @@ def server(demo_run, detector_dir, tmp_path_factory):
         [sys.executable, "-m", "unires_jax.cli.serve", f"--checkpoint={demo_run}",
          f"--detector={detector_dir}", "--host=127.0.0.1", f"--port={port}",
          f"--save_dir={save_dir}", "--batch_size=8", f"--max_pixels={MAX_PIXELS}",
-         f"--max_upload_mb={MAX_UPLOAD_MB}"],
+         f"--max_upload_mb={MAX_UPLOAD_MB}", f"--no_target_threshold={NO_TARGET_THRESHOLD}"],
         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
   url = f"http://127.0.0.1:{port}/"
   deadline = time.monotonic() + 300
@@ -171,15 +173,16 @@ def test_the_page_segments_as_unires_segment_does(server, browser, demo_run, det
   page.type("text", text)
   verdict, details = page.segment()
   browser.save_screenshot(str(tmp_path / "page.png"))
-  assert verdict.startswith("target (no-target p=0.00), mask "), verdict
+  assert re.fullmatch(r"target \(no-target p=0\.\d\d\), mask \d+\.\d% of the image", verdict), verdict
   src = browser.find_element(By.CSS_SELECTOR, "#overlay img").get_attribute("src")
   assert f"file={private}/" in src, src
-  assert details.startswith("proposals: 4 object boxes, 4 part boxes (found by the detector) · "
+  assert details.startswith("proposals: 6 object boxes, 16 part boxes (found by the detector) · "
                             "model "), details
 
   out = tmp_path / "cli" / "mask.png"
   assert _segment_cli(f"--checkpoint={demo_run}", f"--image={image}", f"--text={text}",
-                      f"--out={out}", f"--detector={detector_dir}") == 0
+                      f"--out={out}", f"--detector={detector_dir}",
+                      f"--no_target_threshold={NO_TARGET_THRESHOLD}") == 0
   line = capsys.readouterr().out.strip()
   assert line == (f'{image} "{text}": {verdict} -> {out}; proposals from the detector'), line
   np.testing.assert_array_equal(page.image("overlay"),

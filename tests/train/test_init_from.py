@@ -14,7 +14,7 @@ import pytest
 from absl import flags
 from flax import nnx
 
-from tests.train.conftest import CONFIG
+from tests.shapes import CONFIG
 from unires_jax import checkpoint, models, utils
 from unires_jax.config_lib import load_config
 from unires_jax.train import trainer

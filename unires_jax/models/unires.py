@@ -188,10 +188,14 @@ class UniRESPP(nnx.Module):
     n_img, n_obj, n_part = self.num_image_tokens, cfg.max_objects, cfg.max_parts
 
     # Multi-Granularity Vision Flow.
-    image_tokens = self.image_projector(self.vision(batch["image_low"]).features)
-    stages = self.convnext(batch["image_high"])
-    object_tokens = self.object_projector(self._region_features(stages, batch["object_boxes"]))
-    part_tokens = self.part_projector(self._region_features(stages, batch["part_boxes"]))
+    # Named scopes label each part's ops in HLO and profiles ("jit(step)/jvp(llm)/...").
+    with jax.named_scope("vision"):
+      image_tokens = self.image_projector(self.vision(batch["image_low"]).features)
+    with jax.named_scope("convnext"):
+      stages = self.convnext(batch["image_high"])
+    with jax.named_scope("regions"):
+      object_tokens = self.object_projector(self._region_features(stages, batch["object_boxes"]))
+      part_tokens = self.part_projector(self._region_features(stages, batch["part_boxes"]))
 
     # Visual features replace the embeddings of their placeholders.
     embeds = self.llm.embed(ids)
@@ -207,8 +211,9 @@ class UniRESPP(nnx.Module):
 
     if lm_positions is None:
       lm_positions = jnp.broadcast_to(jnp.arange(ids.shape[1], dtype=jnp.int32), ids.shape)
-    logits, hidden, _ = self.llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
-                                 logit_positions=lm_positions)
+    with jax.named_scope("llm"):
+      logits, hidden, _ = self.llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
+                                   logit_positions=lm_positions)
 
     seg_pos = jnp.argmax(ids == self.special.seg, axis=1)
     seg_states = hidden[jnp.arange(ids.shape[0]), seg_pos][:, None]
@@ -217,9 +222,11 @@ class UniRESPP(nnx.Module):
     region_valid = jnp.concatenate(
         [batch["object_valid"], batch["part_valid"]], axis=1).astype(bool)
 
-    decoded = self.mask_decoder(stages, seg_states, region_states, region_valid)
-    no_target_logits, region_logits = self.no_target_head(
-        seg_states[:, 0], jnp.concatenate([object_tokens, part_tokens], axis=1), region_valid)
+    with jax.named_scope("mask_decoder"):
+      decoded = self.mask_decoder(stages, seg_states, region_states, region_valid)
+    with jax.named_scope("no_target_head"):
+      no_target_logits, region_logits = self.no_target_head(
+          seg_states[:, 0], jnp.concatenate([object_tokens, part_tokens], axis=1), region_valid)
     return UniRESOutput(
         logits=logits,
         lm_positions=lm_positions,

@@ -83,8 +83,9 @@ def make_train_step(factory: StateFactory) -> Callable[[TrainState, Batch], tupl
   def loss_fn(trainable, frozen, batch, key):
     model = nnx.merge(graphdef, trainable, frozen)
     with lora_lib.dropout_key(key if dropout else None):
-      return compute_loss(train_forward(model, batch), batch, config.model.loss,
-                          aux_loss=aux_loss)
+      outputs = train_forward(model, batch)
+    with jax.named_scope("losses"):
+      return compute_loss(outputs, batch, config.model.loss, aux_loss=aux_loss)
 
   def gradients(trainable, frozen, batch, key):
     (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -113,10 +114,11 @@ def make_train_step(factory: StateFactory) -> Callable[[TrainState, Batch], tupl
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     learning_rate = schedule(_adam_count(state.opt_state))
-    updates, opt_state = tx.update(grads, state.opt_state, trainable)
-    new = (optax.apply_updates(trainable, updates), opt_state)
-    trainable, opt_state = jax.tree_util.tree_map(
-        lambda n, o: jnp.where(finite, n, o), new, (trainable, state.opt_state))
+    with jax.named_scope("optimizer"):
+      updates, opt_state = tx.update(grads, state.opt_state, trainable)
+      new = (optax.apply_updates(trainable, updates), opt_state)
+      trainable, opt_state = jax.tree_util.tree_map(
+          lambda n, o: jnp.where(finite, n, o), new, (trainable, state.opt_state))
     in_row = jnp.where(finite, 0, state.nonfinite_in_row + 1)
     state = TrainState(
         step=state.step + 1, params=nnx.merge_state(trainable, frozen), opt_state=opt_state,
