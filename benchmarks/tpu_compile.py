@@ -14,6 +14,8 @@ the compiler's cost model (a roofline estimate, not a measurement) with the MFU 
 loop's body once, so for scanned layers those come from `aot.layerwise_cost` (small unrolled
 compiles added up layer by layer, `--layerwise_cost`). Then the analytic FLOPs per module. `--compare=remat` or `--compare=scan_layers` compiles the train step once more with that
 switch flipped ("none" vs the config's remat; scanned vs unrolled) and prints both rows.
+`--profile_compile=DIR` profiles the first train step's compile there and prints the
+backend's code-generation seconds by the model's named scopes (what makes a compile slow).
 `--compare=lora` compiles it three ways, the LLM frozen (stage 1), trained with LoRA (the
 config's `model.llm.lora`, rank 8 if it is off) and fully fine-tuned, the other multipliers as
 the config has them (`aot.llm_mode`), and estimates for each the smallest v5p and v6e slice
@@ -35,6 +37,7 @@ from unires_jax import config_lib
 from unires_jax.parallel import mesh as mesh_lib
 from unires_jax.data import preprocess
 from unires_jax.train import aot
+from unires_jax.train import compile_profile
 from unires_jax.train import flops as flops_lib
 from unires_jax.train.state import StateFactory
 
@@ -54,6 +57,11 @@ _LAYERWISE = flags.DEFINE_bool(
     "(aot.layerwise_cost: a few more compiles of small unrolled variants); XLA's cost analysis "
     "counts a loop body once. Default: for the first train step compiled (not the other "
     "rows of --compare), when it is scanned.")
+_PROFILE = flags.DEFINE_string(
+    "profile_compile", None,
+    "Profile the first train step's compile with jax.profiler into this folder (TensorBoard / "
+    "xprof can open it) and print the backend's code-generation seconds by the model's named "
+    "scopes (unires_jax.train.compile_profile).")
 _COMPARE = flags.DEFINE_enum(
     "compare", None, ["remat", "scan_layers", "lora"],
     "Also compile the train step with this switch flipped and print both rows.")
@@ -106,6 +114,16 @@ def print_rows(rows: list[dict[str, str]]) -> None:
   print("  ".join(k.rjust(w) for k, w in widths.items()))
   for r in rows:
     print("  ".join(r[k].rjust(widths[k]) for k in widths))
+
+
+def print_scope_times(times: list[compile_profile.ScopeTime]) -> None:
+  """The compile's code-generation work by named scope (`compile_profile.by_scope`)."""
+  total = sum(t.seconds for t in times)
+  print(f"  backend code generation by named scope ({total:.1f} s of work, per-instruction "
+        "passes summed over the compiler's threads):")
+  for t in times:
+    print(f"    {t.scope:<52}{t.seconds:>9.1f} s{t.seconds / total:>7.1%}"
+          f"{t.instructions:>7d} instructions", flush=True)
 
 
 def flipped(config, switch: str):
@@ -172,8 +190,11 @@ def main(argv: Sequence[str]) -> None:
     print(f"abstract model and state{f' ({label})' if label else ''}: {build_s:.1f} s",
           flush=True)
     if "train" in _STEPS.value:
-      compiled = aot.compile_train_step(cfg, mesh, batch, factory)
+      profile_dir = _PROFILE.value if i == 0 else None
+      compiled = aot.compile_train_step(cfg, mesh, batch, factory, profile_dir=profile_dir)
       print(f"  train step compiled in {compiled.seconds:.1f} s", flush=True)
+      if profile_dir:
+        print_scope_times(compile_profile.by_scope(profile_dir, compiled.executable.as_text()))
       scanned = bool(cfg.model.get("scan_layers", False))
       layerwise = None
       if scanned and (_LAYERWISE.value or (_LAYERWISE.value is None and i == 0)):

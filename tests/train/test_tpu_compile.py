@@ -11,18 +11,28 @@ pytest.importorskip("libtpu")
 from unires_jax import utils  # pylint: disable=g-import-not-at-top,wrong-import-position
 from unires_jax.config_lib import load_config  # pylint: disable=g-import-not-at-top
 from unires_jax.train import aot  # pylint: disable=g-import-not-at-top
+from unires_jax.train import compile_profile  # pylint: disable=g-import-not-at-top
 from unires_jax.train.state import StateFactory  # pylint: disable=g-import-not-at-top
 
 
 @pytest.mark.slow
-def test_tiny_train_step_compiles_for_a_v5p_slice_with_every_mesh_axis():
+def test_tiny_train_step_compiles_for_a_v5p_slice_with_every_mesh_axis(tmp_path):
   config = load_config("tiny")
   config.mesh.update(data=2, fsdp=2, tensor=2)
   mesh = aot.topology_mesh("v5p:2x2x2", config.mesh)
   assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
   assert mesh.devices.flat[0].platform == "tpu"
   factory = StateFactory(config, mesh)
-  compiled = aot.compile_train_step(config, mesh, 8, factory)
+  compiled = aot.compile_train_step(config, mesh, 8, factory, profile_dir=str(tmp_path))
+
+  # The profiled compile's code generation, by the model's named scopes: every part of the
+  # model and the step shows, and the work is part of the compile's time (two threads here).
+  times = {t.scope: t for t in compile_profile.by_scope(
+      str(tmp_path), compiled.executable.as_text())}
+  for scope in ("vision", "convnext", "regions", "llm", "mask_decoder", "no_target_head",
+                "losses", "optimizer"):
+    assert times[scope].seconds > 0 and times[scope].instructions > 0, (scope, times)
+  assert 0 < sum(t.seconds for t in times.values()) < 2 * compiled.seconds
 
   # The state is donated: the compiled program writes the new state into the old one's buffers.
   # (Per-chip bytes say little about the sharding at these widths: TPU tiles pad every small
@@ -48,6 +58,28 @@ def test_tiny_train_step_compiles_for_a_v5p_slice_with_every_mesh_axis():
   assert counted.compiles == 4  # one layer each; + a LLaMA layer, a CLIP layer, a ConvNeXt block
   assert counted.flops == pytest.approx(cost["flops"], rel=1e-3)
   assert counted.seconds == pytest.approx(cost["seconds"], rel=1e-3)
+
+
+def test_scope_of_an_op_name():
+  assert compile_profile.scope_of(
+      "jit(step)/transpose(jvp(mask_decoder))/while/body/dot_general") == "mask_decoder"
+  assert compile_profile.scope_of("jit(step)/optimizer/add") == "optimizer"
+  assert compile_profile.scope_of("jit(step)/jvp(llm)/jit(cumsum)/reduce_sum") == "llm"
+  assert compile_profile.scope_of("jit(step)/jvp(vmap(jit(cumsum)))/reduce_window_sum") == (
+      compile_profile.NO_SCOPE)  # a jitted function's name is not a scope
+  assert compile_profile.scope_of("jit(step)/jvp()/select_n") == compile_profile.NO_SCOPE
+  assert compile_profile.scope_of("batch['image_high']") == compile_profile.INPUTS
+  assert compile_profile.scope_of("") == compile_profile.NO_METADATA
+
+
+def test_a_profile_without_tpu_emission_events_is_named(tmp_path):
+  jax.profiler.start_trace(str(tmp_path))
+  jax.jit(lambda x: x + 1).lower(1.0).compile()  # the CPU backend records no such events
+  jax.profiler.stop_trace()
+  with pytest.raises(ValueError, match="has no 'XLA::TPU emitting for <instruction>' events"):
+    compile_profile.by_scope(str(tmp_path), "")
+  with pytest.raises(FileNotFoundError, match="no profile"):
+    compile_profile.by_scope(str(tmp_path / "empty"), "")
 
 
 def test_unknown_generation_is_named():

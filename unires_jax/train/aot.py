@@ -138,19 +138,27 @@ class Compiled:
     return {"flops": float(c.get("flops", 0.0)), "seconds": float(c.get("optimal_seconds", 0.0))}
 
 
-def _compile(name: str, lower) -> Compiled:
+def _compile(name: str, lower, profile_dir: str | None = None) -> Compiled:
   start = time.perf_counter()
-  executable = lower().compile()
+  if profile_dir:
+    jax.profiler.start_trace(profile_dir)
+  try:
+    executable = lower().compile()
+  finally:
+    if profile_dir:
+      jax.profiler.stop_trace()
   return Compiled(name, time.perf_counter() - start, executable)
 
 
 def compile_train_step(config: ml_collections.ConfigDict, mesh: Mesh, batch_size: int,
-                       factory: StateFactory | None = None) -> Compiled:
-  """The train step of `config` (`train.step.make_train_step`, state donated) for `mesh`."""
+                       factory: StateFactory | None = None,
+                       profile_dir: str | None = None) -> Compiled:
+  """The train step of `config` (`train.step.make_train_step`, state donated) for `mesh`;
+  with `profile_dir`, traced by `jax.profiler` there (`compile_profile.by_scope` reads it)."""
   factory = factory or StateFactory(config, mesh)
   batch = batch_spec(config, batch_size, mesh, MODEL_KEYS)
   return _compile("train", lambda: make_train_step(factory).lower(
-      factory.abstract_sharded(), batch))
+      factory.abstract_sharded(), batch), profile_dir)
 
 
 def compile_predict_step(config: ml_collections.ConfigDict, mesh: Mesh, batch_size: int,
