@@ -15,7 +15,9 @@ loop's body once, so for scanned layers those come from `aot.layerwise_cost` (sm
 compiles added up layer by layer, `--layerwise_cost`). Then the analytic FLOPs per module. `--compare=remat` or `--compare=scan_layers` compiles the train step once more with that
 switch flipped ("none" vs the config's remat; scanned vs unrolled) and prints both rows.
 `--profile_compile=DIR` profiles the first train step's compile there and prints the
-backend's code-generation seconds by the model's named scopes (what makes a compile slow).
+backend's code-generation seconds by the model's named scopes (what makes a compile slow);
+`--dump_dir=DIR` has XLA dump the compiled steps there and prints what is live at the first
+one's memory peak by named scope (what fills the temp memory).
 `--compare=lora` compiles it three ways, the LLM frozen (stage 1), trained with LoRA (the
 config's `model.llm.lora`, rank 8 if it is off) and fully fine-tuned, the other multipliers as
 the config has them (`aot.llm_mode`), and estimates for each the smallest v5p and v6e slice
@@ -62,6 +64,11 @@ _PROFILE = flags.DEFINE_string(
     "Profile the first train step's compile with jax.profiler into this folder (TensorBoard / "
     "xprof can open it) and print the backend's code-generation seconds by the model's named "
     "scopes (unires_jax.train.compile_profile).")
+_DUMP = flags.DEFINE_string(
+    "dump_dir", None,
+    "Have XLA dump the compiled train steps into this folder (XLA_FLAGS --xla_dump_to) and "
+    "print what is live at the first one's memory peak, by the model's named scopes "
+    "(unires_jax.train.compile_profile.peak_memory_by_scope). The dump of a 7B step is large.")
 _COMPARE = flags.DEFINE_enum(
     "compare", None, ["remat", "scan_layers", "lora"],
     "Also compile the train step with this switch flipped and print both rows.")
@@ -104,7 +111,10 @@ def row(label: str, compiled: aot.Compiled, analytic: float | None, chips: int, 
       "XLA TFLOP": f"{flops / 1e12:.4g}{mark}" if counted else "loop",
       "analytic TFLOP": "n/a" if analytic is None else f"{analytic / chips / 1e12:.4g}",
       "compile s": f"{compiled.seconds:.1f}",
-      "est. step ms": f"{estimate * 1e3:.1f}{mark}" if counted else "loop",
+      # The cost model can answer a negative time (the tiny step at batch 128 on v5p:2x2x1:
+      # -8.0 s); shown as such, with no MFU.
+      "est. step ms": (f"{estimate * 1e3:.1f}{mark}" + ("" if estimate > 0 else " (invalid)")
+                       if counted else "loop"),
       "est. MFU": mfu if counted else "loop",
   }
 
@@ -124,6 +134,15 @@ def print_scope_times(times: list[compile_profile.ScopeTime]) -> None:
   for t in times:
     print(f"    {t.scope:<52}{t.seconds:>9.1f} s{t.seconds / total:>7.1%}"
           f"{t.instructions:>7d} instructions", flush=True)
+
+
+def print_peak(peak: list[tuple[str, int]]) -> None:
+  """What is live at the compiled step's memory peak, by named scope."""
+  total = sum(b for _, b in peak)
+  unit, scale = ("GiB", GIB) if total >= GIB else ("MiB", 2**20)
+  print(f"  live at the memory peak by named scope ({total / scale:.2f} {unit} per chip):")
+  for scope, size in peak:
+    print(f"    {scope:<52}{size / scale:>9.2f} {unit}{size / total:>7.1%}", flush=True)
 
 
 def flipped(config, switch: str):
@@ -153,6 +172,10 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
+  if _DUMP.value:  # read when the backends start, which has not happened yet
+    os.environ["XLA_FLAGS"] = " ".join(filter(None, (
+        os.environ.get("XLA_FLAGS"), f"--xla_dump_to={_DUMP.value}",
+        "--xla_dump_hlo_module_re=jit_step")))
   if _MESH.value:
     config.mesh.update(parse_mesh(_MESH.value))
   unknown = set(_STEPS.value) - {"train", "predict"}
@@ -195,6 +218,8 @@ def main(argv: Sequence[str]) -> None:
       print(f"  train step compiled in {compiled.seconds:.1f} s", flush=True)
       if profile_dir:
         print_scope_times(compile_profile.by_scope(profile_dir, compiled.executable.as_text()))
+      if _DUMP.value and i == 0:
+        print_peak(compile_profile.peak_memory_by_scope(_DUMP.value))
       scanned = bool(cfg.model.get("scan_layers", False))
       layerwise = None
       if scanned and (_LAYERWISE.value or (_LAYERWISE.value is None and i == 0)):

@@ -2,6 +2,8 @@
 XLA:TPU compiler over a topology's abstract chips, every mesh axis > 1. Needs libtpu (the test
 extra's `jax[tpu]`); nothing executes."""
 
+import re
+
 import jax
 import pytest
 from flax import nnx
@@ -108,3 +110,33 @@ def test_llm_modes_for_the_lora_comparison_and_the_slice_estimate():
   assert aot.smallest_slice(40 * gib, 4, 128, "v5p") == "v5p:2x2x1 (4 chips)"
   assert aot.smallest_slice(40 * gib, 4, 128, "v6e") == "v6e:2x4 (8 chips)"
   assert aot.smallest_slice(40 * gib, 4, 4, "v6e") == "none up to v6e:16x16"  # batch too small
+
+
+@pytest.mark.slow
+def test_the_benchmark_profiles_the_compile_and_breaks_down_the_peak(tmp_path):
+  """`benchmarks/tpu_compile.py --profile_compile=DIR --dump_dir=DIR`: the compile's code
+  generation and the memory live at the step's peak, each by named scope, on a small tiny."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+
+  from tests.repo import ROOT  # pylint: disable=g-import-not-at-top
+
+  run = subprocess.run(
+      [sys.executable, "benchmarks/tpu_compile.py", "--topology=v5p:2x2x1", "--batch=8",
+       "--steps=train", "--config.model.llm.num_layers=1",
+       "--config.model.mask_decoder.num_layers=1", f"--profile_compile={tmp_path / 'profile'}",
+       f"--dump_dir={tmp_path / 'dump'}"],
+      cwd=ROOT, capture_output=True, text=True, timeout=1200, check=False)
+  assert run.returncode == 0, run.stderr[-3000:]
+  out = run.stdout
+  generation = out[out.index("backend code generation by named scope"):
+                   out.index("live at the memory peak")]
+  peak = out[out.index("live at the memory peak"):out.index("  step train")]
+  for scope in ("llm", "mask_decoder", "convnext"):
+    assert re.search(rf"^    {scope} +[0-9.]+ s +[0-9.]+% +[1-9]\d* instructions$", generation,
+                     re.MULTILINE), generation
+  shares = [float(x) for x in re.findall(r" ([0-9.]+)%$", peak, re.MULTILINE)]
+  assert len(shares) >= 3 and sum(shares) == pytest.approx(100, abs=0.5), peak
+  assert "(inputs: parameters, batch)" in peak, peak  # the state is live at every point
+  assert list((tmp_path / "profile").rglob("*.xplane.pb"))
+  assert list((tmp_path / "dump").glob("*jit_step*after_optimizations-live-range.txt"))

@@ -1,4 +1,4 @@
-"""Where a compile spends its time, by the model's named scopes.
+"""Where a compile spends its time, and its program its peak memory, by the model's named scopes.
 
 `aot.compile_train_step(..., profile_dir=DIR)` compiles under `jax.profiler`; XLA:TPU's backend
 records one event per HLO instruction it emits ("XLA::TPU emitting for fusion.123") with its
@@ -10,6 +10,10 @@ their `op_name` carries (`jax.named_scope` in `models/unires.py` and `train/step
 Only the nested passes count: an emission event also spans time its thread waits for others
 (seen: a 435 s event over a 2 x 16 integer fusion with no work inside), so its own duration
 says little.
+
+`peak_memory_by_scope` reads the buffers live at the compiled program's peak from XLA's dump
+(`XLA_FLAGS=--xla_dump_to=DIR`: the "Stack trace breakdown for peak usage" of
+`*after_optimizations-live-range.txt`) and groups them the same way.
 """
 
 import collections
@@ -41,8 +45,8 @@ def scope_of(op_name: str) -> str:
   """The named scope of an op: "jit(step)/transpose(jvp(mask_decoder))/while/body/dot_general"
   -> "mask_decoder", "jit(step)/optimizer/add" -> "optimizer"; "jit(step)/jvp()/select_n" ->
   NO_SCOPE; a parameter's or input's name ("batch['image_high']") -> INPUTS; "" -> NO_METADATA."""
-  if not op_name:
-    return NO_METADATA
+  if not op_name or re.fullmatch(r"[\w\-]+\.\d+(\{[\d,]*\})?", op_name):
+    return NO_METADATA  # none, or an instruction's own name ("copy-start.132{0}")
   parts = op_name.split("/")
   if len(parts) < 2 or not parts[0].startswith("jit("):
     return INPUTS
@@ -110,3 +114,34 @@ def by_scope(profile_dir: str, hlo_text: str) -> list[ScopeTime]:
     counts[scope] += 1
   return sorted((ScopeTime(k, v, counts[k]) for k, v in seconds.items()),
                 key=lambda t: -t.seconds)
+
+
+_PEAK = "Stack trace breakdown for peak usage:"
+_PEAK_ENTRY = re.compile(r"^ {6}[├└]── (.*) \([\d.]+%, total: ([\d ]+) bytes")
+
+
+def peak_memory_by_scope(dump_dir: str) -> list[tuple[str, int]]:
+  """(scope, bytes) of the buffers live at the peak of the newest train step (`jit_step`)
+  program XLA dumped into `dump_dir`, largest first; their sum is the program's peak (the
+  arguments it holds there included, as INPUTS)."""
+  files = glob.glob(os.path.join(dump_dir, "*jit_step*after_optimizations-live-range.txt"))
+  if not files:
+    raise FileNotFoundError(f"no *jit_step*after_optimizations-live-range.txt in {dump_dir}: "
+                            "compile with XLA_FLAGS=--xla_dump_to={dump_dir}")
+  path = max(files, key=os.path.getmtime)
+  totals: dict[str, int] = collections.defaultdict(int)
+  with open(path, encoding="utf-8") as f:
+    lines = iter(f)
+    for line in lines:
+      if line.strip().startswith(_PEAK):
+        break
+    else:
+      raise ValueError(f"{path} has no '{_PEAK}' section")
+    next(lines)  # the program's own line, 100%
+    for line in lines:
+      if not line.startswith(" " * 6):
+        break
+      entry = _PEAK_ENTRY.match(line)
+      if entry:
+        totals[scope_of(entry.group(1))] += int(entry.group(2).replace(" ", ""))
+  return sorted(totals.items(), key=lambda kv: -kv[1])
