@@ -219,12 +219,14 @@ def layerwise_cost(config: ml_collections.ConfigDict, mesh: Mesh, batch_size: in
     added.append((_with_stacks(config, 1, 1, plus), depth - 1,
                   f"ConvNeXt block (stages of depth {depth})"))
   base = compile_train_step(base_cfg, mesh, batch_size)
-  log(f"  layerwise cost: one layer per stack compiled in {base.seconds:.1f} s")
+  log(f"  layerwise cost: one layer per stack compiled in {base.seconds:.1f} s "
+      f"({base.cost['flops'] / 1e12:.4g} TFLOP, {base.cost['seconds'] * 1e3:.2f} ms per chip)")
   flops, seconds, spent = base.cost["flops"], base.cost["seconds"], base.seconds
   for cfg, count, what in added:
     one = compile_train_step(cfg, mesh, batch_size)
     spent += one.seconds
-    log(f"  layerwise cost: + one {what} (x {count}) compiled in {one.seconds:.1f} s")
+    log(f"  layerwise cost: + one {what} (x {count}) compiled in {one.seconds:.1f} s "
+        f"({one.cost['flops'] / 1e12:.4g} TFLOP, {one.cost['seconds'] * 1e3:.2f} ms per chip)")
     flops += count * (one.cost["flops"] - base.cost["flops"])
     seconds += count * (one.cost["seconds"] - base.cost["seconds"])
   return LayerwiseCost(flops, seconds, 1 + len(added), spent)
