@@ -3,8 +3,8 @@ r"""The train and predict steps compiled for a TPU slice on this host (deviceles
   pip install -e '.[test]'     # the test extra brings jax[tpu] (libtpu)
   python benchmarks/tpu_compile.py --topology=v5p:2x2x1 --mesh=data=1,fsdp=4,tensor=1
   python benchmarks/tpu_compile.py --config=configs/unires_pp_7b.py --topology=v5p:4x4x4 \
-      --batch=128      # the 7B recipe as configured: bf16, fsdp over every chip, scanned, remat
-  python benchmarks/tpu_compile.py ... --config.model.remat=none   # any config field
+      --batch=128      # the 7B recipe as configured: bf16, fsdp over every chip, scanned
+  python benchmarks/tpu_compile.py ... --config.model.remat=full   # any config field
 
 Prints, per chip: the memory of the arguments (parameters, optimizer state, batch), outputs,
 temporaries and their total against the chip's HBM; XLA's FLOPs beside the analytic count
@@ -12,13 +12,15 @@ temporaries and their total against the chip's HBM; XLA's FLOPs beside the analy
 the compiler's cost model (a roofline estimate, not a measurement) with the MFU it implies
 (analytic FLOPs / estimated time / the chip's dense bf16 peak). XLA's cost analysis counts a
 loop's body once, so for scanned layers those come from `aot.layerwise_cost` (small unrolled
-compiles added up layer by layer, `--layerwise_cost`). Then the analytic FLOPs per module. `--compare=remat` or `--compare=scan_layers` compiles the train step once more with that
-switch flipped ("none" vs the config's remat; scanned vs unrolled) and prints both rows.
+compiles added up layer by layer, `--layerwise_cost`). Then the analytic FLOPs per module.
+`--compare=remat` or `--compare=scan_layers` compiles the train step once more with that
+switch flipped ("none" vs the config's remat, "full" if that is "none"; scanned vs unrolled)
+and prints both rows.
 `--profile_compile=DIR` profiles the first train step's compile there and prints the
 backend's code-generation seconds by the model's named scopes (what makes a compile slow);
 `--dump_dir=DIR` has XLA dump the compiled steps there and prints what is live at the first
 one's memory peak by named scope (what fills the temp memory).
-`--compare=lora` compiles it three ways, the LLM frozen (stage 1), trained with LoRA (the
+`--compare=lora` compiles it three ways, the LLM frozen, trained with LoRA (the
 config's `model.llm.lora`, rank 8 if it is off) and fully fine-tuned, the other multipliers as
 the config has them (`aot.llm_mode`), and estimates for each the smallest v5p and v6e slice
 it fits (`aot.smallest_slice`).

@@ -20,7 +20,7 @@ def get_config(arg=None):
   m = config.model = ml_collections.ConfigDict()
   # The recipe for a pod slice (README, "Compile for a TPU slice"; benchmarks/tpu_compile.py
   # checks that it fits): bfloat16 compute over float32 master weights, parameters and optimizer
-  # state sharded over every chip (config.mesh: fsdp=-1), layers scanned and rematerialised.
+  # state sharded over every chip (config.mesh: fsdp=-1), layers scanned, not rematerialised.
   m.dtype = "bfloat16"       # compute dtype
   m.param_dtype = "float32"  # master weights
 
@@ -113,9 +113,10 @@ def get_config(arg=None):
                 region_min_coverage=0.25, no_target_prior=0.5)
   # Rematerialisation of the transformer layers (CLIP ViT and LLaMA) in the backward pass:
   # "none", "full" (recompute everything) or "dots" (keep matmul outputs without batch dims).
-  # "full" costs a third more LLM FLOPs and holds one layer's activations, what lets the step
-  # fit the smallest slices; with room to spare (a large slice), "dots" or "none" run faster.
-  m.remat = "full"
+  # The recipe's slice (v5p:4x4x4, batch 128) has room for every layer's activations, so
+  # "none"; "full" costs a third more LLM FLOPs (cost-model MFU 38% against 46%) and holds one
+  # layer's activations: set it on the smallest slices (docs/tpu.md, "Smallest slices").
+  m.remat = "none"
   # Scanned layers (MaxText's `scan_layers`): the CLIP ViT and LLaMA layers and the blocks of
   # each ConvNeXt stage are each one stacked module (parameters `[num_layers, ...]` on a `layers`
   # axis) applied with `jax.lax.scan`, so the train step compiles one layer instead of every
