@@ -31,7 +31,8 @@ def _loss_fn(model, batch, cfg):
 def test_forward_shapes_and_finite_loss(config):
   model = models.build_model(config, nnx.Rngs(0))
   batch = synthetic_batch(config.model, 2, no_target_every=2)
-  total, (parts, out) = _loss_fn(model, batch, config)
+  total, (parts, out) = nnx.jit(lambda model, batch: _loss_fn(model, batch, config))(
+      model, batch)  # compiled: faster than the op-by-op forward
   s = config.model.convnext.image_size
   vocab = config.model.llm.vocab_size + prompt.num_special_tokens()
   assert out.logits.shape == (2, batch["input_ids"].shape[1], vocab)
