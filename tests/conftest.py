@@ -4,14 +4,12 @@ import os
 import shutil
 import tempfile
 
-# Eight CPU devices, as a TPU slice would offer, for the sharding tests. Set before JAX starts;
-# unsharded computations still run on device 0. Most tests spend their time compiling: less LLVM
-# optimisation cuts their time by about a third (the sharded-step, checkpoint and model tests:
-# 324 s -> 231 s with -n 2) and changes nothing the tests compare (every comparison is between
-# runs under the same flags, or against PyTorch within float32 tolerances). The demo test runs
-# without these flags, as users do.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
-                      "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
+from tests import xla
+
+# Eight CPU devices, as a TPU slice would offer, for the sharding tests, and the fast-compile
+# flags (tests/xla.py). Set before JAX starts; unsharded computations still run on device 0.
+os.environ.setdefault(
+    "XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {xla.FAST_COMPILE_FLAGS}")
 
 # The CPU backend only: with libtpu installed (the test extra's jax[tpu], for the deviceless TPU
 # compiles), JAX would first try to start a TPU in every test process and subprocess, which costs

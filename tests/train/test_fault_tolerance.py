@@ -23,13 +23,14 @@ import time
 
 import pytest
 
+from tests import xla
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 NUM_STEPS = 12
 CHECKPOINT_EVERY = 2
 KILL_AFTER_CHECKPOINT = 4  # SIGKILL once a complete checkpoint at a step >= this exists
 TERM_AFTER_STEP = 3  # SIGTERM once metrics.jsonl shows a step >= this
 RUN_TIMEOUT_S = 600  # one run; about 40-90 s on 2 busy CPU cores
-XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 RATE_KEYS = ("steps_per_second", "examples_per_second")  # timings: differ between runs
 TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax writes `<step>.orbax-checkpoint-tmp`, then renames
 
@@ -40,7 +41,7 @@ class Runner:
   def __init__(self, root: str, cache_dir: str, logdir: str):
     self.root, self.logdir = root, logdir
     self.env = {
-        **os.environ, "XLA_FLAGS": XLA_FLAGS, "JAX_PLATFORMS": "cpu",
+        **os.environ, "XLA_FLAGS": xla.FAST_COMPILE_FLAGS, "JAX_PLATFORMS": "cpu",
         "JAX_COMPILATION_CACHE_DIR": cache_dir,
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
         "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",

@@ -24,6 +24,7 @@ import time
 import numpy as np
 import pytest
 
+from tests import xla
 from tests.train import multiprocess_driver
 from unires_jax import checkpoint, parallel
 from unires_jax.config_lib import load_config
@@ -33,10 +34,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 NUM_PROCESSES, LOCAL_DEVICES, NUM_STEPS = 2, 2, 3
 GLOBAL_BATCH = 8  # tests/train/shapes_config.py
 TIMEOUT_S = 900  # the whole run; it takes a few minutes on 2 busy CPU cores
-# Compile time dominates on CPU; lower LLVM optimisation cuts it by half or more (both processes
-# use the same flags, so the comparison is unaffected).
-XLA_FLAGS = (f"--xla_force_host_platform_device_count={LOCAL_DEVICES} "
-             "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
+# Compile time dominates on CPU: the tests' fast-compile flags (both processes use the same
+# flags, so the comparison is unaffected).
+XLA_FLAGS = f"--xla_force_host_platform_device_count={LOCAL_DEVICES} {xla.FAST_COMPILE_FLAGS}"
 TRAIN_FLAGS = (f"--config.train.num_steps={NUM_STEPS}", "--config.train.checkpoint_every=3",
                "--config.train.log_every=1", "--config.optimizer.warmup_steps=1",
                "--config.evals.shapes_parts_val.batch_size=8", "--progress=false")
