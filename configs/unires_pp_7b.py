@@ -117,10 +117,11 @@ def get_config(arg=None):
   # "none"; "full" costs a third more LLM FLOPs (cost-model MFU 38% against 46%) and holds one
   # layer's activations: set it on the smallest slices (docs/tpu.md, "Smallest slices").
   m.remat = "none"
-  # Scanned layers (MaxText's `scan_layers`): the CLIP ViT and LLaMA layers and the blocks of
-  # each ConvNeXt stage are each one stacked module (parameters `[num_layers, ...]` on a `layers`
-  # axis) applied with `jax.lax.scan`, so the train step compiles one layer instead of every
-  # layer. False: unrolled layers, parameter paths `.../layers/<i>/...`, `.../blocks/<i>/...`
+  # Scanned layers (MaxText's `scan_layers`): the CLIP ViT and LLaMA layers, the blocks of each
+  # ConvNeXt stage and the mask decoder's layers (one round of its 3 FPN levels per scan step)
+  # are stacked modules (parameters `[num_layers, ...]` on a `layers` axis) applied with
+  # `jax.lax.scan`, so the train step compiles one layer instead of every layer. False: unrolled
+  # layers, parameter paths `.../layers/<i>/...`, `.../blocks/<i>/...`
   # (the same values either way; checkpoints differ in layout, the converters handle both).
   m.scan_layers = True
 

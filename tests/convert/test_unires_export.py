@@ -78,6 +78,8 @@ def test_scanned_layers_export_as_unrolled_from_memory_and_from_a_checkpoint(con
   unrolled = models.build_model(config, nnx.Rngs(0))
   scanned = models.build_model(scanned_config, nnx.Rngs(0))
   assert scanned.llm.model.layers.mlp.up_proj.kernel[...].shape[0] == config.model.llm.num_layers
+  assert scanned.mask_decoder.transformer_ffn_layers.linear1.kernel[...].shape[0] == (
+      config.model.mask_decoder.num_layers)
   convert_unires.export_pytorch(unrolled, config.model, str(tmp_path / "unrolled"))
   convert_unires.export_pytorch(scanned, scanned_config.model, str(tmp_path / "scanned"))
   checkpoint.save_converted(nnx.state(scanned, nnx.Param), scanned_config, str(tmp_path / "ckpt"))

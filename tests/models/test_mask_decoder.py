@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from unires_jax import config_lib
+from unires_jax.models import layers
 from unires_jax.models import mask_decoder as md
 
 LLM_WIDTH = 64
@@ -100,6 +101,46 @@ def test_gradients_are_finite_and_reach_every_parameter(model):
       assert np.abs(g).max() < 1e-5 * scale, name
     else:
       assert np.abs(g).max() > 0, name
+
+
+def test_scanned_layers_equal_unrolled():
+  """`scan_layers`: the same decoder (same seed) with its layers stacked, 7 layers = a scan of 2
+  rounds over the 3 levels + 1 layer unrolled, gives the unrolled one's predictions and
+  gradients (float32 rounding: the scan's fusions differ)."""
+  cfg = _cfg(num_layers=7)
+  unrolled = md.MaskDecoder(LLM_WIDTH, IN_DIMS, cfg, rngs=nnx.Rngs(0))
+  scanned = md.MaskDecoder(LLM_WIDTH, IN_DIMS, cfg, scan_layers=True, rngs=nnx.Rngs(0))
+  assert scanned.transformer_ffn_layers.linear1.kernel[...].shape == (7, cfg.hidden_dim,
+                                                                       cfg.ffn_dim)
+  inputs = _inputs(4)
+  weights = jnp.asarray(np.random.default_rng(5).normal(size=(2, NUM_SEG, 16, 16)), jnp.float32)
+
+  def loss(m):
+    out = m(*inputs)
+    return sum(jnp.sum(weights * p) for p in [out.mask_logits, *out.aux_mask_logits]), out
+
+  def gradients(m):
+    grads, out = nnx.jit(nnx.grad(loss, has_aux=True))(m)
+    flat = {}
+    for path, g in nnx.to_flat_state(grads):
+      path, g = "/".join(map(str, path)), np.asarray(g)
+      if layers.is_stacked_path(path):
+        flat.update({layers.layer_path(path, i): g[i] for i in range(g.shape[0])})
+      else:
+        flat[path] = g
+    return flat, out
+
+  g_ref, ref = gradients(unrolled)
+  g, out = gradients(scanned)
+  assert len(out.aux_mask_logits) == len(ref.aux_mask_logits) == 7
+  for got, want in zip([out.mask_logits, *out.aux_mask_logits],
+                       [ref.mask_logits, *ref.aux_mask_logits]):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+  assert g.keys() == g_ref.keys()
+  assert "transformer_ffn_layers/6/linear1/kernel" in g  # the unrolled last layer's
+  diff = np.sqrt(sum(np.sum((g[k] - g_ref[k]) ** 2) for k in g_ref))
+  norm = np.sqrt(sum(np.sum(x ** 2) for x in g_ref.values()))
+  assert diff <= 1e-5 * norm, f"gradients differ by {diff / norm:.2e} of their norm"
 
 
 def test_invalid_region_queries_do_not_affect_seg_output(model):

@@ -11,6 +11,7 @@ from jax.sharding import PartitionSpec as P
 from unires_jax import parallel, utils
 from unires_jax.config_lib import load_config
 from unires_jax.parallel import mesh as mesh_lib
+from unires_jax.models import layers
 from unires_jax.models.synthetic import synthetic_batch
 from unires_jax.parallel.sharded_model import abstract_model
 from unires_jax.train import step as step_lib
@@ -158,6 +159,14 @@ def test_scanned_model_follows_the_rules():
   assert stacked["vision/encoder/layers/mlp/fc1/kernel"] == P(None, "fsdp", "tensor")
   assert stacked["llm/model/layers/input_layernorm/scale"] == P(None, "fsdp")
   assert specs["llm/model/layers/mlp/up_proj/kernel"][1] == (2, 4096, 11008)
+  # The mask decoder's stacked layers: the `layers` axis whole, the rest as unrolled.
+  config.model.scan_layers = False
+  unrolled = _param_specs(config, _mesh(2, 2, 2))
+  decoder = {path: spec for path, (spec, _) in specs.items()
+             if path.startswith("mask_decoder/transformer_") and layers.is_stacked_path(path)}
+  assert len(decoder) == 10 + 10 + 6  # cross-attention, self-attention, FFN layer parameters
+  for path, spec in decoder.items():
+    assert spec == P(None, *unrolled[layers.layer_path(path, 0)][0]), path
 
 
 def test_lora_adapters_follow_the_rules():

@@ -266,8 +266,9 @@ def import_pytorch(model: nnx.Module, model_config: ml_collections.ConfigDict,
 
 
 def head_paths(model: nnx.Module) -> list[str]:
-  """Every parameter outside the backbones, by path."""
-  return [path for path, _ in torch_io.iter_params(model) if is_head(path)]
+  """Every parameter outside the backbones, by path (a stacked mask-decoder layer's once per
+  layer, under its unrolled path: `torch_io.unstacked_params`)."""
+  return [path for path in torch_io.unstacked_params(model) if is_head(path)]
 
 
 def load_heads(model: nnx.Module, source: str) -> None:

@@ -247,8 +247,10 @@ def remat(fn: Callable[..., Any], policy: str) -> Callable[..., Any]:
 
 LAYERS = "layers"  # logical name of the stacked-layer axis
 # Attributes that hold a stack (`stack_modules`) in a parameter path: the CLIP and LLaMA layers,
-# the blocks of a ConvNeXt stage. Unrolled, a layer index follows them ('.../layers/3/...').
-STACK_ATTRIBUTES = ("layers", "blocks")
+# the blocks of a ConvNeXt stage, the mask decoder's three kinds of layer. Unrolled, a layer index
+# follows them ('.../layers/3/...').
+STACK_ATTRIBUTES = ("layers", "blocks", "transformer_cross_attention_layers",
+                    "transformer_self_attention_layers", "transformer_ffn_layers")
 
 
 def _is_variable(x: Any) -> bool:
@@ -296,8 +298,8 @@ def layer_path(path: str, index: int) -> str:
 
 
 def is_stacked_path(path: str) -> bool:
-  """Whether a saved parameter path is a stacked layer's: a `layers` (or ConvNeXt `blocks`)
-  component followed by a name, not a layer index ('llm/model/layers/mlp/up_proj/kernel', not
+  """Whether a saved parameter path is a stacked layer's: a `STACK_ATTRIBUTES` component
+  followed by a name, not a layer index ('llm/model/layers/mlp/up_proj/kernel', not
   '.../layers/3/...' nor the mask decoder's 'seg_proj/layers/0/kernel')."""
   return _stack_at(path.split("/")) is not None
 
@@ -308,9 +310,9 @@ def is_stacked(var: nnx.Variable) -> bool:
   return bool(names) and names[0] == LAYERS
 
 
-def _unstacked(graphdef: nnx.GraphDef, state: nnx.State) -> nnx.Module:
-  """One layer of a stack: `state` holds its slices (no `layers` axis); their logical names
-  lose the leading `layers` too."""
+def unstacked(graphdef: nnx.GraphDef, state: nnx.State) -> nnx.Module:
+  """One layer of a stack (`nnx.split` of a `stack_modules` module): `state` holds its slices
+  (no `layers` axis); their logical names lose the leading `layers` too."""
   layer = nnx.merge(graphdef, state)
   for _, var in nnx.iter_graph(layer):
     if _is_variable(var) and is_stacked(var):
@@ -334,7 +336,7 @@ def scan_layers(fn: Callable[..., tuple[Any, Any]], stacked: nnx.Module, carry: 
   call = remat(fn, policy)
 
   def body(carry, layer_state):
-    return call(_unstacked(graphdef, layer_state), carry, *args)
+    return call(unstacked(graphdef, layer_state), carry, *args)
 
   return jax.lax.scan(body, carry, state)
 

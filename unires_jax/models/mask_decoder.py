@@ -232,10 +232,17 @@ class MaskDecoder(nnx.Module):
 
   Fields: hidden_dim, mask_dim, num_layers, num_heads, ffn_dim, feature_levels (FPN level per
   layer, cycled; 0 is stride 4), cross_attention_impl, use_region_queries, aux_loss, norm_groups.
+
+  With `scan_layers` each kind of decoder layer is one stacked module
+  (`transformer_ffn_layers/linear1/kernel` is `[num_layers, ...]`, leading axis `layers`) and the
+  layers run as `jax.lax.scan` over rounds: one round is one layer per feature level (Mask2Former:
+  3 rounds of 3 levels), so the memories' shapes are the same in every round; the layers of an
+  incomplete last round (num_layers not a multiple of len(feature_levels)) run unrolled.
   """
 
   def __init__(self, llm_width: int, in_dims: Sequence[int], cfg: ml_collections.ConfigDict, *,
-               dtype: Any = None, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+               dtype: Any = None, param_dtype: Any = jnp.float32, scan_layers: bool = False,
+               rngs: nnx.Rngs):
     self.feature_levels = tuple(int(l) for l in cfg.feature_levels)
     if not self.feature_levels or any(not 0 <= l < len(in_dims) for l in self.feature_levels):
       raise ValueError(
@@ -246,6 +253,7 @@ class MaskDecoder(nnx.Module):
                        f"got {cfg.cross_attention_impl!r}")
     if cfg.num_layers < 1:
       raise ValueError(f"mask_decoder.num_layers must be >= 1, got {cfg.num_layers}")
+    self.scan_layers = scan_layers
     self.num_layers = cfg.num_layers
     self.use_region_queries = bool(cfg.use_region_queries)
     self.aux_loss = bool(cfg.aux_loss)
@@ -259,12 +267,13 @@ class MaskDecoder(nnx.Module):
     self.level_embed = layers.param(
         rngs, nnx.initializers.normal(1.0), (len(self.feature_levels), dim), ("position", "embed"),
         param_dtype)
-    self.transformer_cross_attention_layers = nnx.List([
+    stack = layers.stack_modules if scan_layers else nnx.List
+    self.transformer_cross_attention_layers = stack([
         CrossAttentionLayer(dim, cfg.num_heads, cfg.cross_attention_impl, **kw)
         for _ in range(cfg.num_layers)])
-    self.transformer_self_attention_layers = nnx.List([
+    self.transformer_self_attention_layers = stack([
         SelfAttentionLayer(dim, cfg.num_heads, **kw) for _ in range(cfg.num_layers)])
-    self.transformer_ffn_layers = nnx.List([
+    self.transformer_ffn_layers = stack([
         FFNLayer(dim, cfg.ffn_dim, **kw) for _ in range(cfg.num_layers)])
     self.decoder_norm = layers.layer_norm(dim, "embed", epsilon=NORM_EPS, **kw)
     self.mask_embed = MLP((dim, dim, dim, cfg.mask_dim), "conv_out", **kw)
@@ -321,19 +330,72 @@ class MaskDecoder(nnx.Module):
       pos = sine_position_encoding(h, w, self.hidden_dim).reshape(h * w, -1)
       memories.append((value + pos.astype(value.dtype), value, (h, w)))
 
-    predictions = [self.predict(queries, mask_features)]
-    for l in range(self.num_layers):
-      keys, values, size = memories[l % len(self.feature_levels)]
-      # The attention mask is a decision, not a path for gradients.
-      attn_logits = jax.lax.stop_gradient(resize_mask_logits(predictions[-1], size))
-      queries = self.transformer_cross_attention_layers[l](
-          queries, keys, values, attn_logits.reshape(batch, queries.shape[1], -1))
-      queries = self.transformer_self_attention_layers[l](queries, query_valid)
-      queries = self.transformer_ffn_layers[l](queries)
-      predictions.append(self.predict(queries, mask_features))
+    first = self.predict(queries, mask_features)
+    run = self._scanned_layers if self.scan_layers else self._unrolled_layers
+    queries, predictions = run(queries, first, memories, query_valid, mask_features)
 
-    seg = [p[:, :num_seg] for p in predictions]
+    seg = [p[:, :num_seg] for p in [first, *predictions]]
     return MaskDecoderOutput(
         mask_logits=seg[-1],
         aux_mask_logits=seg[:-1] if self.aux_loss else [],
         seg_queries=queries[:, :num_seg])
+
+  def _layer(self, cross: CrossAttentionLayer, self_attn: SelfAttentionLayer, ffn: FFNLayer,
+             queries: jax.Array, prediction: jax.Array, memory: tuple[jax.Array, jax.Array, Any],
+             query_valid: jax.Array, mask_features: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """One decoder layer: queries [b, q, dim] under the previous prediction [b, q, H/4, W/4],
+    attending to memory (keys, values [b, pixels, dim], (h, w)) -> (queries, its prediction)."""
+    keys, values, size = memory
+    # The attention mask is a decision, not a path for gradients.
+    attn_logits = jax.lax.stop_gradient(resize_mask_logits(prediction, size))
+    queries = cross(queries, keys, values, attn_logits.reshape(*queries.shape[:2], -1))
+    queries = ffn(self_attn(queries, query_valid))
+    return queries, self.predict(queries, mask_features)
+
+  def _unrolled_layers(self, queries, first, memories, query_valid, mask_features):
+    """The layers one after another -> (final queries, the num_layers predictions)."""
+    predictions = [first]
+    for l in range(self.num_layers):
+      queries, prediction = self._layer(
+          self.transformer_cross_attention_layers[l], self.transformer_self_attention_layers[l],
+          self.transformer_ffn_layers[l], queries, predictions[-1],
+          memories[l % len(self.feature_levels)], query_valid, mask_features)
+      predictions.append(prediction)
+    return queries, predictions[1:]
+
+  def _scanned_layers(self, queries, first, memories, query_valid, mask_features):
+    """The stacked layers as a scan over rounds, each round one layer per feature level
+    (unrolled in the scan body: the levels' memories differ in shape), then the layers of an
+    incomplete last round unrolled -> as `_unrolled_layers`."""
+    levels = len(self.feature_levels)
+    graphdefs, states = zip(*(nnx.split(s) for s in (
+        self.transformer_cross_attention_layers, self.transformer_self_attention_layers,
+        self.transformer_ffn_layers)))
+
+    def layer(states, index):  # (cross, self, ffn) of one layer of stacks `states`
+      return (layers.unstacked(g, jax.tree_util.tree_map(lambda x: x[index], s))
+              for g, s in zip(graphdefs, states))
+
+    def body(carry, round_states):
+      queries, prediction = carry
+      predictions = []
+      for j in range(levels):
+        queries, prediction = self._layer(*layer(round_states, j), queries, prediction,
+                                          memories[j], query_valid, mask_features)
+        predictions.append(prediction)
+      return (queries, prediction), jnp.stack(predictions)
+
+    # [num_layers, ...] -> [rounds, levels, ...]: layer l is round l // levels, level l % levels.
+    scanned = self.num_layers // levels * levels
+    prediction, predictions = first, []
+    if scanned:
+      rounds = jax.tree_util.tree_map(
+          lambda x: x[:scanned].reshape(-1, levels, *x.shape[1:]), states)
+      (queries, prediction), stacked = jax.lax.scan(body, (queries, first), rounds)
+      # [rounds, levels, b, q, H/4, W/4] -> the predictions in layer order.
+      predictions = list(stacked.reshape(-1, *stacked.shape[2:]))
+    for l in range(scanned, self.num_layers):
+      queries, prediction = self._layer(*layer(states, l), queries, prediction,
+                                        memories[l % levels], query_valid, mask_features)
+      predictions.append(prediction)
+    return queries, predictions

@@ -115,7 +115,8 @@ class UniRESPP(nnx.Module):
     self.image_projector = Projector(cfg.vision.hidden_size, width, cfg.projector, **kw)
     self.object_projector = Projector(region_dim, width, cfg.projector, **kw)
     self.part_projector = Projector(region_dim, width, cfg.projector, **kw)
-    self.mask_decoder = MaskDecoder(width, tuple(cfg.convnext.dims), cfg.mask_decoder, **kw)
+    self.mask_decoder = MaskDecoder(width, tuple(cfg.convnext.dims), cfg.mask_decoder,
+                                    scan_layers=scan, **kw)
     self.no_target_head = NoTargetHead(width, cfg.no_target_hidden, **kw)
 
   @property
