@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from tests.train.test_remat import _unstacked
 from unires_jax import config_lib
-from unires_jax.models import layers
 from unires_jax.models import mask_decoder as md
 
 LLM_WIDTH = 64
@@ -119,16 +119,10 @@ def test_scanned_layers_equal_unrolled():
     out = m(*inputs)
     return sum(jnp.sum(weights * p) for p in [out.mask_logits, *out.aux_mask_logits]), out
 
-  def gradients(m):
+  def gradients(m):  # by unrolled path: a stacked gradient once per layer
     grads, out = nnx.jit(nnx.grad(loss, has_aux=True))(m)
-    flat = {}
-    for path, g in nnx.to_flat_state(grads):
-      path, g = "/".join(map(str, path)), np.asarray(g)
-      if layers.is_stacked_path(path):
-        flat.update({layers.layer_path(path, i): g[i] for i in range(g.shape[0])})
-      else:
-        flat[path] = g
-    return flat, out
+    return _unstacked({"/".join(map(str, path)): np.asarray(g)
+                       for path, g in nnx.to_flat_state(grads)}), out
 
   g_ref, ref = gradients(unrolled)
   g, out = gradients(scanned)
