@@ -18,23 +18,14 @@ from unires_jax.train.state import StateFactory  # pylint: disable=g-import-not-
 
 
 @pytest.mark.slow
-def test_tiny_train_step_compiles_for_a_v5p_slice_with_every_mesh_axis(tmp_path):
+def test_tiny_train_step_compiles_for_a_v5p_slice_with_every_mesh_axis():
   config = load_config("tiny")
   config.mesh.update(data=2, fsdp=2, tensor=2)
   mesh = aot.topology_mesh("v5p:2x2x2", config.mesh)
   assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
   assert mesh.devices.flat[0].platform == "tpu"
   factory = StateFactory(config, mesh)
-  compiled = aot.compile_train_step(config, mesh, 8, factory, profile_dir=str(tmp_path))
-
-  # The profiled compile's code generation, by the model's named scopes: every part of the
-  # model and the step shows, and the work is part of the compile's time (two threads here).
-  times = {t.scope: t for t in compile_profile.by_scope(
-      str(tmp_path), compiled.executable.as_text())}
-  for scope in ("vision", "convnext", "regions", "llm", "mask_decoder", "no_target_head",
-                "losses", "optimizer"):
-    assert times[scope].seconds > 0 and times[scope].instructions > 0, (scope, times)
-  assert 0 < sum(t.seconds for t in times.values()) < 2 * compiled.seconds
+  compiled = aot.compile_train_step(config, mesh, 8, factory)
 
   # The state is donated: the compiled program writes the new state into the old one's buffers.
   # (Per-chip bytes say little about the sharding at these widths: TPU tiles pad every small
@@ -132,9 +123,15 @@ def test_the_benchmark_profiles_the_compile_and_breaks_down_the_peak(tmp_path):
   generation = out[out.index("backend code generation by named scope"):
                    out.index("live at the memory peak")]
   peak = out[out.index("live at the memory peak"):out.index("  step train")]
-  for scope in ("llm", "mask_decoder", "convnext"):
-    assert re.search(rf"^    {scope} +[0-9.]+ s +[0-9.]+% +[1-9]\d* instructions$", generation,
-                     re.MULTILINE), generation
+  # Every part of the model and the step shows (an instruction is counted only with work in
+  # it), and the work is part of the compile's time (summed over the compiler's two threads).
+  for scope in ("vision", "convnext", "regions", "llm", "mask_decoder", "no_target_head",
+                "losses", "optimizer"):
+    assert re.search(rf"^    {scope} +[0-9.]+ s +[0-9.]+% +[1-9]\d* instructions$",
+                     generation, re.MULTILINE), (scope, generation)
+  work = float(re.search(r"\(([0-9.]+) s of work", generation).group(1))
+  compile_s = float(re.search(r"train step compiled in ([0-9.]+) s", out).group(1))
+  assert 0 < work < 2 * compile_s, (work, compile_s)
   shares = [float(x) for x in re.findall(r" ([0-9.]+)%$", peak, re.MULTILINE)]
   assert len(shares) >= 3 and sum(shares) == pytest.approx(100, abs=0.5), peak
   assert "(inputs: parameters, batch)" in peak, peak  # the state is live at every point
