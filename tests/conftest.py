@@ -46,37 +46,14 @@ def pytest_configure(config):
   config.add_cleanup(lambda: shutil.rmtree(cache, ignore_errors=True))
 
 
-# The longest modules first, longest first (each module's slowest tests, in seconds, from a
-# `--durations` run of the whole suite with -n 2), so that the run does not end with one worker
-# alone on a long test. xdist (--dist loadgroup) hands out the `xdist_group` groups first (the
-# serving tests), then single tests in this order. Whole modules move, so a module's tests stay
-# together and its fixtures are set up once per worker. The last run ended with both TPU-compile
-# tests alone (450 s and 130 s) after everything else.
-_FIRST = (
-    "tests/test_demo.py::",  # 1380
-    "tests/train/test_tpu_compile.py::",  # 450 + 130
-    "tests/train/test_multiprocess.py::",  # 210
-    "tests/launch/test_launch.py::",  # 200
-    "tests/train/test_optimizer.py::",  # 135 + 120
-    "tests/train/test_fault_tolerance.py::",  # 110 (setup) + 90 + 80
-    "tests/train/test_sharded_step.py::",  # 190
-    "tests/train/test_checkpoint.py::",  # 155 + 30
-    "tests/train/test_lora.py::",  # 105 + 100
-    "tests/train/test_remat.py::",  # 85 (setup) + 70 + 70 + 25
-    "tests/convert/test_convert_checkpoint.py::",  # 115 (setup) + 45 + 25
-    "tests/train/test_init_from.py::",  # 110 (setup) + 10
-    "tests/kernels/test_cross_attention_pallas.py::",  # 105 + 30 + 20
-    "tests/models/test_mask_decoder.py::",  # 95 + 20
-)
-
-
-def _rank(item) -> int:
-  return next((i for i, prefix in enumerate(_FIRST) if item.nodeid.startswith(prefix)),
-              len(_FIRST))
+# The longest test first: the demo (about 16 minutes of one worker). xdist hands tests to its
+# workers in collection order, where the demo came halfway and kept one worker busy long after
+# the other had finished. Only whole modules move, so module fixtures are still set up once.
+_FIRST = ("tests/test_demo.py::",)
 
 
 def pytest_collection_modifyitems(items):
-  items.sort(key=_rank)  # stable: collection order within a module and for the rest
+  items.sort(key=lambda item: not item.nodeid.startswith(_FIRST))  # stable otherwise
 
 
 @pytest.fixture(scope="session")
