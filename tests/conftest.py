@@ -46,9 +46,9 @@ def pytest_configure(config):
   config.add_cleanup(lambda: shutil.rmtree(cache, ignore_errors=True))
 
 
-# The longest test first: the demo (about 16 minutes of one worker). xdist hands tests to its
-# workers in collection order, where the demo came halfway and kept one worker busy long after
-# the other had finished. Only whole modules move, so module fixtures are still set up once.
+# The longest test first: the demo (about 27 minutes of one worker in CI). xdist hands tests
+# to its workers in collection order, where the demo came halfway and kept one worker busy long
+# after the other had finished. Only whole modules move, so module fixtures are still set up once.
 _FIRST = ("tests/test_demo.py::",)
 
 
