@@ -10,7 +10,7 @@ Mask2Former's `MultiScaleMaskedTransformerDecoder` and MaskFormer's `BasePixelDe
 """
 
 import math
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -53,29 +53,6 @@ def resize_mask_logits(mask_logits: jax.Array, size: tuple[int, int]) -> jax.Arr
   """
   return jax.image.resize(
       mask_logits, (*mask_logits.shape[:2], *size), method="bilinear", antialias=False)
-
-
-def bilinear_resize_matrix(in_size: int, out_size: int) -> jax.Array:
-  """[out_size, in_size] float32: `resize_mask_logits` along one axis as a matrix (row i holds
-  the weights of output pixel i), so a resize of `[.., in_h, in_w]` is `R_h @ x @ R_w^T`."""
-  eye = jnp.eye(in_size, dtype=jnp.float32)[None, None]
-  return resize_mask_logits(eye, (out_size, in_size))[0, 0]
-
-
-class Memory(NamedTuple):
-  """What a decoder layer cross-attends to: one FPN level's pixels.
-
-  keys:      [batch, pixels, dim] the level's features + level embedding + sine position.
-  values:    [batch, pixels, dim] the level's features + level embedding.
-  key_valid: [batch, pixels] bool, False at padding pixels; None when every pixel is real.
-  resize:    the previous prediction [batch, q, H/4, W/4] -> its logits at these pixels,
-             [batch, q, pixels] (the attention mask's logits).
-  """
-
-  keys: jax.Array
-  values: jax.Array
-  key_valid: jax.Array | None
-  resize: Callable[[jax.Array], jax.Array]
 
 
 def sine_position_encoding(height: int, width: int, dim: int) -> jax.Array:
@@ -208,13 +185,12 @@ class CrossAttentionLayer(nnx.Module):
     self.norm = layers.layer_norm(dim, "embed", epsilon=NORM_EPS, **kw)
 
   def __call__(self, queries: jax.Array, keys: jax.Array, values: jax.Array,
-               mask_logits: jax.Array, key_valid: jax.Array | None = None) -> jax.Array:
-    """queries [b, q, dim]; keys/values [b, pixels, dim]; mask_logits [b, q, pixels];
-    key_valid [b, pixels] bool (False: padding, never attended) or None."""
+               mask_logits: jax.Array) -> jax.Array:
+    """queries [b, q, dim]; keys/values [b, pixels, dim]; mask_logits [b, q, pixels]."""
     attn = self.multihead_attn
     out = fine_grained_cross_attention(
         attn.split_heads(attn.q_proj(queries)), attn.split_heads(attn.k_proj(keys)),
-        attn.split_heads(attn.v_proj(values)), mask_logits, key_valid, impl=self.impl)
+        attn.split_heads(attn.v_proj(values)), mask_logits, impl=self.impl)
     return self.norm(queries + attn.merge_heads(out))
 
 
@@ -259,11 +235,9 @@ class MaskDecoder(nnx.Module):
 
   With `scan_layers` each kind of decoder layer is one stacked module
   (`transformer_ffn_layers/linear1/kernel` is `[num_layers, ...]`, leading axis `layers`) and the
-  layers run as one `jax.lax.scan`, a layer per step. So that every step has the same shapes, the
-  levels' pixels are padded to the largest level's grid (at the bottom and right; padding keys are
-  masked out of the attention, `key_valid`) and each step resizes the previous prediction to its
-  level with matrices padded alike (`bilinear_resize_matrix`). The same outputs as unrolled, up to
-  float rounding; the cross-attention computes over the largest level's pixels at every level.
+  layers run as `jax.lax.scan` over rounds: one round is one layer per feature level (Mask2Former:
+  3 rounds of 3 levels), so the memories' shapes are the same in every round; the layers of an
+  incomplete last round (num_layers not a multiple of len(feature_levels)) run unrolled.
   """
 
   def __init__(self, llm_width: int, in_dims: Sequence[int], cfg: ml_collections.ConfigDict, *,
@@ -355,7 +329,6 @@ class MaskDecoder(nnx.Module):
       value = sharding.constrain(value, "activation_batch", "activation_length", "activation_embed")
       pos = sine_position_encoding(h, w, self.hidden_dim).reshape(h * w, -1)
       memories.append((value + pos.astype(value.dtype), value, (h, w)))
-    # memories: per level (keys, values [batch, h * w, dim], (h, w)).
 
     first = self.predict(queries, mask_features)
     run = self._scanned_layers if self.scan_layers else self._unrolled_layers
@@ -368,23 +341,19 @@ class MaskDecoder(nnx.Module):
         seg_queries=queries[:, :num_seg])
 
   def _layer(self, cross: CrossAttentionLayer, self_attn: SelfAttentionLayer, ffn: FFNLayer,
-             queries: jax.Array, prediction: jax.Array, memory: Memory, query_valid: jax.Array,
-             mask_features: jax.Array) -> tuple[jax.Array, jax.Array]:
+             queries: jax.Array, prediction: jax.Array, memory: tuple[jax.Array, jax.Array, Any],
+             query_valid: jax.Array, mask_features: jax.Array) -> tuple[jax.Array, jax.Array]:
     """One decoder layer: queries [b, q, dim] under the previous prediction [b, q, H/4, W/4],
-    attending to `memory` -> (queries, its prediction)."""
+    attending to memory (keys, values [b, pixels, dim], (h, w)) -> (queries, its prediction)."""
+    keys, values, size = memory
     # The attention mask is a decision, not a path for gradients.
-    attn_logits = jax.lax.stop_gradient(memory.resize(prediction))
-    queries = cross(queries, memory.keys, memory.values, attn_logits, memory.key_valid)
+    attn_logits = jax.lax.stop_gradient(resize_mask_logits(prediction, size))
+    queries = cross(queries, keys, values, attn_logits.reshape(*queries.shape[:2], -1))
     queries = ffn(self_attn(queries, query_valid))
     return queries, self.predict(queries, mask_features)
 
   def _unrolled_layers(self, queries, first, memories, query_valid, mask_features):
     """The layers one after another -> (final queries, the num_layers predictions)."""
-    def memory(keys, values, size):
-      return Memory(keys, values, None,
-                    lambda p: resize_mask_logits(p, size).reshape(*p.shape[:2], -1))
-
-    memories = [memory(*m) for m in memories]
     predictions = [first]
     for l in range(self.num_layers):
       queries, prediction = self._layer(
@@ -395,53 +364,38 @@ class MaskDecoder(nnx.Module):
     return queries, predictions[1:]
 
   def _scanned_layers(self, queries, first, memories, query_valid, mask_features):
-    """The stacked layers as one `jax.lax.scan`, a layer per step, over the levels' memories
-    padded to one grid (see the class docstring) -> as `_unrolled_layers`."""
-    batch = queries.shape[0]
-    grid = mask_features.shape[1:3]  # H/4, W/4: the predictions' pixels
-    height = max(size[0] for _, _, size in memories)
-    width = max(size[1] for _, _, size in memories)
-
-    def padded(x, size):  # [b, h * w, dim] -> [b, height * width, dim], zeros at the padding
-      x = x.reshape(batch, *size, -1)
-      x = jnp.pad(x, ((0, 0), (0, height - size[0]), (0, width - size[1]), (0, 0)))
-      return x.reshape(batch, height * width, -1)
-
-    def stacked(xs):  # levels x [b, pixels, dim] -> [levels, b, pixels, dim]
-      return sharding.constrain(jnp.stack(xs), None, "activation_batch", "activation_length",
-                                "activation_embed")
-
-    keys = stacked([padded(k, size) for k, _, size in memories])
-    values = stacked([padded(v, size) for _, v, size in memories])
-    # [levels, height * width]; [levels, height, H/4] and [levels, width, W/4], zero rows at the
-    # padding (whose logits are then 0, and masked as keys).
-    valid = jnp.stack([
-        (jnp.arange(height)[:, None] < h) & (jnp.arange(width)[None] < w)
-        for _, _, (h, w) in memories]).reshape(len(memories), -1)
-    rows = jnp.stack([jnp.pad(bilinear_resize_matrix(grid[0], h), ((0, height - h), (0, 0)))
-                      for _, _, (h, _) in memories])
-    cols = jnp.stack([jnp.pad(bilinear_resize_matrix(grid[1], w), ((0, width - w), (0, 0)))
-                      for _, _, (_, w) in memories])
-
-    def resize(prediction, level):  # [b, q, H/4, W/4] -> [b, q, height * width]
-      x = jnp.einsum("bqyx,wx->bqyw", prediction, cols[level], precision="highest")
-      x = jnp.einsum("bqyw,hy->bqhw", x, rows[level], precision="highest")
-      return x.reshape(*x.shape[:2], -1)
-
+    """The stacked layers as a scan over rounds, each round one layer per feature level
+    (unrolled in the scan body: the levels' memories differ in shape), then the layers of an
+    incomplete last round unrolled -> as `_unrolled_layers`."""
+    levels = len(self.feature_levels)
     graphdefs, states = zip(*(nnx.split(s) for s in (
         self.transformer_cross_attention_layers, self.transformer_self_attention_layers,
         self.transformer_ffn_layers)))
 
-    def body(carry, xs):
-      queries, prediction = carry
-      layer_states, level = xs
-      memory = Memory(keys[level], values[level], jnp.broadcast_to(valid[level], keys.shape[1:3]),
-                      lambda p: resize(p, level))
-      queries, prediction = self._layer(
-          *(layers.unstacked(g, s) for g, s in zip(graphdefs, layer_states)), queries,
-          prediction, memory, query_valid, mask_features)
-      return (queries, prediction), prediction
+    def layer(states, index):  # (cross, self, ffn) of one layer of stacks `states`
+      return (layers.unstacked(g, jax.tree_util.tree_map(lambda x: x[index], s))
+              for g, s in zip(graphdefs, states))
 
-    level_of_layer = jnp.arange(self.num_layers) % len(memories)
-    (queries, _), predictions = jax.lax.scan(body, (queries, first), (states, level_of_layer))
-    return queries, list(predictions)
+    def body(carry, round_states):
+      queries, prediction = carry
+      predictions = []
+      for j in range(levels):
+        queries, prediction = self._layer(*layer(round_states, j), queries, prediction,
+                                          memories[j], query_valid, mask_features)
+        predictions.append(prediction)
+      return (queries, prediction), jnp.stack(predictions)
+
+    # [num_layers, ...] -> [rounds, levels, ...]: layer l is round l // levels, level l % levels.
+    scanned = self.num_layers // levels * levels
+    prediction, predictions = first, []
+    if scanned:
+      rounds = jax.tree_util.tree_map(
+          lambda x: x[:scanned].reshape(-1, levels, *x.shape[1:]), states)
+      (queries, prediction), stacked = jax.lax.scan(body, (queries, first), rounds)
+      # [rounds, levels, b, q, H/4, W/4] -> the predictions in layer order.
+      predictions = list(stacked.reshape(-1, *stacked.shape[2:]))
+    for l in range(scanned, self.num_layers):
+      queries, prediction = self._layer(*layer(states, l), queries, prediction,
+                                        memories[l % levels], query_valid, mask_features)
+      predictions.append(prediction)
+    return queries, predictions
