@@ -52,8 +52,33 @@ def pytest_configure(config):
 _FIRST = ("tests/test_demo.py::",)
 
 
-def pytest_collection_modifyitems(items):
+_UNGROUPED = pytest.StashKey[set]()  # node IDs marked xdist_group that xdist will not group
+
+
+@pytest.hookimpl(trylast=True)  # after pytest-xdist's, which names the groups
+def pytest_collection_modifyitems(config, items):
+  """The demo first (above), and a check of the `xdist_group` marks.
+
+  With `--dist loadgroup` a worker's pytest-xdist appends "@<group>" to the node ID of each
+  test marked `xdist_group`, and the controller sends each group to one worker. Where that
+  suffix does not take (pytest 9.2 with pytest-xdist 3.8, pytest-dev/pytest-xdist#1386) the
+  marks are ignored without a word and each worker would set up the group's costly fixtures
+  again: those tests fail instead (`pytest_runtest_setup`).
+  """
   items.sort(key=lambda item: not item.nodeid.startswith(_FIRST))  # stable otherwise
+  if hasattr(config, "workerinput") and config.getoption("loadgroup", False):
+    config.stash[_UNGROUPED] = {
+        item.nodeid for item in items
+        if item.get_closest_marker("xdist_group") and "@" not in item.nodeid.rsplit("]", 1)[-1]}
+
+
+@pytest.hookimpl(tryfirst=True)  # before the test's fixtures are set up
+def pytest_runtest_setup(item):
+  if item.nodeid in item.config.stash.get(_UNGROUPED, set()):
+    pytest.fail(
+        f"marked xdist_group, but this pytest ({pytest.__version__}) and pytest-xdist do not "
+        "group tests (pytest-dev/pytest-xdist#1386): install the test extra's pytest (setup.py)",
+        pytrace=False)
 
 
 @pytest.fixture(scope="session")
