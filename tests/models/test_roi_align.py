@@ -1,4 +1,5 @@
-"""RoIAlign against a plain float64 NumPy transcription of the definition and torchvision."""
+"""RoIAlign and its mean over bins against a plain float64 NumPy transcription of the definition
+and against torchvision."""
 
 import jax
 import jax.numpy as jnp
@@ -91,6 +92,11 @@ def test_matches_numpy_definition(aligned, output_size, ratio):
   assert got.shape == want.shape
   np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=0)
   assert np.abs(want[0, :2]).max() == 0.0  # boxes outside the image pool zeros
+  mean = roi_align_lib.roi_align_mean(
+      jnp.asarray(features), jnp.asarray(boxes), output_size=output_size, spatial_scale=SCALE,
+      sampling_ratio=ratio, aligned=aligned)
+  assert mean.shape == (2, 6, 3)
+  np.testing.assert_allclose(np.asarray(mean), want.mean(axis=(2, 3)), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("aligned", [True, False])
@@ -108,6 +114,24 @@ def test_matches_torchvision(aligned):
       spatial_scale=SCALE, sampling_ratio=2, aligned=aligned)
   want = want.permute(0, 2, 3, 1).reshape(2, 8, 3, 4, 5).numpy()
   np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=0)
+  mean = roi_align_lib.roi_align_mean(
+      jnp.asarray(features), jnp.asarray(boxes), output_size=(3, 4), spatial_scale=SCALE,
+      sampling_ratio=2, aligned=aligned)
+  np.testing.assert_allclose(np.asarray(mean), want.mean(axis=(2, 3)), atol=1e-5, rtol=0)
+
+
+def test_bfloat16_features_pool_in_bfloat16():
+  """bfloat16 features (the TPU recipe): the result's dtype, within bfloat16 rounding of the
+  float32 pooling of the same values."""
+  rng = np.random.default_rng(4)
+  features = jnp.asarray(rng.normal(size=(2, HEIGHT, WIDTH, 4)), jnp.bfloat16)
+  boxes = jnp.asarray(_random_boxes(rng, 2, 6))
+  kwargs = dict(output_size=3, spatial_scale=SCALE, sampling_ratio=2)
+  for fn in (roi_align_lib.roi_align, roi_align_lib.roi_align_mean):
+    got = fn(features, boxes, **kwargs)
+    assert got.dtype == jnp.bfloat16
+    want = fn(features.astype(jnp.float32), boxes, **kwargs)
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=0.03, rtol=0.02)
 
 
 def test_jit_matches_eager():
@@ -126,10 +150,11 @@ def test_gradient_wrt_features():
   with jax.enable_x64(True):
     features = jnp.asarray(rng.normal(size=(2, HEIGHT, WIDTH, 2)), jnp.float64)
     boxes = jnp.asarray(_random_boxes(rng, 2, 4), jnp.float64)
-    fn = lambda f: roi_align_lib.roi_align(
-        f, boxes, output_size=2, spatial_scale=SCALE, sampling_ratio=2)
-    jtu.check_grads(fn, (features,), order=1, modes=("rev",))
-    assert jnp.abs(jax.grad(lambda f: fn(f).sum())(features)).max() > 0
+    for pool in (roi_align_lib.roi_align, roi_align_lib.roi_align_mean):
+      fn = lambda f, pool=pool: pool(
+          f, boxes, output_size=2, spatial_scale=SCALE, sampling_ratio=2)
+      jtu.check_grads(fn, (features,), order=1, modes=("rev",))
+      assert jnp.abs(jax.grad(lambda f, fn=fn: fn(f).sum())(features)).max() > 0
 
 
 def test_reversed_box_names_its_index():

@@ -84,11 +84,13 @@ def test_freezing_the_vision_towers_drops_their_backward():
 
   # Training, the towers pay 2x their forward (weight and input gradients) but for the input
   # gradient of their first convolution, whose input is the image. Frozen, they pay nothing,
-  # and the layers reading their outputs (projectors, lateral convs) lose their input gradient.
+  # and the products reading their outputs (projectors, RoI pooling, lateral convs) lose their
+  # input gradient.
   towers = forward("vision/", "convnext/")
   first_convs = forward("vision/embeddings/patch_embedding", "convnext/stem/0")
-  readers = forward("image_projector/layers/0", "object_projector/layers/0",
+  readers = forward("image_projector/layers/0", "regions/", "object_projector/layers/0",
                     "part_projector/layers/0", "mask_decoder/pixel_decoder/lateral_convs/")
+  assert forward("regions/") > 0
   assert everything.train - stage1.train == pytest.approx(2 * towers - first_convs + readers)
   assert all(t.backward == 0 for t in stage1.terms if t.path.startswith(("vision/", "convnext/")))
   assert stage1.by_module()["llm"][1] == pytest.approx(3 * stage1.by_module()["llm"][0])

@@ -1,10 +1,12 @@
-"""RoIAlign (Mask R-CNN), vectorised with gathers so that it jits and differentiates.
+"""RoIAlign (Mask R-CNN) as matrix products, so that it jits, differentiates and runs on the MXU.
 
 Follows the torchvision / detectron2 kernel exactly: each output bin averages
 `sampling_ratio x sampling_ratio` bilinear samples at the bin's regular sub-grid centres. A sample
 with y < -1 or y > height (x likewise) contributes 0; otherwise its coordinate is clamped to
 [0, size - 1] before interpolation. The adaptive sampling ratio (`sampling_ratio <= 0` in
 torchvision) depends on the box sizes, so it has no static shape and is not supported.
+
+UniRES++ uses `roi_align_mean`, each box's bins averaged into one feature vector.
 """
 
 from typing import Sequence
@@ -43,10 +45,10 @@ def check_boxes(boxes: jax.Array, valid: jax.Array | None = None, name: str = "b
                      "boxes are (x1, y1, x2, y2)")
 
 
-def _sample_axis(
+def _axis_weights(
     start: jax.Array, length: jax.Array, bins: int, sampling_ratio: int, size: int
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-  """Bilinear taps along one axis for every sample of every bin.
+) -> jax.Array:
+  """Each bin's bilinear weight on every feature row (or column), averaged over its samples.
 
   Args:
     start: [batch, num_boxes] first coordinate of the box in feature pixels.
@@ -56,12 +58,12 @@ def _sample_axis(
     size: feature map extent along this axis.
 
   Returns:
-    (low, high, w_low, w_high), each [batch, num_boxes, bins * sampling_ratio]: the two neighbouring
-    indices and their weights; both weights are 0 for a sample outside [-1, size].
+    [batch, num_boxes, bins, size] float32: bin i's value along this axis is
+    `sum_j weights[..., i, j] * feature[j]`. A sample outside [-1, size] weighs 0.
   """
   bin_size = length / bins
   sub = (jnp.arange(bins * sampling_ratio) + 0.5) / sampling_ratio  # bin index + sub-sample offset
-  coord = start[..., None] + sub * bin_size[..., None]
+  coord = start[..., None] + sub * bin_size[..., None]  # [batch, num_boxes, samples]
   inside = (coord >= -1.0) & (coord <= size)
   coord = jnp.maximum(coord, 0.0)
   low = jnp.floor(coord).astype(jnp.int32)
@@ -69,9 +71,56 @@ def _sample_axis(
   low = jnp.where(at_edge, size - 1, low)
   high = jnp.where(at_edge, size - 1, low + 1)
   frac = jnp.where(at_edge, 0.0, coord - low)
-  w_low = jnp.where(inside, 1.0 - frac, 0.0)
-  w_high = jnp.where(inside, frac, 0.0)
-  return low, high, w_low, w_high
+  pixels = jnp.arange(size)
+  taps = (jnp.where(inside, 1.0 - frac, 0.0)[..., None] * (low[..., None] == pixels)
+          + jnp.where(inside, frac, 0.0)[..., None] * (high[..., None] == pixels))
+  taps = taps.reshape(*coord.shape[:-1], bins, sampling_ratio, size)
+  return taps.mean(axis=-2)
+
+
+def _check_args(features: jax.Array, boxes: jax.Array, sampling_ratio: int) -> None:
+  if sampling_ratio <= 0:
+    raise ValueError(
+        f"sampling_ratio must be > 0, got {sampling_ratio} (adaptive sampling is not jit-able)")
+  if features.ndim != 4:
+    raise ValueError(f"features must be [batch, height, width, channels], got {features.shape}")
+  if boxes.ndim != 3 or boxes.shape[-1] != 4 or boxes.shape[0] != features.shape[0]:
+    raise ValueError(
+        f"boxes must be [batch={features.shape[0]}, num_boxes, 4], got {boxes.shape}")
+  check_boxes(boxes)
+
+
+def _bin_weights(
+    features: jax.Array,
+    boxes: jax.Array,
+    output_size: int | Sequence[int],
+    spatial_scale: float,
+    sampling_ratio: int,
+    aligned: bool,
+) -> tuple[jax.Array, jax.Array]:
+  """The rows' and the columns' bin weights of every box (`_axis_weights`):
+  `[batch, num_boxes, out_h, height]` and `[batch, num_boxes, out_w, width]`."""
+  _check_args(features, boxes, sampling_ratio)
+  out_h, out_w = _output_hw(output_size)
+  height, width = features.shape[1:3]
+  offset = 0.5 if aligned else 0.0
+  scaled = boxes.astype(jnp.promote_types(features.dtype, jnp.float32)) * spatial_scale - offset
+  x1, y1, x2, y2 = (scaled[..., i] for i in range(4))
+  box_w, box_h = x2 - x1, y2 - y1
+  if not aligned:
+    box_w, box_h = jnp.maximum(box_w, 1.0), jnp.maximum(box_h, 1.0)
+  return (_axis_weights(y1, box_h, out_h, sampling_ratio, height),
+          _axis_weights(x1, box_w, out_w, sampling_ratio, width))
+
+
+def _pool(spec: str, rows: jax.Array, cols: jax.Array, features: jax.Array) -> jax.Array:
+  """`einsum(spec, rows, cols, features)` in the features' dtype, accumulated in at least float32
+  and at full precision (a float32 product on a TPU is otherwise a single bfloat16 pass)."""
+  dtype = features.dtype
+  out = jnp.einsum(spec, rows.astype(dtype), cols.astype(dtype), features,
+                   precision=jax.lax.Precision.HIGHEST,
+                   preferred_element_type=jnp.promote_types(dtype, jnp.float32))
+  return out.astype(dtype)
 
 
 def roi_align(
@@ -85,6 +134,9 @@ def roi_align(
 ) -> jax.Array:
   """Pools a fixed-size feature grid for every box.
 
+  Bilinear sampling is separable: every bin is a weighted sum of feature rows times a weighted
+  sum of columns, so the pooling is two matrix products with the bins' weights (no gathers).
+
   Args:
     features: [batch, height, width, channels] feature map.
     boxes: [batch, num_boxes, 4] boxes (x1, y1, x2, y2) in input-image pixels.
@@ -97,38 +149,26 @@ def roi_align(
   Returns:
     [batch, num_boxes, out_h, out_w, channels] pooled features, in the features' dtype.
   """
-  if sampling_ratio <= 0:
-    raise ValueError(
-        f"sampling_ratio must be > 0, got {sampling_ratio} (adaptive sampling is not jit-able)")
-  if features.ndim != 4:
-    raise ValueError(f"features must be [batch, height, width, channels], got {features.shape}")
-  if boxes.ndim != 3 or boxes.shape[-1] != 4 or boxes.shape[0] != features.shape[0]:
-    raise ValueError(
-        f"boxes must be [batch={features.shape[0]}, num_boxes, 4], got {boxes.shape}")
-  check_boxes(boxes)
-  out_h, out_w = _output_hw(output_size)
-  batch, height, width, channels = features.shape
-  num_boxes = boxes.shape[1]
+  rows, cols = _bin_weights(features, boxes, output_size, spatial_scale, sampling_ratio, aligned)
+  return _pool("bnpy,bnqx,byxc->bnpqc", rows, cols, features)
 
-  offset = 0.5 if aligned else 0.0
-  scaled = boxes.astype(jnp.promote_types(features.dtype, jnp.float32)) * spatial_scale - offset
-  x1, y1, x2, y2 = (scaled[..., i] for i in range(4))
-  box_w, box_h = x2 - x1, y2 - y1
-  if not aligned:
-    box_w, box_h = jnp.maximum(box_w, 1.0), jnp.maximum(box_h, 1.0)
 
-  y_lo, y_hi, wy_lo, wy_hi = _sample_axis(y1, box_h, out_h, sampling_ratio, height)
-  x_lo, x_hi, wx_lo, wx_hi = _sample_axis(x1, box_w, out_w, sampling_ratio, width)
+def roi_align_mean(
+    features: jax.Array,
+    boxes: jax.Array,
+    *,
+    output_size: int | Sequence[int],
+    spatial_scale: float,
+    sampling_ratio: int,
+    aligned: bool = True,
+) -> jax.Array:
+  """`roi_align(...).mean(axis=(2, 3))`, without forming the bins: one weight per feature pixel
+  and box (the bins' row weights averaged times their column weights averaged).
 
-  # Samples form a [sy, sx] grid per box: gather the four corners of every grid point.
-  b = jnp.arange(batch)[:, None, None, None]
-  pooled = 0.0
-  for y_idx, wy in ((y_lo, wy_lo), (y_hi, wy_hi)):
-    for x_idx, wx in ((x_lo, wx_lo), (x_hi, wx_hi)):
-      corner = features[b, y_idx[..., :, None], x_idx[..., None, :]]  # [b, n, sy, sx, c]
-      weight = (wy[..., :, None] * wx[..., None, :]).astype(features.dtype)
-      pooled = pooled + corner * weight[..., None]
+  Args and the box convention: `roi_align`'s.
 
-  pooled = pooled.reshape(
-      batch, num_boxes, out_h, sampling_ratio, out_w, sampling_ratio, channels)
-  return pooled.mean(axis=(3, 5)).astype(features.dtype)
+  Returns:
+    [batch, num_boxes, channels] the mean of each box's bins, in the features' dtype.
+  """
+  rows, cols = _bin_weights(features, boxes, output_size, spatial_scale, sampling_ratio, aligned)
+  return _pool("bny,bnx,byxc->bnc", rows.mean(axis=2), cols.mean(axis=2), features)

@@ -34,7 +34,7 @@ from unires_jax.models.llama import LlamaForCausalLM
 from unires_jax.models.mask_decoder import MaskDecoder
 from unires_jax.models.no_target import NoTargetHead
 from unires_jax.models.roi_align import check_boxes
-from unires_jax.models.roi_align import roi_align
+from unires_jax.models.roi_align import roi_align_mean
 
 INPUT_KEYS = (
     "image_low", "image_high", "object_boxes", "object_valid", "part_boxes", "part_valid",
@@ -173,10 +173,10 @@ class UniRESPP(nnx.Module):
     roi = self.cfg.roi
     pooled = []
     for level in roi.levels:
-      r = roi_align(stages[level], boxes, output_size=roi.output_size,
-                    spatial_scale=1.0 / self.convnext.strides[level], sampling_ratio=roi.sampling_ratio,
-                    aligned=roi.aligned)
-      pooled.append(jnp.mean(r, axis=(2, 3)))
+      pooled.append(roi_align_mean(
+          stages[level], boxes, output_size=roi.output_size,
+          spatial_scale=1.0 / self.convnext.strides[level], sampling_ratio=roi.sampling_ratio,
+          aligned=roi.aligned))
     return jnp.concatenate(pooled, axis=-1)
 
   def __call__(self, batch: Mapping[str, jax.Array], *,

@@ -2,9 +2,9 @@
 
 Convention: a multiply-add is 2 FLOPs, and only matrix products and convolutions are counted
 (the model FLOPs of MFU, as in PaLM's appendix B). Elementwise work (norms, activations, softmax,
-residuals, biases, RoPE, losses, the optimizer update), RoIAlign (bilinear gathers, about 8 FLOPs
-per sample and channel) and the bilinear resizes of mask logits (attention masks, loss) are left
-out as negligible at full size; XLA counts them, so its count is somewhat higher.
+residuals, biases, RoPE, losses, the optimizer update), RoIAlign's bin weights and the bilinear
+resizes of mask logits (attention masks, loss) are left out as negligible at full size; XLA counts
+them, so its count is somewhat higher.
 
 Forward, per component (B batch, T sequence length, a linear of fan-in i and fan-out o on n rows
 costs 2 n i o):
@@ -16,6 +16,8 @@ costs 2 n i o):
   ConvNeXt (stage i at side s_i = S / (4 * 2^i), width d_i): stem 2 B s_0^2 16 C d_0; downsample
     2 B s_i^2 4 d_{i-1} d_i; per block the depthwise 7x7 2 B d_i v(s_i, 7)^2 and the MLP
     2 * 2 B s_i^2 d_i 4 d_i.
+  RoI features (`models.roi_align.roi_align_mean`: one weight per pixel and box): for each pooled
+    stage 2 B n s_i^2 d_i, n = n_obj and n = n_part.
   Projectors (mlp2x_gelu): image on B n_img rows, object and part on B n_obj / B n_part rows of the
     concatenated RoI features (sum of the pooled stages' widths).
   LLaMA (width E, heads H, kv heads K, head_dim d, MLP M): per layer 2 B T E (H + 2K) d (q, k, v)
@@ -323,6 +325,11 @@ def count_flops(config: ml_collections.ConfigDict, batch_size: int, seq_len: int
   image = _projector(c, "image_projector", m.projector, batch_size * num_image,
                      m.vision.hidden_size, width, image)
   stages = _convnext(c, m.convnext, batch_size)
+  for name, boxes in (("objects", m.max_objects), ("parts", m.max_parts)):
+    for level in m.roi.levels:
+      side = m.convnext.image_size // convnext_lib.STEM_PATCH // 2**level
+      c.product(f"regions/{level}/{name}",
+                2 * batch_size * boxes * side**2 * m.convnext.dims[level], False, stages[level])
   pooled = any(stages[l] for l in m.roi.levels)
   region_dim = sum(m.convnext.dims[l] for l in m.roi.levels)
   objects = _projector(c, "object_projector", m.projector, batch_size * m.max_objects,
