@@ -58,7 +58,7 @@ def _axis_weights(
     size: feature map extent along this axis.
 
   Returns:
-    [batch, num_boxes, bins, size] float32: bin i's value along this axis is
+    [batch, num_boxes, bins, size] in `start`'s dtype: bin i's value along this axis is
     `sum_j weights[..., i, j] * feature[j]`. A sample outside [-1, size] weighs 0.
   """
   bin_size = length / bins
@@ -79,6 +79,7 @@ def _axis_weights(
 
 
 def _check_args(features: jax.Array, boxes: jax.Array, sampling_ratio: int) -> None:
+  """Raises a ValueError naming the argument whose shape or value RoIAlign cannot take."""
   if sampling_ratio <= 0:
     raise ValueError(
         f"sampling_ratio must be > 0, got {sampling_ratio} (adaptive sampling is not jit-able)")
