@@ -46,9 +46,12 @@ def pytest_configure(config):
   config.add_cleanup(lambda: shutil.rmtree(cache, ignore_errors=True))
 
 
-# The longest test first: the demo (about 27 minutes of one worker in CI). xdist hands tests
-# to its workers in collection order, where the demo came halfway and kept one worker busy long
-# after the other had finished. Only whole modules move, so module fixtures are still set up once.
+# The longest first, so that no long test starts when the other worker is nearly done: the demo
+# (about 24 minutes of one worker in CI), then the tests marked `slow` (three quarters of the
+# rest), then the others, each in collection order. xdist hands tests (or xdist_group groups)
+# to its workers in collection order (pytest.ini turns off its reordering by group size); where
+# the compiles of the TPU-compile, remat and sharded-step tests came last, one worker ran them
+# alone for about 5 minutes at the end.
 _FIRST = ("tests/test_demo.py::",)
 
 
@@ -57,7 +60,7 @@ _UNGROUPED = pytest.StashKey[set]()  # node IDs marked xdist_group that xdist wi
 
 @pytest.hookimpl(trylast=True)  # after pytest-xdist's, which names the groups
 def pytest_collection_modifyitems(config, items):
-  """The demo first (above), and a check of the `xdist_group` marks.
+  """The demo, then slow tests first (above), and a check of the `xdist_group` marks.
 
   With `--dist loadgroup` a worker's pytest-xdist appends "@<group>" to the node ID of each
   test marked `xdist_group`, and the controller sends each group to one worker. Where that
@@ -65,7 +68,8 @@ def pytest_collection_modifyitems(config, items):
   marks are ignored without a word and each worker would set up the group's costly fixtures
   again: those tests fail instead (`pytest_runtest_setup`).
   """
-  items.sort(key=lambda item: not item.nodeid.startswith(_FIRST))  # stable otherwise
+  items.sort(key=lambda item: (not item.nodeid.startswith(_FIRST),
+                               item.get_closest_marker("slow") is None))  # stable otherwise
   if hasattr(config, "workerinput") and config.getoption("loadgroup", False):
     config.stash[_UNGROUPED] = {
         item.nodeid for item in items

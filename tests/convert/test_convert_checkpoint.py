@@ -18,6 +18,10 @@ from unires_jax.train import checkpointer
 from unires_jax.train import step as step_lib
 from unires_jax.train.state import StateFactory
 
+# One worker runs the whole module (--dist loadgroup), so its module fixture `sharded_run` (a
+# trained, saved run) is set up once; with the tests spread over both workers each worker set it up.
+pytestmark = pytest.mark.xdist_group("convert_checkpoint")
+
 GROUP_BYTES = 128 << 10  # the tiny model is 1.4 MiB
 
 

@@ -25,6 +25,10 @@ import pytest
 
 from tests import xla
 
+# One worker runs the whole module (--dist loadgroup), so its module fixture `reference` (the
+# uninterrupted run) is set up once; with the tests spread over both workers each worker set it up.
+pytestmark = pytest.mark.xdist_group("fault_tolerance")
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 NUM_STEPS = 12
 CHECKPOINT_EVERY = 2

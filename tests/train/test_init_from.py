@@ -19,6 +19,10 @@ from unires_jax import checkpoint, models, utils
 from unires_jax.config_lib import load_config
 from unires_jax.train import trainer
 
+# One worker runs the whole module (--dist loadgroup), so its module fixture `run` (a run with two
+# evaluators) is set up once; with the tests spread over both workers each worker set it up.
+pytestmark = pytest.mark.xdist_group("init_from")
+
 # name -> (every, protocol, resolution)
 EVALS = {"every2": (2, "lisa", 0), "every3": (3, "classic", 24)}
 NUM_STEPS = 4

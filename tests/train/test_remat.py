@@ -11,6 +11,10 @@ from unires_jax.models import layers
 from unires_jax.models.synthetic import synthetic_batch
 from tests.train.test_sharded_step import _clipped_gradients, _run_one_step
 
+# One worker runs the whole module (--dist loadgroup), so its module fixture `reference` (the "none"
+# step) is set up once; with the tests spread over both workers each worker set it up.
+pytestmark = pytest.mark.xdist_group("remat")
+
 RTOL = 1e-5  # float32: loss relative, gradients relative to the whole gradient's norm
 
 
