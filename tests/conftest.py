@@ -37,8 +37,12 @@ def pytest_configure(config):
   training subprocesses the tests start (which compile the same train steps again).
 
   Set here, in the controller, before any worker or JAX starts; removed when the run ends. An
-  existing JAX_COMPILATION_CACHE_DIR is left as it is.
+  existing JAX_COMPILATION_CACHE_DIR is left as it is. And xdist keeps the collection order
+  below instead of sorting groups by their number of tests (its `--no-loadscope-reorder`, set
+  here rather than in pytest.ini so that pytest without pytest-xdist still starts).
   """
+  if hasattr(config.option, "loadscopereorder"):
+    config.option.loadscopereorder = False
   if hasattr(config, "workerinput") or "JAX_COMPILATION_CACHE_DIR" in os.environ:
     return
   cache = tempfile.mkdtemp(prefix="unires-jax-xla-cache-")
@@ -49,9 +53,9 @@ def pytest_configure(config):
 # The longest first, so that no long test starts when the other worker is nearly done: the demo
 # (about 24 minutes of one worker in CI), then the tests marked `slow` (three quarters of the
 # rest), then the others, each in collection order. xdist hands tests (or xdist_group groups)
-# to its workers in collection order (pytest.ini turns off its reordering by group size); where
-# the compiles of the TPU-compile, remat and sharded-step tests came last, one worker ran them
-# alone for about 5 minutes at the end.
+# to its workers in collection order (`pytest_configure` turns off its reordering by group
+# size); where the compiles of the TPU-compile, remat and sharded-step tests came last, one
+# worker ran them alone for about 5 minutes at the end.
 _FIRST = ("tests/test_demo.py::",)
 
 
