@@ -16,6 +16,7 @@ from jax.sharding import Mesh
 
 from unires_jax import models, sharding
 from unires_jax.models import layers
+from unires_jax.parallel import batched_threefry
 from unires_jax.parallel import mesh as mesh_lib
 from unires_jax.parallel import rules
 
@@ -53,8 +54,16 @@ class ShardedModel:
     self.shardings = rules.state_shardings(self.abstract, mesh, self.rules)
 
   def init_params(self) -> nnx.State:
-    """Freshly initialised parameters (traceable: call it under `jax.jit`)."""
-    return nnx.state(build(self.config), nnx.Param)
+    """Freshly initialised parameters (traceable: call it under `jax.jit`).
+
+    On the CPU all keys are hashed in one threefry call and all draws in another
+    (`batched_threefry`: the same bits; the tiny model's init compiles in 8 s instead of 19 on
+    8 CPU devices). Elsewhere each parameter's draw stays its own, sharded like the parameter.
+    """
+    init = lambda: nnx.state(build(self.config), nnx.Param)
+    if self.mesh.devices.flat[0].platform == "cpu":
+      return batched_threefry.batch_threefry(init)()
+    return init()
 
   def create(self) -> nnx.State:
     """Freshly initialised parameters, each created directly with its sharding."""

@@ -49,7 +49,7 @@ class StateFactory:
     trainable, _ = optimizer_lib.split_trainable(self.model.abstract, self.multipliers)
     self.tx = optimizer_lib.make_optimizer(config.optimizer, config.train.num_steps, trainable,
                                            self.multipliers)
-    self.abstract = jax.eval_shape(self._init)
+    self.abstract = jax.eval_shape(self._start_from, self.model.abstract)
     self.shardings = parallel.state_shardings(self.abstract, mesh, self.model.rules)
 
   @property
