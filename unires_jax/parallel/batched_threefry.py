@@ -136,14 +136,16 @@ def _evaluate(graph: _Graph, args: list[Any], outs: list[_Ref], inputs: list[_Re
   for ref, arg in zip(inputs, args):
     values[ref.index] = arg
   read = lambda ref: ref.value if ref.index is None else values[ref.index]
-  # A topological order: a node's inputs come from threefry calls of smaller depth and from
-  # other nodes of no greater depth, which come before it in `graph.nodes`.
+  # A topological order: by depth, and within a depth the other nodes (in trace order) before
+  # the threefry calls. A node's inputs come from threefry calls of smaller depth (made when
+  # the first node of a greater depth comes) and from other nodes of no greater depth.
+  is_threefry = lambda node: node.primitive is threefry2x32_p
   order = sorted(range(len(graph.nodes)),
-                 key=lambda i: (graph.nodes[i].depth, graph.nodes[i].primitive is threefry2x32_p, i))
+                 key=lambda i: (graph.nodes[i].depth, is_threefry(graph.nodes[i]), i))
   pending: list[_Node] = []  # the threefry calls of the current depth
   for i in order:
     node = graph.nodes[i]
-    if node.primitive is threefry2x32_p:
+    if is_threefry(node):
       pending.append(node)
       continue
     if pending:
