@@ -43,8 +43,10 @@ class Checkpointer:
         # step, which costs a save for nothing).
         save_decision_policy=policies.AnySavePolicy([
             policies.FixedIntervalPolicy(save_every), policies.PreemptionCheckpointingPolicy()]))
-    self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                          item_names=(checkpoint.STATE_DIR, "data"))
+    self._manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={checkpoint.STATE_DIR: checkpoint.pytree_handler(),
+                       "data": grain.checkpoint.CheckpointHandler()})
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -55,7 +57,7 @@ class Checkpointer:
   def save(self, step: int, state: TrainState, data_iterator: Any | None,
            *, force: bool = False) -> bool:
     """Saves `state` (and the iterator's position) as step `step` when due (or `force`)."""
-    items = {checkpoint.STATE_DIR: ocp.args.StandardSave(state)}
+    items = {checkpoint.STATE_DIR: ocp.args.PyTreeSave(state)}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
     return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
@@ -67,7 +69,9 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
-    items = {checkpoint.STATE_DIR: ocp.args.StandardRestore(abstract_state)}
+    items = {checkpoint.STATE_DIR: ocp.args.PyTreeRestore(
+        item=abstract_state,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state))}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     restored = self._manager.restore(step, args=ocp.args.Composite(**items))
