@@ -85,3 +85,45 @@ def test_keeps_the_newest_and_saves_on_the_interval(tmp_path):
     Checkpointer(str(tmp_path / "empty"), save_every=1, keep=1).restore(state, None)
   with pytest.raises(ValueError, match="must be >= 1"):
     Checkpointer(str(tmp_path), save_every=0, keep=1)
+
+
+def test_only_large_replicated_arrays_are_written_in_replica_slices(tmp_path):
+  """`checkpoint.pytree_handler`: Orbax cuts a replicated array into one slice per replica (an
+  eager `slice` compiled per shape) only where each slice holds `MIN_REPLICA_SLICE_BYTES`."""
+  import logging  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+  from unires_jax import checkpoint  # pylint: disable=g-import-not-at-top
+
+  mesh = parallel.make_mesh(dict(data=8, fsdp=1, tensor=1))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  floats = 8 * checkpoint.MIN_REPLICA_SLICE_BYTES // 4  # 8 replicas: a floor's worth each
+  trees = {"small": {"bias": np.arange(1000, dtype=np.float32), "scale": np.ones(64, np.float32)},
+           "large": {"kernel": np.linspace(0, 1, floats, dtype=np.float32)}}
+
+  compiles = []
+
+  class Slices(logging.Handler):
+    def emit(self, record):
+      if "compilation of jit(slice)" in record.getMessage():
+        compiles.append(record.getMessage())
+
+  handler = Slices()
+  logging.getLogger("jax").addHandler(handler)
+  try:
+    with jax.log_compiles(True):
+      for name, tree in trees.items():
+        tree = jax.device_put(tree, replicated)
+        del compiles[:]
+        checkpointer = ocp.Checkpointer(checkpoint.pytree_handler())
+        checkpointer.save(tmp_path / name, args=ocp.args.PyTreeSave(tree))
+        slices = len(compiles)
+        assert (slices > 0) == (name == "large"), (name, compiles)
+        target = jax.tree_util.tree_map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+        restored = checkpointer.restore(tmp_path / name, args=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
+        for key, value in tree.items():
+          np.testing.assert_array_equal(np.asarray(restored[key]), np.asarray(value))
+  finally:
+    logging.getLogger("jax").removeHandler(handler)
