@@ -10,13 +10,13 @@ import safetensors.numpy
 from flax import nnx
 
 from unires_jax import checkpoint, config_lib, parallel, utils
-from unires_jax.config_lib import load_config
 from unires_jax.convert import clip_vit, convnext, llama, torch_io
 from unires_jax.convert import unires as convert_unires
 from unires_jax.models.synthetic import synthetic_batch
 from unires_jax.train import checkpointer
 from unires_jax.train import step as step_lib
 from unires_jax.train.state import StateFactory
+from tests.train.test_sharded_step import tiny_step_config
 
 # One worker runs the whole module (--dist loadgroup), so its module fixture `sharded_run` (a
 # trained, saved run) is set up once; with the tests spread over both workers each worker set it up.
@@ -35,9 +35,9 @@ def sharded_run(tmp_path_factory):
   """A work directory whose step-2 checkpoint was trained and saved on a data=2, fsdp=2,
   tensor=2 mesh of the 8 emulated devices; and its parameters, gathered by the test."""
   workdir = str(tmp_path_factory.mktemp("run"))
-  config = load_config("tiny")
-  config.optimizer.update(learning_rate=1e-3, warmup_steps=1)
-  config.optimizer.lr_multipliers = {}  # everything trains, backbones included
+  # Everything trains, backbones included; the sharded-step test's config, so that the two
+  # compile the same init and train step once between them.
+  config = tiny_step_config()
   mesh = parallel.make_mesh(dict(data=2, fsdp=2, tensor=2))
   factory = StateFactory(config, mesh)
   train_step = step_lib.make_train_step(factory)

@@ -39,7 +39,10 @@ def lora_demo():
   return factory, step_lib.make_train_step(factory), batch
 
 
-@pytest.mark.slow  # the fixture compiles the demo's train step: about a minute
+# Both tests run the fixture's step on one worker (`xdist_group`), so it compiles once: on two
+# workers side by side each compiled it (80 s each in a run of the whole suite).
+@pytest.mark.slow  # the first call compiles the demo's LoRA train step: about a minute
+@pytest.mark.xdist_group("lora_demo")
 def test_only_adapters_and_new_parts_train(lora_demo):
   factory, step, batch = lora_demo
   state = factory.create()
@@ -66,6 +69,7 @@ def test_only_adapters_and_new_parts_train(lora_demo):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("lora_demo")
 def test_demo_loss_decreases(lora_demo):
   factory, step, batch = lora_demo
   state = factory.create()

@@ -39,6 +39,8 @@ def _flat(params):
 
 @pytest.fixture(scope="module")
 def stage1():
+  """The stage-1 step; the two tests that run it share a worker (`xdist_group`), so it compiles
+  once."""
   config = _config()
   mesh = _mesh()
   factory = StateFactory(config, mesh)
@@ -84,6 +86,7 @@ def test_schedule_warmup_then_cosine():
     optimizer_lib.learning_rate_schedule(config.optimizer, 100)
 
 
+@pytest.mark.xdist_group("optimizer_stage1")
 def test_frozen_towers_and_multipliers(stage1):
   config, mesh, factory, step = stage1
   state = factory.create()
@@ -105,6 +108,7 @@ def test_frozen_towers_and_multipliers(stage1):
       assert moved == pytest.approx(LR, rel=1e-3)
 
 
+@pytest.mark.xdist_group("optimizer_stage1")
 def test_nonfinite_step_is_skipped_and_counted(stage1):
   config, mesh, factory, step = stage1
   state = factory.create()
@@ -129,7 +133,6 @@ def test_nonfinite_step_is_skipped_and_counted(stage1):
 @pytest.mark.slow
 def test_accumulation_averages_micro_batches():
   config = _config(accum_steps=2)
-  config.optimizer.lr_multipliers = {}
   mesh = _mesh()
   factory = StateFactory(config, mesh)
   state = factory.create()
@@ -146,7 +149,6 @@ def test_accumulation_averages_micro_batches():
   assert float(metrics["loss"]) == pytest.approx(np.mean(micro_losses), rel=1e-5)
   with pytest.raises(ValueError, match="accum_steps=3"):
     bad = _config(accum_steps=3)
-    bad.optimizer.lr_multipliers = {}
     # The same model and optimizer: the new state above fits this step too (one init fewer).
     step_lib.make_train_step(StateFactory(bad, mesh))(state, parallel.shard_batch(
         step_lib.model_fields(raw), mesh))

@@ -9,7 +9,7 @@ from unires_jax import parallel
 from unires_jax.config_lib import load_config
 from unires_jax.models import layers
 from unires_jax.models.synthetic import synthetic_batch
-from tests.train.test_sharded_step import _clipped_gradients, _run_one_step
+from tests.train.test_sharded_step import _clipped_gradients, run_one_step
 
 # One worker runs the whole module (--dist loadgroup), so its module fixture `reference` (the "none"
 # step) is set up once; with the tests spread over both workers each worker set it up.
@@ -46,7 +46,7 @@ def _step(remat: str, scan_layers: bool = False):
   config = _config(remat, scan_layers)
   mesh = parallel.make_mesh(dict(data=2, fsdp=2, tensor=2))
   batch = synthetic_batch(config.model, 4, seed=1, no_target_every=3)
-  _, state, metrics = _run_one_step(config, mesh, batch)
+  _, state, metrics = run_one_step(config, mesh, batch)
   grads = _clipped_gradients(state, config)
   if scan_layers:  # the stacked layers' gradients, one per layer under its unrolled path
     grads = _unstacked(grads)

@@ -29,7 +29,10 @@ ZERO_GRADIENT = "k_proj/bias"
 ZERO = 1e-7  # |g| of a zero-gradient tensor, relative to the whole gradient's norm
 
 
-def _config():
+def tiny_step_config():
+  """The tiny config of these tests, everything trained. tests/convert/test_convert_checkpoint.py
+  trains its sharded checkpoint with it too: the same programs, compiled once for both (the
+  run's persistent compilation cache, tests/conftest.py)."""
   config = load_config("configs/tiny.py")
   config.train.num_steps = 10
   config.optimizer.update(learning_rate=1e-3, warmup_steps=0)
@@ -38,7 +41,7 @@ def _config():
   return config
 
 
-def _run_one_step(config, mesh, batch):
+def run_one_step(config, mesh, batch):
   factory = StateFactory(config, mesh)
   state = factory.create()
   step = step_lib.make_train_step(factory)
@@ -68,12 +71,12 @@ def _clipped_gradients(state, config):
 @pytest.mark.slow
 def test_sharded_step_equals_unsharded_and_follows_rules():
   assert jax.device_count() == 8, "tests/conftest.py sets 8 CPU devices"
-  config = _config()
+  config = tiny_step_config()
   batch = synthetic_batch(config.model, 8, seed=1, no_target_every=3)
   single = parallel.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
-  _, ref_state, ref_metrics = _run_one_step(config, single, batch)
+  _, ref_state, ref_metrics = run_one_step(config, single, batch)
   mesh = parallel.make_mesh(dict(data=2, fsdp=2, tensor=2))
-  factory, state, metrics = _run_one_step(config, mesh, batch)
+  factory, state, metrics = run_one_step(config, mesh, batch)
 
   np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=RTOL)
   np.testing.assert_allclose(metrics["grad_norm"], ref_metrics["grad_norm"], rtol=RTOL)
