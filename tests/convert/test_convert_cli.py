@@ -21,6 +21,11 @@ from unires_jax.data import tokenizer as tokenizer_lib
 from unires_jax.models import prompt
 from unires_jax import checkpoint
 
+# One worker runs the whole module (--dist loadgroup), so its module fixture `exported` (a
+# conversion through the command line) is set up once; with its two tests spread over both
+# workers each worker set it up (30 s and 20 s in a run of the suite).
+pytestmark = pytest.mark.xdist_group("convert_cli")
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ATOL = 1e-4
 TEXT = "please segment the red cup in this image ."
