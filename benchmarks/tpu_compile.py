@@ -13,8 +13,9 @@ the compiler's cost model (a roofline estimate, not a measurement) with the MFU 
 (analytic FLOPs / estimated time / the chip's dense bf16 peak). XLA's cost analysis counts a
 loop's body once, so for scanned layers those come from `aot.layerwise_cost` (small unrolled
 compiles added up layer by layer, `--layerwise_cost`). Then the analytic FLOPs per module.
-`--compare=remat` or `--compare=scan_layers` compiles the train step once more with that
-switch flipped ("none" vs the config's remat, "full" if that is "none"; scanned vs unrolled)
+`--compare=remat`, `--compare=scan_layers` or `--compare=effort` compiles the train step once
+more with that switch flipped ("none" vs the config's remat, "full" if that is "none"; scanned
+vs unrolled; `config.train.exec_time_optimization_effort` -1 vs the config's, 0 if that is -1)
 and prints both rows.
 `--profile_compile=DIR` profiles the first train step's compile there and prints the
 backend's code-generation seconds by the model's named scopes (what makes a compile slow);
@@ -72,7 +73,7 @@ _DUMP = flags.DEFINE_string(
     "print what is live at the first one's memory peak, by the model's named scopes "
     "(unires_jax.train.compile_profile.peak_memory_by_scope). The dump of a 7B step is large.")
 _COMPARE = flags.DEFINE_enum(
-    "compare", None, ["remat", "scan_layers", "lora"],
+    "compare", None, ["remat", "scan_layers", "effort", "lora"],
     "Also compile the train step with this switch flipped and print both rows.")
 
 GIB = 2**30
@@ -148,13 +149,20 @@ def print_peak(peak: list[tuple[str, int]]) -> None:
 
 
 def flipped(config, switch: str):
-  """A copy of `config` with `switch` flipped: remat none <-> the config's (or "full")."""
+  """A copy of `config` with `switch` flipped: remat none <-> the config's (or "full"), scanned
+  <-> unrolled, the compiler's run-time effort -1 <-> the config's (or 0)."""
   other = config.copy_and_resolve_references()
   if switch == "remat":
     other.model.remat = "full" if config.model.remat == "none" else "none"
+  elif switch == "effort":
+    other.train.exec_time_optimization_effort = 0.0 if effort(config) == -1 else -1.0
   else:
     other.model.scan_layers = not config.model.scan_layers
   return other
+
+
+def effort(config) -> float:
+  return float(config.train.get("exec_time_optimization_effort", 0.0))
 
 
 def describe(config, switch: str | None) -> str:
@@ -162,6 +170,8 @@ def describe(config, switch: str | None) -> str:
     return f"remat={config.model.remat}"
   if switch == "scan_layers":
     return "scanned" if config.model.scan_layers else "unrolled"
+  if switch == "effort":
+    return f"effort {effort(config):g}"
   if switch == "lora":
     lora = config.model.llm.lora
     if lora.rank:
@@ -194,7 +204,8 @@ def main(argv: Sequence[str]) -> None:
   print(f"{name} on {_TOPOLOGY.value} ({chips} chips, {mesh.devices.flat[0].device_kind}, "
         f"{hbm:g} GiB HBM, {peak:g} TFLOP/s bf16 each), mesh {dict(mesh.shape)}, "
         f"global batch {batch}, sequence {seq_len}, compute {config.model.dtype}, "
-        f"remat {config.model.remat}, scan_layers {config.model.get('scan_layers', False)}")
+        f"remat {config.model.remat}, scan_layers {config.model.get('scan_layers', False)}, "
+        f"XLA run-time effort {effort(config):g}")
   if overrides:
     print("overrides: " + " ".join(overrides))
   if batch % mesh_lib.batch_rows(mesh):

@@ -152,3 +152,21 @@ def test_accumulation_averages_micro_batches():
     # The same model and optimizer: the new state above fits this step too (one init fewer).
     step_lib.make_train_step(StateFactory(bad, mesh))(state, parallel.shard_batch(
         step_lib.model_fields(raw), mesh))
+
+
+def test_compiler_options_from_the_config():
+  """`config.train.exec_time_optimization_effort` becomes the step's XLA compile option (the TPU
+  compile test checks that it changes the program); bad values are named."""
+  config = load_config("configs/tiny.py")
+  assert step_lib.compiler_options(config) is None  # 0: the compiler's default, no option
+  config.train.exec_time_optimization_effort = -1.0
+  assert step_lib.compiler_options(config) == {"exec_time_optimization_effort": -1.0}
+  del config.train["exec_time_optimization_effort"]  # a config written before the field
+  assert step_lib.compiler_options(config) is None
+  for bad in (1.5, -2, True, "low"):  # each as its own field's type (ConfigDict keeps types)
+    if "exec_time_optimization_effort" in config.train:
+      del config.train["exec_time_optimization_effort"]
+    config.train.exec_time_optimization_effort = bad
+    with pytest.raises(ValueError, match=r"config.train.exec_time_optimization_effort must be "
+                                         r"a number in \[-1, 1\]"):
+      step_lib.compiler_options(config)

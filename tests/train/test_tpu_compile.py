@@ -108,7 +108,9 @@ def test_llm_modes_for_the_lora_comparison_and_the_slice_estimate():
 @pytest.mark.slow
 def test_the_benchmark_profiles_the_compile_and_breaks_down_the_peak(tmp_path):
   """`benchmarks/tpu_compile.py --profile_compile=DIR --dump_dir=DIR`: the compile's code
-  generation and the memory live at the step's peak, each by named scope, on a small tiny."""
+  generation and the memory live at the step's peak, each by named scope, on a small tiny.
+  With `--compare=effort`: the step compiled again at XLA's run-time effort -1
+  (`config.train.exec_time_optimization_effort`), another program."""
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
 
@@ -118,7 +120,7 @@ def test_the_benchmark_profiles_the_compile_and_breaks_down_the_peak(tmp_path):
       [sys.executable, "benchmarks/tpu_compile.py", "--topology=v5p:2x2x1", "--batch=8",
        "--steps=train", "--config.model.llm.num_layers=1",
        "--config.model.mask_decoder.num_layers=1", f"--profile_compile={tmp_path / 'profile'}",
-       f"--dump_dir={tmp_path / 'dump'}"],
+       f"--dump_dir={tmp_path / 'dump'}", "--compare=effort"],
       cwd=ROOT, capture_output=True, text=True, timeout=1200, check=False)
   assert run.returncode == 0, run.stderr[-3000:]
   out = run.stdout
@@ -138,4 +140,13 @@ def test_the_benchmark_profiles_the_compile_and_breaks_down_the_peak(tmp_path):
   assert len(shares) >= 3 and sum(shares) == pytest.approx(100, abs=0.5), peak
   assert "(inputs: parameters, batch)" in peak, peak  # the state is live at every point
   assert list((tmp_path / "profile").rglob("*.xplane.pb"))
+
+  # The effort reaches the compiler: the same step at -1 is another program (memory per chip:
+  # temp, total). Printed in the table as "train effort 0" and "train effort -1".
+  assert re.search(r"XLA run-time effort 0$", out, re.MULTILINE), out[:1000]  # the header
+  table = {line.split()[2]: line.split()[3:] for line in out.splitlines()
+           if re.match(r"train effort -?[01] ", line.strip())}
+  assert set(table) == {"0", "-1"}, out[-3000:]
+  memory = {e: (cells[3], cells[4]) for e, cells in table.items()}  # temp GiB, total GiB
+  assert memory["0"] != memory["-1"], table
   assert list((tmp_path / "dump").glob("*jit_step*after_optimizations-live-range.txt"))
