@@ -45,6 +45,7 @@ from unires_jax.train import aot
 from unires_jax.train import compile_profile
 from unires_jax.train import flops as flops_lib
 from unires_jax.train.state import StateFactory
+from unires_jax.train.step import exec_time_effort
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", config_lib.resolve("configs/tiny.py"),
@@ -155,14 +156,11 @@ def flipped(config, switch: str):
   if switch == "remat":
     other.model.remat = "full" if config.model.remat == "none" else "none"
   elif switch == "effort":
-    other.train.exec_time_optimization_effort = 0.0 if effort(config) == -1 else -1.0
+    other.train.exec_time_optimization_effort = 0.0 if exec_time_effort(config) == -1 else -1.0
   else:
     other.model.scan_layers = not config.model.scan_layers
   return other
 
-
-def effort(config) -> float:
-  return float(config.train.get("exec_time_optimization_effort", 0.0))
 
 
 def describe(config, switch: str | None) -> str:
@@ -171,7 +169,7 @@ def describe(config, switch: str | None) -> str:
   if switch == "scan_layers":
     return "scanned" if config.model.scan_layers else "unrolled"
   if switch == "effort":
-    return f"effort {effort(config):g}"
+    return f"effort {exec_time_effort(config):g}"
   if switch == "lora":
     lora = config.model.llm.lora
     if lora.rank:
@@ -205,7 +203,7 @@ def main(argv: Sequence[str]) -> None:
         f"{hbm:g} GiB HBM, {peak:g} TFLOP/s bf16 each), mesh {dict(mesh.shape)}, "
         f"global batch {batch}, sequence {seq_len}, compute {config.model.dtype}, "
         f"remat {config.model.remat}, scan_layers {config.model.get('scan_layers', False)}, "
-        f"XLA run-time effort {effort(config):g}")
+        f"XLA run-time effort {exec_time_effort(config):g}")
   if overrides:
     print("overrides: " + " ".join(overrides))
   if batch % mesh_lib.batch_rows(mesh):

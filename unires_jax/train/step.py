@@ -43,9 +43,9 @@ def model_fields(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
   return {k: batch[k] for k in MODEL_KEYS}
 
 
-def compiler_options(config) -> dict[str, float] | None:
-  """The train step's XLA compile options: `config.train.exec_time_optimization_effort` (absent
-  in configs written before it: 0), None at the default 0.
+def exec_time_effort(config) -> float:
+  """`config.train.exec_time_optimization_effort`, checked (absent in configs written before
+  it: 0, the compiler's default).
 
   Lower effort compiles faster and may run slower: the 7B recipe's step for v5p:4x4x4 compiles
   in 139 s at -1 against 362 s at 0 on a 2-core host (docs/tpu.md, "Compile time").
@@ -54,7 +54,13 @@ def compiler_options(config) -> dict[str, float] | None:
   if isinstance(effort, bool) or not isinstance(effort, (int, float)) or not -1 <= effort <= 1:
     raise ValueError("config.train.exec_time_optimization_effort must be a number in "
                      f"[-1, 1], got {effort!r}")
-  return {"exec_time_optimization_effort": float(effort)} if effort else None
+  return float(effort)
+
+
+def compiler_options(config) -> dict[str, float] | None:
+  """The train step's XLA compile options (`exec_time_effort`); None at the default."""
+  effort = exec_time_effort(config)
+  return {"exec_time_optimization_effort": effort} if effort else None
 
 
 def _micro_batches(batch: Batch, accum_steps: int) -> Batch:
