@@ -14,9 +14,9 @@ the compiler's cost model (a roofline estimate, not a measurement) with the MFU 
 loop's body once, so for scanned layers those come from `aot.layerwise_cost` (small unrolled
 compiles added up layer by layer, `--layerwise_cost`). Then the analytic FLOPs per module.
 `--compare=remat`, `--compare=scan_layers` or `--compare=effort` compiles the train step once
-more with that switch flipped ("none" vs the config's remat, "full" if that is "none"; scanned
-vs unrolled; `config.train.exec_time_optimization_effort` -1 vs the config's, 0 if that is -1)
-and prints both rows.
+more with that switch flipped (`aot.flipped`: "none" vs the config's remat, "full" if that is
+"none"; scanned vs unrolled; `config.train.exec_time_optimization_effort` -1 vs the config's,
+0 if that is -1) and prints both rows.
 `--profile_compile=DIR` profiles the first train step's compile there and prints the
 backend's code-generation seconds by the model's named scopes (what makes a compile slow);
 `--dump_dir=DIR` has XLA dump the compiled steps there and prints what is live at the first
@@ -74,7 +74,7 @@ _DUMP = flags.DEFINE_string(
     "print what is live at the first one's memory peak, by the model's named scopes "
     "(unires_jax.train.compile_profile.peak_memory_by_scope). The dump of a 7B step is large.")
 _COMPARE = flags.DEFINE_enum(
-    "compare", None, ["remat", "scan_layers", "effort", "lora"],
+    "compare", None, [*aot.SWITCHES, "lora"],
     "Also compile the train step with this switch flipped and print both rows.")
 
 GIB = 2**30
@@ -149,20 +149,6 @@ def print_peak(peak: list[tuple[str, int]]) -> None:
     print(f"    {scope:<52}{size / scale:>9.2f} {unit}{size / total:>7.1%}", flush=True)
 
 
-def flipped(config, switch: str):
-  """A copy of `config` with `switch` flipped: remat none <-> the config's (or "full"), scanned
-  <-> unrolled, the compiler's run-time effort -1 <-> the config's (or 0)."""
-  other = config.copy_and_resolve_references()
-  if switch == "remat":
-    other.model.remat = "full" if config.model.remat == "none" else "none"
-  elif switch == "effort":
-    other.train.exec_time_optimization_effort = 0.0 if exec_time_effort(config) == -1 else -1.0
-  else:
-    other.model.scan_layers = not config.model.scan_layers
-  return other
-
-
-
 def describe(config, switch: str | None) -> str:
   if switch == "remat":
     return f"remat={config.model.remat}"
@@ -215,7 +201,7 @@ def main(argv: Sequence[str]) -> None:
   if _COMPARE.value == "lora":
     configs = [aot.llm_mode(config, mode) for mode in aot.LLM_MODES]
   else:
-    configs = [config] + ([flipped(config, _COMPARE.value)] if _COMPARE.value else [])
+    configs = [config] + ([aot.flipped(config, _COMPARE.value)] if _COMPARE.value else [])
   for i, cfg in enumerate(configs):
     start = time.perf_counter()
     factory = StateFactory(cfg, mesh)

@@ -162,8 +162,9 @@ def get_config(arg=None):
   config.train.accum_steps = 1  # micro-batches per step (the global batch is split into them)
   # XLA's effort on the train step's run time, -1..1 (jax_exec_time_optimization_effort): 0 is
   # the compiler's default, the program to train with. -1 compiles this step for v5p:4x4x4 in
-  # 139 s instead of 362 s on a 2-core host, its per-chip memory within 7% of the default's;
-  # what it costs in step time needs a TPU to measure (docs/tpu.md, "Compile time"). For a
+  # 139 s instead of 362 s on a 2-core host, its per-chip memory within 7% of the default's,
+  # but without memory-space assignment (nothing in VMEM, no prefetches); what that costs in
+  # step time needs a TPU to measure (docs/tpu.md, "Compile time"). For a
   # first fit check: benchmarks/tpu_compile.py --config.train.exec_time_optimization_effort=-1.
   config.train.exec_time_optimization_effort = 0.0
   config.train.seed = 0  # parameter initialisation

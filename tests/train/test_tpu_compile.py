@@ -105,6 +105,34 @@ def test_llm_modes_for_the_lora_comparison_and_the_slice_estimate():
   assert aot.smallest_slice(40 * gib, 4, 4, "v6e") == "none up to v6e:16x16"  # batch too small
 
 
+def test_switches_flipped_for_the_comparison():
+  """`benchmarks/tpu_compile.py --compare=remat|scan_layers|effort`: the second row's config,
+  each way from each side; nothing else changes."""
+  config = load_config("tiny")
+  assert (config.model.remat, config.model.scan_layers) == ("none", False)
+  remat = aot.flipped(config, "remat")
+  assert remat.model.remat == "full" and config.model.remat == "none"  # a copy
+  assert aot.flipped(remat, "remat").model.remat == "none"
+  config.model.remat = "dots"
+  assert aot.flipped(config, "remat").model.remat == "none"
+  scanned = aot.flipped(config, "scan_layers")
+  assert scanned.model.scan_layers and not aot.flipped(scanned, "scan_layers").model.scan_layers
+  low = aot.flipped(config, "effort")
+  assert (config.train.exec_time_optimization_effort,
+          low.train.exec_time_optimization_effort) == (0.0, -1.0)
+  assert aot.flipped(low, "effort").train.exec_time_optimization_effort == 0.0
+  config.train.exec_time_optimization_effort = 0.5
+  assert aot.flipped(config, "effort").train.exec_time_optimization_effort == -1.0
+  for switch, field in (("remat", "remat"), ("scan_layers", "scan_layers")):
+    other = aot.flipped(config, switch).to_dict()
+    assert other["model"].pop(field) != config.model[field]
+    mine = config.to_dict()
+    mine["model"].pop(field)
+    assert other == mine, switch
+  with pytest.raises(ValueError, match="unknown switch 'lora'"):
+    aot.flipped(config, "lora")
+
+
 @pytest.mark.slow
 def test_the_benchmark_profiles_the_compile_and_breaks_down_the_peak(tmp_path):
   """`benchmarks/tpu_compile.py --profile_compile=DIR --dump_dir=DIR`: the compile's code

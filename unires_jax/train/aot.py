@@ -23,7 +23,7 @@ from unires_jax.models.synthetic import synthetic_batch
 from unires_jax.models.unires import INPUT_KEYS
 from unires_jax.train import flops as flops_lib
 from unires_jax.train.state import StateFactory
-from unires_jax.train.step import MODEL_KEYS, make_train_step, model_fields
+from unires_jax.train.step import MODEL_KEYS, exec_time_effort, make_train_step, model_fields
 
 # Per chip, by generation (the topology name's prefix): HBM in GiB as the compiler counts it
 # (v5p: 95.74 GiB), and the dense bfloat16 peak in TFLOP/s.
@@ -32,6 +32,8 @@ PEAK_TFLOPS = {"v4": 275.0, "v5e": 197.0, "v5p": 459.0, "v6e": 918.0}
 # How the LLM trains, for comparing train steps (`llm_mode`, benchmarks/tpu_compile.py).
 LLM_MODES = ("frozen LLM", "LoRA", "full LLM")
 LISA_RANK = 8  # --compare=lora's rank when the config's LoRA is off
+# The switches `flipped` flips (benchmarks/tpu_compile.py --compare).
+SWITCHES = ("remat", "scan_layers", "effort")
 # Slices by chip count: v5p (3-D tori) and v6e (2-D), as `--topology` names them.
 SLICES = {
     "v5p": ((4, "2x2x1"), (8, "2x2x2"), (16, "2x2x4"), (32, "2x4x4"), (64, "4x4x4"),
@@ -76,6 +78,22 @@ def llm_mode(config: ml_collections.ConfigDict, mode: str) -> ml_collections.Con
   other.optimizer.lr_multipliers = ml_collections.ConfigDict(multipliers)
   lora = other.model.llm.lora
   lora.rank = (lora.rank or LISA_RANK) if mode == "LoRA" else 0
+  return other
+
+
+def flipped(config: ml_collections.ConfigDict, switch: str) -> ml_collections.ConfigDict:
+  """A copy of `config` with `switch` (one of SWITCHES) flipped: "remat" "none" <-> the
+  config's ("full" if that is "none"); "scan_layers" scanned <-> unrolled; "effort" the
+  compiler's run-time effort -1 <-> the config's (0 if that is -1)."""
+  if switch not in SWITCHES:
+    raise ValueError(f"unknown switch {switch!r}; known: {SWITCHES}")
+  other = config.copy_and_resolve_references()
+  if switch == "remat":
+    other.model.remat = "full" if config.model.remat == "none" else "none"
+  elif switch == "scan_layers":
+    other.model.scan_layers = not config.model.get("scan_layers", False)
+  else:
+    other.train.exec_time_optimization_effort = 0.0 if exec_time_effort(config) == -1 else -1.0
   return other
 
 

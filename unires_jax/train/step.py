@@ -48,7 +48,9 @@ def exec_time_effort(config) -> float:
   it: 0, the compiler's default).
 
   Lower effort compiles faster and may run slower: the 7B recipe's step for v5p:4x4x4 compiles
-  in 139 s at -1 against 362 s at 0 on a 2-core host (docs/tpu.md, "Compile time").
+  in 139 s at -1 against 362 s at 0 on a 2-core host, but the program at -1 (at -0.5 and
+  below in libtpu 0.0.42.1) has no memory-space assignment: nothing is placed in VMEM or
+  prefetched (docs/tpu.md, "Compile time").
   """
   effort = config.train.get("exec_time_optimization_effort", 0.0)
   if isinstance(effort, bool) or not isinstance(effort, (int, float)) or not -1 <= effort <= 1:
