@@ -153,7 +153,7 @@ def describe(config, switch: str | None) -> str:
   if switch == "remat":
     return f"remat={config.model.remat}"
   if switch == "scan_layers":
-    return "scanned" if config.model.scan_layers else "unrolled"
+    return "scanned" if config.model.get("scan_layers", False) else "unrolled"
   if switch == "effort":
     return f"effort {exec_time_effort(config):g}"
   if switch == "lora":

@@ -164,8 +164,8 @@ def get_config(arg=None):
   # the compiler's default, the program to train with. -1 compiles this step for v5p:4x4x4 in
   # 139 s instead of 362 s on a 2-core host, its per-chip memory within 7% of the default's,
   # but without memory-space assignment (nothing in VMEM, no prefetches); what that costs in
-  # step time needs a TPU to measure (docs/tpu.md, "Compile time"). For a
-  # first fit check: benchmarks/tpu_compile.py --config.train.exec_time_optimization_effort=-1.
+  # step time needs a TPU to measure (docs/tpu.md, "Compile time"). For a first fit check:
+  # benchmarks/tpu_compile.py --config.train.exec_time_optimization_effort=-1.
   config.train.exec_time_optimization_effort = 0.0
   config.train.seed = 0  # parameter initialisation
   # A new run starts from these parameters instead: a converted checkpoint (`unires-convert
