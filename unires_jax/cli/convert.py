@@ -11,10 +11,11 @@
 
   unires-convert to-pytorch --checkpoint=CKPT_OR_WORKDIR [--step=N] --out=DIR [--dtype=bfloat16]
       [--lora_adapter [--base_model=NAME]]
-    DIR/vision_tower, DIR/high_res_encoder, DIR/llm (with the tokenizer), DIR/unires_heads.safetensors
-    and DIR/config.json (see unires_jax.convert.unires), streamed tensor by tensor from a
-    converted checkpoint or a training run's checkpoint, sharded or not. A LoRA model's DIR/llm
-    is merged; --lora_adapter also writes DIR/llm_adapter, the adapter in PEFT's layout.
+    DIR/vision_tower, DIR/high_res_encoder, DIR/llm (with the tokenizer),
+    DIR/unires_heads.safetensors and DIR/config.json (see unires_jax.convert.unires), streamed
+    tensor by tensor from a converted checkpoint or a training run's checkpoint, sharded or not.
+    A LoRA model's DIR/llm is merged; --lora_adapter also writes DIR/llm_adapter, the adapter in
+    PEFT's layout.
 
 Both refuse an existing --out and leave nothing behind when they fail.
 """
@@ -78,8 +79,8 @@ def from_pytorch() -> None:
   tokenizer = _LLM.value if any(os.path.isfile(os.path.join(_LLM.value, name)) for name in (
       "tokenizer.json", "tokenizer_config.json")) else None
   checkpoint.save_converted(nnx.state(model, nnx.Param), config, common.OUT.value, tokenizer)
-  print(f"wrote {common.OUT.value} ({'with' if tokenizer else 'without'} a tokenizer); train from it "
-        f"with --config.train.init_from={common.OUT.value}")
+  print(f"wrote {common.OUT.value} ({'with' if tokenizer else 'without'} a tokenizer); "
+        f"train from it with --config.train.init_from={common.OUT.value}")
 
 
 def to_pytorch() -> None:

@@ -80,7 +80,8 @@ def _verdict(request, result, mask_path: str) -> str:
   found = inference.describe(result)
   note = {"given": "", "detector": "; proposals from the detector",
           "whole_image": "; no boxes given, the whole image is the proposal"}[result.proposals]
-  return f"{request.image} {json.dumps(request.text, ensure_ascii=False)}: {found} -> {mask_path}{note}"
+  text = json.dumps(request.text, ensure_ascii=False)
+  return f"{request.image} {text}: {found} -> {mask_path}{note}"
 
 
 def main(argv) -> int:

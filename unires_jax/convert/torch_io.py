@@ -236,7 +236,8 @@ def assign_params(
             if isinstance(var, select)}
   missing = sorted(set(params) - set(values))
   if missing:
-    raise CheckpointError(f"{source}: no value for parameter {missing[0]!r} ({len(missing)} in all)")
+    raise CheckpointError(
+        f"{source}: no value for parameter {missing[0]!r} ({len(missing)} in all)")
   extra = sorted(set(values) - set(params))
   if extra:
     raise CheckpointError(f"{source}: converter produced unknown parameter {extra[0]!r}")
@@ -388,7 +389,8 @@ class SafetensorsWriter:
                metadata: Mapping[str, str] | None = None):
     self.path = path
     self._pending = list(layout)
-    self._layout = {name: (tuple(shape), np.dtype(dtype)) for name, (shape, dtype) in layout.items()}
+    self._layout = {name: (tuple(shape), np.dtype(dtype))
+                    for name, (shape, dtype) in layout.items()}
     header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0
     for name, (shape, dtype) in self._layout.items():

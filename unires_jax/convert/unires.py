@@ -304,11 +304,12 @@ def import_released(config: ml_collections.ConfigDict, *, vision_dir: str, convn
                     seed: int = 0) -> nnx.Module:
   """A UniRES++ (`config`) whose backbones carry released PyTorch weights: a transformers CLIP
   (vision tower or whole CLIP model) directory, a timm / open_clip ConvNeXt state dict (or an
-  export's `high_res_encoder/`) and a transformers LLaMA directory. The other parameters (projectors, mask decoder, no-target head,
-  the added vocabulary rows) are freshly initialised from `seed`, or read from `heads_file` (an
-  export's `unires_heads.safetensors`). With LoRA on (`config.model.llm.lora`), the adapters
-  start fresh (B = 0: the model computes what the released LLM does) or are read from
-  `llm_adapter` (a PEFT adapter directory, e.g. an export's `llm_adapter/`).
+  export's `high_res_encoder/`) and a transformers LLaMA directory. The other parameters
+  (projectors, mask decoder, no-target head, the added vocabulary rows) are freshly initialised
+  from `seed`, or read from `heads_file` (an export's `unires_heads.safetensors`). With LoRA on
+  (`config.model.llm.lora`), the adapters start fresh (B = 0: the model computes what the
+  released LLM does) or are read from `llm_adapter` (a PEFT adapter directory, e.g. an export's
+  `llm_adapter/`).
 
   Each backbone's config is checked against its weights (the error names the first field that
   differs). Host memory holds the model once plus the source tensor being converted: the model

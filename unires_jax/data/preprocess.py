@@ -202,8 +202,8 @@ def prepare_image(example: dict[str, Any], spec: SampleSpec,
   prompts = tokenize([spec.template.format(expression=t) for t in texts])
   answer = tokenize([spec.answer])[0] + [spec.special.seg]
   if len(answer) > spec.max_answer_tokens:
-    raise ValueError(f"config.input.answer {spec.answer!r} is {len(answer)} tokens with [SEG], more "
-                     f"than config.model.max_answer_tokens={spec.max_answer_tokens}")
+    raise ValueError(f"config.input.answer {spec.answer!r} is {len(answer)} tokens with [SEG], "
+                     f"more than config.model.max_answer_tokens={spec.max_answer_tokens}")
   for text, ids in zip(texts, prompts):
     if ids and max(ids) >= spec.vocab_size:
       raise ValueError(f"the tokenizer gave id {max(ids)} for {text!r}, outside the model's base "

@@ -4,13 +4,13 @@ An example holds an image once with all of its references, so that datasets with
 per image (MRES-32M: ~32) do not store the image once per expression:
 
   image                 encoded JPEG as in the raw data (bytes kept; grayscale/CMYK stored as
-                        lossless PNG of the RGB pixels)                          [H, W, 3] uint8
+                        lossless PNG of the RGB pixels)                         [H, W, 3] uint8
   image_id              the raw dataset's image id, as text
   file_name             the raw image file name
   targets               every segment that at least one expression refers to:
     id                  raw annotation / segment id (int64)
-    mask                PNG, values {0, 1}                                        [H, W, 1] uint8
-    box                 x1, y1, x2, y2 in image pixels                            [4] float32
+    mask                PNG, values {0, 1}                                       [H, W, 1] uint8
+    box                 x1, y1, x2, y2 in image pixels                           [4] float32
     category            category name ("person"; a part: "person:head")
     granularity         "object" | "part"
     raw                 JSON of the raw annotation's other fields (nothing the raw file has is lost)
@@ -18,12 +18,12 @@ per image (MRES-32M: ~32) do not store the image once per expression:
     text                the sentence
     id                  raw sentence id
     ref_id              raw reference id (several sentences share a reference)
-    target_indices      indices into `targets`; empty = no target                 [n] int32
+    target_indices      indices into `targets`; empty = no target                [n] int32
     granularity         "object" | "part" | "multi" | "none"
     no_target           True when the expression refers to nothing
   proposals             region proposals, possibly empty:
-    object_boxes        x1, y1, x2, y2 pixels                                     [n_obj, 4] float32
-    part_boxes          x1, y1, x2, y2 pixels                                     [n_part, 4] float32
+    object_boxes        x1, y1, x2, y2 pixels                                    [n_obj, 4] float32
+    part_boxes          x1, y1, x2, y2 pixels                                    [n_part, 4] float32
 
 Masks are PNG (not RLE) so that `tfds.data_source` decodes them with nothing but
 `tensorflow_datasets` installed. The input pipeline (`unires_jax.data.pipeline`) expands an image

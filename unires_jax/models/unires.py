@@ -44,7 +44,8 @@ LOSS_KEYS = ("loss_mask", "masks", "no_target")
 
 
 class Projector(nnx.Module):
-  """LLaVA's `mlp2x_gelu`: Linear(in, width) -> act -> Linear(width, width) (and deeper variants)."""
+  """LLaVA's `mlp2x_gelu`: Linear(in, width) -> act -> Linear(width, width) (and deeper
+  variants)."""
 
   def __init__(self, in_features: int, width: int, cfg: ml_collections.ConfigDict, *,
                dtype: Any = None, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):

@@ -87,7 +87,8 @@ def _adam_count(opt_state) -> jax.Array:
   return jnp.zeros((), jnp.int32)
 
 
-def make_train_step(factory: StateFactory) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+def make_train_step(
+    factory: StateFactory) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
   """`(state, batch) -> (state, metrics)`, jitted on `factory.mesh` with the state donated.
 
   `batch` holds `MODEL_KEYS` as global arrays sharded over `data` x `fsdp`
