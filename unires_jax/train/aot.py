@@ -220,9 +220,9 @@ def layerwise_cost(config: ml_collections.ConfigDict, mesh: Mesh, batch_size: in
   layer per stack (the 7B step: 4.8 of 62 TFLOP per chip). Here the step is compiled unrolled
   with one layer per stack (one LLaMA layer, one CLIP layer, one block per ConvNeXt stage),
   then once more per kind of stack with a layer added (the ConvNeXt stages of equal depth
-  together); each difference is one layer's cost, and the step's cost is the
-  first compile's plus, per stack, its further layers times that. The 7B config takes five
-  compiles of small programs. Elementwise: exact for a program that is the sum of its layers,
+  together); each difference is one layer's cost, and the step's cost is the first compile's
+  plus, per stack, its further layers times that. The 7B config takes five compiles of small
+  programs. Elementwise: exact for a program that is the sum of its layers,
   which a step with the same fusion in every layer of a stack is; the FLOPs beside the analytic
   count (`train.flops`) show how close.
   """

@@ -310,10 +310,9 @@ def count_flops(config: ml_collections.ConfigDict, batch_size: int, seq_len: int
   for what trains, `optimizer.multipliers_of`: with LoRA the LLM counts as frozen, its adapters'
   FLOPs, rank / width of the projections', left out). `seq_len` is the batch's
   `input_ids.shape[1]` (the pipeline's `preprocess.sample_spec(config.model,
-  config.input).max_length`). The LM head runs at
-  `config.model.max_answer_tokens` positions of each sequence, as in training
-  (`models.unires.train_forward`). FLOPs do not depend on `config.train.accum_steps`
-  (micro-batches split the same work) nor on the dtype.
+  config.input).max_length`). The LM head runs at `config.model.max_answer_tokens` positions
+  of each sequence, as in training (`models.unires.train_forward`). FLOPs do not depend on
+  `config.train.accum_steps` (micro-batches split the same work) nor on the dtype.
   """
   m = config.model
   num_image = prompt.num_image_tokens(m.vision)
