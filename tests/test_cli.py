@@ -1,12 +1,21 @@
-"""The command-line programs share one set of flags: all of them import into one process, and a
-usage error is one line and a pointer to --help."""
+"""The command-line programs share one set of flags (all of them import into one process), and end
+alike (`unires_jax.cli.common.run`): a user's mistake is one line `<command>: error: <message>`
+and exit status 2, a bug its traceback.
 
+The programs run in this process (`run_cli`): their flags are parsed as the console script parses
+them, from `sys.argv`, and absl's registry is reset before each run."""
+
+import importlib
+import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+from absl import flags
 
 from tests.repo import ROOT
+from unires_jax import config_lib
 
 PROGRAMS = ("convert", "demo", "eval", "propose", "segment", "serve", "summary", "train")
 
@@ -17,6 +26,88 @@ def test_every_program_imports_into_one_process():
   run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                        check=False)
   assert run.returncode == 0, run.stderr[-3000:]
+
+
+@pytest.fixture
+def run_cli(monkeypatch, capsys):
+  """`run_cli(program, *args)` -> (exit status, stdout, stderr) of `unires-<program> ARGS` run
+  in this process. A program that raises (a bug) raises here."""
+  def run(program: str, *args: str) -> tuple[int, str, str]:
+    module = importlib.import_module(f"unires_jax.cli.{program}")
+    flags.FLAGS.unparse_flags()
+    monkeypatch.setattr(sys, "argv", [f"unires-{program}", *args])
+    with pytest.raises(SystemExit) as exit_:
+      module.run()
+    out, err = capsys.readouterr()
+    return exit_.value.code, out, err
+
+  monkeypatch.delenv("UNIRES_TRACEBACK", raising=False)
+  yield run
+  flags.FLAGS.unparse_flags()
+  flags.FLAGS.set_default("config", None)  # as a program without a default config has it
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory) -> str:
+  """A directory `checkpoint.locate` takes for a converted checkpoint of the tiny config (its
+  parameters are never read here)."""
+  root = tmp_path_factory.mktemp("converted")
+  (root / "params").mkdir()
+  config_lib.write_config_json(config_lib.load_config("tiny"), str(root))
+  return str(root)
+
+
+def _one_error_line(program: str, err: str) -> str:
+  lines = err.strip().splitlines()
+  assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+  assert lines[0].startswith(f"unires-{program}: error: "), err
+  return lines[0].removeprefix(f"unires-{program}: error: ")
+
+
+# One wrong input of each kind, on every program: a missing path, a missing config setting, an
+# existing output, a bad --config override or config file, an unknown flag or a bad flag value,
+# a bad checkpoint, a bad detector directory.
+@pytest.mark.parametrize("program, args, error", [
+    ("eval", ["--workdir={tmp}/missing"], "no checkpoint in {tmp}/missing: expected a converted "
+     "checkpoint (params/ and config.json), a training work directory or its checkpoints/ "
+     "directory"),
+    ("eval", ["--workdir={tmp}", "--step=last"], "flag --step=last: invalid literal for int() "
+     "with base 10: 'last' (`unires-eval --help` lists the flags)"),
+    ("train", ["--config=configs/tiny.py", "--workdir={tmp}/run"], "no tokenizer directory "
+     "given: set config.input.tokenizer to a directory written by save_pretrained (nothing is "
+     "downloaded)"),
+    ("train", ["--config=configs/tiny.py", "--workdir={tmp}/run",
+               "--config.optimizer.learning_rat=1"],
+     "--config.optimizer.learning_rat: configs/tiny.py has no field optimizer.learning_rat; "
+     "the closest is optimizer.learning_rate"),
+    ("convert", ["to-pytorch", "--checkpoint={converted}", "--out={tmp}"],
+     "--out={tmp} already exists; choose a new output directory"),
+    ("summary", ["--config.modle.llm.num_layers=1"], "--config.modle.llm.num_layers: "
+     "configs/unires_pp_7b.py has no field modle; the closest is model"),
+    ("summary", ["--wrkdir=x"], "Unknown command line flag 'wrkdir'. Did you mean: workdir ? "
+     "(`unires-summary --help` lists the flags)"),
+    ("demo", ["--config=configs/x.py"], "flag --config=configs/x.py: config file "
+     "'configs/x.py' not found from {cwd}, and it names no installed config (configs/NAME.py "
+     "with NAME in ['demo', 'tiny', 'unires_pp_7b']) (`unires-demo --help` lists the flags)"),
+    ("segment", ["--checkpoint={tmp}", "--image={tmp}/a.png", "--text=x", "--out={tmp}/m.png"],
+     "no checkpoint in {tmp}: expected a converted checkpoint (params/ and config.json), a "
+     "training work directory or its checkpoints/ directory"),
+    ("segment", ["--checkpoint={converted}", "--image={tmp}/missing.png", "--text=x",
+                 "--out={tmp}/m.png"], "--image: image {tmp}/missing.png not found"),
+    ("serve", ["--checkpoint={converted}", "--detector={tmp}"], "{tmp}: missing config.json"),
+    ("propose", ["--detector={tmp}", "--manual_dir={tmp}", "--split=val"],
+     "{tmp}: missing config.json"),
+])
+def test_a_users_mistake_is_one_line_and_status_2(run_cli, converted, tmp_path, monkeypatch,
+                                                   program, args, error):
+  fill = {"{tmp}": str(tmp_path), "{converted}": converted, "{cwd}": str(tmp_path)}
+  for key, value in fill.items():
+    args = [a.replace(key, value) for a in args]
+    error = error.replace(key, value)
+  monkeypatch.chdir(tmp_path)  # configs/x.py is not found from here
+  status, _, err = run_cli(program, *args)
+  assert status == 2
+  assert _one_error_line(program, err) == error
 
 
 @pytest.mark.parametrize("program, args, error", [
@@ -32,19 +123,46 @@ def test_every_program_imports_into_one_process():
      "positive"),
     ("serve", ["--checkpoint=/nonexistent/run", "--no_target_threshold=1.5"],
      "--no_target_threshold=1.5 must be in (0, 1)"),
+    ("propose", ["--detector=d", "--manual_dir=m", "--split=val", "--builder_config=x"],
+     "--builder_config names ref_coco's refs file (e.g. refcoco_unc); give it with "
+     "--dataset=ref_coco and only then"),
 ])
-def test_a_usage_error_is_one_line(program, args, error):
-  run = subprocess.run([sys.executable, "-m", f"unires_jax.cli.{program}", *args],
-                       capture_output=True, text=True, cwd=ROOT, check=False)
-  assert run.returncode == 1
-  lines = [l for l in run.stderr.splitlines() if ": error: " in l or "--help" in l]
-  assert len(lines) == 2 and lines[0].endswith(f": error: {error}"), run.stderr[-2000:]
-  assert "USAGE" not in run.stderr and "flags:" not in run.stderr  # no help text
+def test_a_usage_error_is_one_line(run_cli, program, args, error):
+  status, _, err = run_cli(program, *args)
+  assert status == 2
+  assert _one_error_line(program, err) == error
+  assert "USAGE" not in err and "flags:" not in err  # no help text
 
 
-def test_an_unknown_config_names_the_installed_ones(tmp_path):
-  run = subprocess.run([sys.executable, "-m", "unires_jax.cli.summary", "--config=configs/x.py"],
-                       capture_output=True, text=True, cwd=tmp_path, check=False)
-  assert run.returncode != 0
-  assert "config file 'configs/x.py' not found" in run.stderr
-  assert "['demo', 'tiny', 'unires_pp_7b']" in run.stderr
+def test_a_bug_keeps_its_traceback(run_cli, monkeypatch):
+  from unires_jax.models import summary  # pylint: disable=g-import-not-at-top
+
+  def broken(table):  # a ValueError NumPy raises is a bug, not a user's mistake
+    del table
+    return np.zeros(2) + np.zeros(3)
+
+  monkeypatch.setattr(summary, "format_table", broken)
+  with pytest.raises(ValueError, match="could not be broadcast"):
+    run_cli("summary", "--config=tiny")
+
+
+def test_unires_traceback_shows_a_users_mistake_with_its_traceback(run_cli, tmp_path,
+                                                                    monkeypatch):
+  monkeypatch.setenv("UNIRES_TRACEBACK", "1")
+  status, _, err = run_cli("eval", f"--workdir={tmp_path}/missing")
+  assert status == 2
+  assert err.startswith("Traceback (most recent call last):")
+  assert "\nFileNotFoundError: no checkpoint in " in err
+  assert err.strip().splitlines()[-1].startswith(
+      f"unires-eval: error: no checkpoint in {tmp_path}/missing")
+
+
+def test_the_console_script_prints_one_line(tmp_path):
+  """The installed `unires-eval`, as a user runs it: nothing on stderr but the line."""
+  script = os.path.join(os.path.dirname(sys.executable), "unires-eval")
+  run = subprocess.run([script, f"--workdir={tmp_path}/missing"], capture_output=True, text=True,
+                       cwd=tmp_path, check=False)
+  assert run.returncode == 2
+  assert run.stderr.splitlines() == [f"unires-eval: error: no checkpoint in {tmp_path}/missing: "
+                                     "expected a converted checkpoint (params/ and config.json), "
+                                     "a training work directory or its checkpoints/ directory"]

@@ -1,2 +1,2 @@
-"""Command-line programs: unires-train, -eval, -demo, -convert, -segment, -summary (one shared
-set of flags in `common`)."""
+"""Command-line programs: unires-train, -eval, -demo, -convert, -segment, -propose, -serve,
+-summary (one shared set of flags, and how a program ends on an error, in `common`)."""

@@ -1,13 +1,23 @@
 """The flags every command-line program shares, defined once (so that the programs can be
-imported together), and their start-up."""
+imported together), their start-up, and how a program ends (`run`): a user's mistake is one line
+`<command>: error: <message>` and exit status 2, anything else (a bug) its traceback."""
 
+import difflib
+import importlib.util
+import linecache
 import logging
+import os
+import re
+import sys
+import traceback
+from typing import Callable, Sequence
 
 import jax
+import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from unires_jax import config_lib, utils
+from unires_jax import config_lib
 
 FLAGS = flags.FLAGS
 
@@ -29,7 +39,8 @@ class _ResolvingParser(flags.ArgumentParser):
 
 CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file configs/NAME.py[:arg]: a path, or the name of an installed "
-    "config (demo, tiny, unires_pp_7b). Override fields with --config.a.b=value.",
+    "config (demo, tiny, unires_pp_7b). --config.a.b=value overrides any field of it (e.g. "
+    "--config.optimizer.learning_rate=1e-4).",
     lock_config=False)
 FLAGS["config"].parser = _ResolvingParser(FLAGS["config"].parser)
 
@@ -58,7 +69,7 @@ flags.DEFINE_integer("num_processes", None,
                      "Processes of an explicit multi-process run; with --distributed, the number "
                      "auto-detection must find.")
 flags.DEFINE_integer("process_id", None, "This process's index in an explicit run.")
-flags.DEFINE_bool("progress", True, "Show a progress bar.")
+PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
 
 
 def start(argv) -> None:
@@ -109,9 +120,143 @@ def load_detector(config, detector_dir: str):
   return propose.Detector.from_pretrained(detector_dir, config.proposals)
 
 
-def run(main, default_config: str | None = None) -> None:
-  """`app.run(main)`, with `default_config` as `--config`'s default, and a usage error printed
-  as one line and a pointer to `--help` (not the whole help text), exit status 1."""
-  if default_config is not None:
-    FLAGS.set_default("config", config_lib.resolve(default_config))
-  app.run(utils.brief_usage_errors(main))
+# --- How a program ends -------------------------------------------------------------------------
+
+TRACEBACK_ENV = "UNIRES_TRACEBACK"  # =1: a user's mistake shows its traceback too (bug reports)
+
+# A path the user gave that is missing, already there, of the wrong kind or not readable.
+_PATH_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+                PermissionError)
+# The project's own code: a ValueError raised here on purpose describes a bad input (a config
+# field, a checkpoint, a record, a detector directory: `CheckpointError` and `RecordError` are
+# ValueErrors); one raised inside a library (NumPy, JAX, ...) is a bug.
+_OWN_CODE = tuple(
+    os.path.abspath(folder) + os.sep for name in ("unires_jax", "tfds_builders")
+    for folder in (importlib.util.find_spec(name).submodule_search_locations or ()))
+
+
+def _raised_on_purpose(error: BaseException) -> bool:
+  """Whether the innermost frame of `error`'s traceback is a `raise` statement of this project
+  (not, e.g., `int(text)` in our code or a check inside NumPy)."""
+  tb = error.__traceback__
+  if tb is None:
+    return False
+  while tb.tb_next is not None:
+    tb = tb.tb_next
+  filename = tb.tb_frame.f_code.co_filename
+  return filename.startswith(_OWN_CODE) and linecache.getline(filename, tb.tb_lineno).lstrip().startswith(
+      "raise ")
+
+
+def is_user_error(error: BaseException) -> bool:
+  """A mistake in what the user gave (see the module doc), as opposed to a bug."""
+  if isinstance(error, (app.UsageError, flags.Error) + _PATH_ERRORS):
+    return True
+  return isinstance(error, ValueError) and _raised_on_purpose(error)
+
+
+def _one_line(error: BaseException) -> str:
+  if isinstance(error, OSError) and error.filename and error.strerror:  # open() and friends
+    return f"{error.filename}: {error.strerror}"
+  return " ".join(str(error).split()) or type(error).__name__
+
+
+def _report(command: str, error: BaseException, hint: str = "") -> int:
+  """Prints `error` as one line (after its traceback with UNIRES_TRACEBACK=1); returns the exit
+  status of a user's mistake, 2."""
+  sys.stdout.flush()
+  if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+    traceback.print_exception(error)
+  print(f"{command}: error: {_one_line(error)}{hint}", file=sys.stderr, flush=True)
+  return 2
+
+
+# --- --config.a.b=value overrides -----------------------------------------------------------------
+
+_OVERRIDE = re.compile(r"^--?(?:no)?config\.([\w.]+)(?:=|$)")
+_CONFIG = re.compile(r"^--?config(?:=(.*))?$")
+
+
+def _paths(config, prefix: str = "") -> list[str]:
+  out = []
+  for key, value in config.items():
+    out.append(prefix + key)
+    if isinstance(value, (ml_collections.ConfigDict, dict)):
+      out += _paths(value, f"{prefix}{key}.")
+  return out
+
+
+def bad_override(argv: Sequence[str], default_config: str | None) -> str | None:
+  """For the first `--config.a.b=...` of `argv` that names no field of the config: a line naming
+  it, the closest existing field and the config; None when every override names a field."""
+  spec, overrides = default_config, []
+  for i, arg in enumerate(argv[1:], 1):
+    if arg == "--":
+      break
+    if match := _CONFIG.match(arg):
+      spec = match.group(1) if match.group(1) is not None else (
+          argv[i + 1] if i + 1 < len(argv) else None)
+    elif match := _OVERRIDE.match(arg):
+      overrides.append(match.group(1))
+  if not spec or not overrides:
+    return None
+  try:
+    config = config_lib.load_config(spec)
+  except Exception:  # pylint: disable=broad-except  (the config itself fails: not ours to name)
+    return None
+  for path in overrides:
+    node, keys = config, path.split(".")
+    for depth, key in enumerate(keys):
+      if not isinstance(node, (ml_collections.ConfigDict, dict)):
+        break  # e.g. an index into a tuple: ml_collections' own message stands
+      if key not in node:
+        parent = ".".join(keys[:depth])
+        near = difflib.get_close_matches(key, list(node.keys()), n=1, cutoff=0.6)
+        near = [f"{parent}.{near[0]}" if parent else near[0]] if near else (
+            difflib.get_close_matches(path, _paths(config), n=1, cutoff=0.6))
+        where = f"config.{parent}" if parent else "the config"
+        closest = (f"the closest is {near[0]}" if near else
+                   f"{where} has {', '.join(sorted(node.keys()))}")
+        return (f"--config.{path}: {spec.partition(':')[0]} has no field "
+                f"{'.'.join(keys[:depth + 1])}; {closest}")
+      node = node[key]
+  return None
+
+
+# --- The program --------------------------------------------------------------------------------
+
+FlagGroups = Sequence[tuple[str, Sequence[str | flags.FlagHolder]]]
+
+
+def run(main: Callable[[list[str]], int | None], command: str, doc: str, groups: FlagGroups,
+        default_config: str | None = None) -> None:
+  """`app.run(main)` for the program `command` (e.g. "unires-eval"), described by `doc` (its
+  module's docstring: a description line first), with the flags of `groups` (title, flags) as
+  its `--help` and `default_config` as `--config`'s default. A user's mistake, in the flags or
+  while `main` runs (`is_user_error`), ends it with one line and exit status 2."""
+  del doc, groups  # for --help
+
+  def parse(argv: list[str]) -> list[str]:
+    hint = f" (`{command} --help` lists the flags)"
+    try:
+      FLAGS.set_default("config", default_config and config_lib.resolve(default_config))
+      return FLAGS(argv)
+    except flags.Error as e:  # an unknown flag, a bad value, a config file that does not load
+      message = bad_override(argv, default_config)
+      raise SystemExit(_report(command, app.UsageError(message) if message else e,
+                               "" if message else hint)) from None
+    except Exception as e:  # pylint: disable=broad-except
+      message = bad_override(argv, default_config)  # ml_collections: AttributeError, KeyError
+      if message is None:
+        raise
+      raise SystemExit(_report(command, app.UsageError(message))) from None
+
+  def guarded(argv: list[str]) -> int:
+    try:
+      return main(argv) or 0
+    except Exception as e:  # pylint: disable=broad-except
+      if not is_user_error(e):
+        raise
+      return _report(command, e)
+
+  app.run(guarded, flags_parser=parse)

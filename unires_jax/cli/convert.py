@@ -1,4 +1,4 @@
-"""unires-convert: checkpoints between Orbax and PyTorch.
+"""unires-convert: checkpoints between Orbax and PyTorch (from-pytorch, to-pytorch).
 
   unires-convert from-pytorch --config=configs/unires_pp_7b.py --vision=CLIP_DIR \\
       --convnext=CONVNEXT_FILE --llm=LLAMA_DIR --out=CKPT [--heads=unires_heads.safetensors]
@@ -101,12 +101,23 @@ def main(argv) -> int:
   command = argv[1]
   common.start([argv[0], *argv[2:]])
   common.require(*_NEEDS[command], who=command)
+  if os.path.exists(common.OUT.value):  # before reading gigabytes of weights
+    raise FileExistsError(f"--out={common.OUT.value} already exists; choose a new output "
+                          "directory")
   (from_pytorch if command == "from-pytorch" else to_pytorch)()
   return 0
 
 
+FLAG_GROUPS = (
+    ("from-pytorch", (common.CONFIG, _VISION, _CONVNEXT, _LLM, _HEADS, _LLM_ADAPTER)),
+    ("to-pytorch", (common.CHECKPOINT, common.STEP, _DTYPE, _GROUP_MB, _LORA_ADAPTER,
+                    _BASE_MODEL)),
+    ("both", (common.OUT,)),
+)
+
+
 def run():
-  common.run(main)
+  common.run(main, "unires-convert", __doc__, FLAG_GROUPS)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,6 @@
-"""unires-eval --workdir=DIR [--config=configs/<name>.py] [--step=N] [--evals=a,b]
+"""unires-eval: runs the evaluators of a config on a checkpoint.
+
+  unires-eval --workdir=DIR [--config=configs/<name>.py] [--step=N] [--evals=a,b]
 
 Runs the evaluators of `config.evals` (all, or those `--evals` names) on DIR's latest (or
 `--step`) checkpoint, on the mesh of `config.mesh`, and writes DIR/eval/<name>_<step>.json and
@@ -45,8 +47,11 @@ def main(argv) -> int:
   return 0
 
 
+FLAG_GROUPS = (("run", (common.WORKDIR, common.STEP, _EVALS, common.CONFIG)),)
+
+
 def run():
-  common.run(main)
+  common.run(main, "unires-eval", __doc__, FLAG_GROUPS)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,6 @@
-"""unires-propose --detector=OWLV2_DIR --manual_dir=RAW --split=SPLIT [--dataset=ref_coco_m]
+"""unires-propose: object and part proposals of a raw dataset split, from an OWLv2 detector.
+
+  unires-propose --detector=OWLV2_DIR --manual_dir=RAW --split=SPLIT [--dataset=ref_coco_m]
 
 Writes the object and part proposals of one split of a raw dataset, from an OWLv2 detector (a
 transformers directory with its tokenizer), to the file the dataset's builder reads
@@ -55,16 +57,14 @@ def main(argv) -> int:
   cfg = common.CONFIG.value.proposals
   detector = propose.Detector.from_pretrained(common.DETECTOR.value, cfg)
   rate = propose.Rate(f"propose {_DATASET.value} {_SPLIT.value}",
-                      show_bar=common.FLAGS.progress)
-  try:
+                      show_bar=common.PROGRESS.value)
+  try:  # a bad raw file or image is named (common.run: one line); finished shards stay
     summary = propose.propose_split(
         detector, _DATASET.value, _MANUAL_DIR.value, _SPLIT.value,
         builder_config=_BUILDER_CONFIG.value,
         settings_record=propose.settings(common.DETECTOR.value, cfg),
         shard_images=cfg.shard_images, process_index=index, process_count=count,
         skip_bad=_SKIP_BAD.value, progress=rate)
-  except (ValueError, OSError) as e:  # a bad raw file or image, named; finished shards stay
-    raise app.UsageError(str(e)) from None
   finally:
     rate.close()
   print(f"process {index} of {count}: {summary.shards_done} shard(s) written "
@@ -75,8 +75,15 @@ def main(argv) -> int:
   return 0
 
 
+FLAG_GROUPS = (
+    ("input", (common.DETECTOR, _MANUAL_DIR, _SPLIT, _DATASET, _BUILDER_CONFIG, _SKIP_BAD)),
+    ("settings", (common.CONFIG, common.PROGRESS)),
+)
+
+
 def run():
-  common.run(main, default_config="configs/unires_pp_7b.py")
+  common.run(main, "unires-propose", __doc__, FLAG_GROUPS,
+             default_config="configs/unires_pp_7b.py")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
-"""unires-segment --checkpoint=CKPT --image=PATH --text=TEXT --out=mask.png [--boxes=JSON]
-unires-segment --checkpoint=CKPT --batch=FILE.jsonl --out_dir=DIR [--detector=OWLV2_DIR]
+"""unires-segment: masks of what sentences refer to in images, from a trained checkpoint.
+
+  unires-segment --checkpoint=CKPT --image=PATH --text=TEXT --out=mask.png [--boxes=JSON]
+  unires-segment --checkpoint=CKPT --batch=FILE.jsonl --out_dir=DIR [--detector=OWLV2_DIR]
 
 Segments what a sentence refers to (`unires_jax.inference`). CKPT is a training work directory
 (its latest checkpoint, or `--step`) or a converted checkpoint. Each input gives a mask PNG at the
@@ -131,8 +133,16 @@ def main(argv) -> int:
   return 0
 
 
+FLAG_GROUPS = (
+    ("model", (common.CHECKPOINT, common.STEP, common.NO_TARGET_THRESHOLD, common.BATCH_SIZE)),
+    ("one image", (_IMAGE, _TEXT, _BOXES, common.OUT)),
+    ("a batch", (_BATCH, _OUT_DIR)),
+    ("proposals", (common.DETECTOR,)),
+)
+
+
 def run():
-  common.run(main)
+  common.run(main, "unires-segment", __doc__, FLAG_GROUPS)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
-"""unires-serve --checkpoint=RUN [--detector=OWLV2_DIR] [--port=7860] [--host=127.0.0.1]
-    [--save_dir=DIR] [--batch_size=8] [--max_upload_mb=20] [--max_pixels=40000000]
+"""unires-serve: the web demo, a page that segments uploaded images with a checkpoint.
+
+  unires-serve --checkpoint=RUN [--detector=OWLV2_DIR] [--port=7860] [--host=127.0.0.1]
+      [--save_dir=DIR] [--batch_size=8] [--max_upload_mb=20] [--max_pixels=40000000]
 
 The web demo (`unires_jax.serving`): a Gradio page over `inference.Segmenter` on this host's
 devices. Upload an image (or pick one of the held-out images when RUN is an `unires-demo` work
@@ -104,8 +106,15 @@ def main(argv) -> int:
   return 0
 
 
+FLAG_GROUPS = (
+    ("model", (common.CHECKPOINT, common.STEP, common.DETECTOR, common.BATCH_SIZE,
+               common.NO_TARGET_THRESHOLD)),
+    ("server", (_HOST, _PORT, _SAVE_DIR, _MAX_UPLOAD_MB, _MAX_PIXELS)),
+)
+
+
 def run():
-  common.run(main)
+  common.run(main, "unires-serve", __doc__, FLAG_GROUPS)
 
 
 if __name__ == "__main__":

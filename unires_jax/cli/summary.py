@@ -1,6 +1,8 @@
-r"""unires-summary [--config=configs/unires_pp_7b.py]: the parameter count of each UniRES++
-component, from shapes only (the model is built under `nnx.eval_shape`: a 7B config allocates
-nothing)."""
+r"""unires-summary: the parameter count of each UniRES++ component, from shapes only.
+
+  unires-summary [--config=configs/unires_pp_7b.py] [--config.key=value ...]
+
+The model is built under `nnx.eval_shape`: a 7B config allocates nothing."""
 
 from unires_jax.cli import common
 
@@ -15,8 +17,11 @@ def main(argv) -> int:
   return 0
 
 
+FLAG_GROUPS = (("model", (common.CONFIG,)),)
+
+
 def run():
-  common.run(main, default_config=DEFAULT_CONFIG)
+  common.run(main, "unires-summary", __doc__, FLAG_GROUPS, default_config=DEFAULT_CONFIG)
 
 
 if __name__ == "__main__":
