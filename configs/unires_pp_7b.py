@@ -192,6 +192,14 @@ def get_config(arg=None):
                         resolution=0, every=5000),
   ))
 
+  # The no-target threshold chosen after the last training step on a calibration split
+  # (unires_jax/evaluation/calibration.py: the best balanced accuracy there), stored with the
+  # checkpoint and used by unires-eval, -segment and -serve unless a threshold is given. The
+  # split must be one the model did not train on and not the one reported: carve it from the
+  # training images with TFDS's slicing, e.g. split="train[:300]" here and the training
+  # mixture's split="train[300:]" (configs/demo.py). An empty split: no calibration.
+  config.calibration = ml_collections.ConfigDict(dict(dataset="", split="", batch_size=64))
+
   # The input pipeline (unires_jax/data/pipeline.py). Datasets are TFDS names (with their builder
   # config) in `data_dir`, built from tfds_builders/; `train` maps a label to a dataset and its
   # sampling weight (per expression).

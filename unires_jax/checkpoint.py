@@ -9,9 +9,16 @@ Two layouts hold parameters:
 `locate` finds the parameters in either; `restore_params` restores them sharded onto a mesh (each
 process reads its own shards, nothing else of a train state is read: no optimizer is needed);
 `param_shapes` / `read_params` read them tensor by tensor on the host (conversion to PyTorch).
+
+Beside the parameters a checkpoint may hold `no_target_calibration.json`, the no-target threshold
+chosen on a calibration split (`unires_jax.evaluation.calibration` writes it): in the step
+folder of a training checkpoint, in the directory of a converted one. `Located.config()` reads it
+as `model.no_target_threshold`, so everything that loads the checkpoint uses it by default.
 """
 
 import dataclasses
+import json
+import logging
 import os
 import shutil
 from typing import Any
@@ -26,9 +33,12 @@ from orbax.checkpoint._src.metadata import array_metadata_store
 
 from unires_jax import config_lib, utils
 
+log = logging.getLogger(__name__)
+
 PARAMS_DIR = "params"  # a converted checkpoint: params/ (Orbax) + config.json (+ tokenizer/)
 TOKENIZER_DIR = "tokenizer"
 STATE_DIR = "state"  # the train state's item in a training checkpoint's step folder
+CALIBRATION_FILE = "no_target_calibration.json"  # beside STATE_DIR, or beside a converted PARAMS_DIR
 
 # Orbax writes an array that several devices hold whole in slices, one per replica
 # ("replica-parallel"), each cut out by an eager `slice` that compiles once per shape in each
@@ -76,9 +86,32 @@ class Located:
   def converted(self) -> bool:
     return self.step is None
 
+  @property
+  def calibration_path(self) -> str:
+    """Where this checkpoint's no-target calibration is (or goes): beside its Orbax tree."""
+    return os.path.join(os.path.dirname(self.tree_dir), CALIBRATION_FILE)
+
+  def calibration(self) -> dict[str, Any] | None:
+    """The no-target calibration stored with the checkpoint (see the module doc), or None."""
+    path = self.calibration_path
+    if not os.path.exists(path):
+      return None
+    with open(path, encoding="utf-8") as f:
+      try:
+        record = json.load(f)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not JSON ({e}); delete it to use the config's threshold, "
+                         "or calibrate again") from None
+    threshold = record.get("no_target_threshold") if isinstance(record, dict) else None
+    if not isinstance(threshold, (int, float)) or not 0 < threshold < 1:
+      raise ValueError(f"{path}: no_target_threshold must be a number in (0, 1), got "
+                       f"{threshold!r}")
+    return record
+
   def config(self) -> ml_collections.ConfigDict:
     """The config the parameters were trained or converted with (`run_dir/config.json`); a
-    `tokenizer/` beside it becomes `input.tokenizer`, so the directory can move."""
+    `tokenizer/` beside it becomes `input.tokenizer`, so the directory can move, and a stored
+    no-target calibration becomes `model.no_target_threshold`."""
     try:
       config = config_lib.read_config_json(self.run_dir)
     except FileNotFoundError:
@@ -88,6 +121,12 @@ class Located:
     tokenizer = os.path.join(self.run_dir, TOKENIZER_DIR)
     if os.path.isdir(tokenizer):
       config.input.tokenizer = tokenizer
+    calibration = self.calibration()
+    if calibration is not None:
+      config.model.no_target_threshold = float(calibration["no_target_threshold"])
+      log.info("no-target threshold %.4f, calibrated on %s %s (%s)",
+               config.model.no_target_threshold, calibration.get("dataset"),
+               calibration.get("split"), self.calibration_path)
     return config
 
 

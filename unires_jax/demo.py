@@ -3,7 +3,9 @@
   1. write the ShapesParts raw data (RefCOCOm layout) to `workdir/raw`
   2. build it with the `ref_coco_m` TFDS builder into `workdir/tfds`
   3. train a word-level tokenizer on the ShapesParts vocabulary (`workdir/tokenizer`)
-  4. train the tiny UniRES++ of configs/demo.py (checkpoints in `workdir/checkpoints`)
+  4. train the tiny UniRES++ of configs/demo.py (checkpoints in `workdir/checkpoints`), then
+     calibrate its no-target threshold on the training images it left out
+     (`config.calibration`, stored with the final checkpoint)
   5. evaluate the held-out split (the evaluator `config.evals.shapes_parts_val`) beside the
      trivial baselines, print the table, save overlays (`workdir/overlays/*.png`) and
      `workdir/eval/shapes_parts_val_<step>.json`
@@ -25,7 +27,7 @@ from PIL import Image
 
 from unires_jax import parallel, utils
 from unires_jax.data import build, pipeline, shapes_parts, tokenizer
-from unires_jax.evaluation import evals, evaluator, overlays
+from unires_jax.evaluation import calibration, evals, evaluator, overlays
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +103,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, show_progress: bool 
   if result.preempted:
     return 0
   t_eval = time.time()
+  config = calibration.applied(config, result.calibration)
   (val,) = [e for e in evals.from_config(config) if e.name == "shapes_parts_val"]
   model = result.factory.model
   ev = evaluator.evaluate(config, result.state.params, parallel.make_predict(model), model.mesh,
@@ -117,6 +120,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, show_progress: bool 
   print(f"\nShapesParts held-out split ({int(ev.metrics['count'])} expressions), "
         f"step {int(result.state.step)}:\n")
   print(evaluator.format_table(columns))
+  if result.calibration is not None:
+    c = result.calibration
+    print(f"\nno-target threshold {c['no_target_threshold']:.3f}, calibrated on {c['split']} "
+          f"(N-acc {c['calibrated']['N-acc']:.3f}, T-acc {c['calibrated']['T-acc']:.3f} there; "
+          f"at {c['at_config_threshold']['no_target_threshold']}: "
+          f"{c['at_config_threshold']['N-acc']:.3f}, {c['at_config_threshold']['T-acc']:.3f})")
   print(f"\ndata + build {t_train - t_start:.0f} s, train {t_eval - t_train:.0f} s, "
         f"eval {time.time() - t_eval:.0f} s; total {time.time() - t_start:.0f} s")
   print(f"metrics: {path}\noverlays: {os.path.join(workdir, 'overlays')}\n"

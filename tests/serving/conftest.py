@@ -13,15 +13,20 @@ from unires_jax.train import trainer
 # What the page and `unires-segment` are both run with: the tiny model after two steps is not
 # sure of much, and a threshold this high makes it answer "target" so that its masks show.
 NO_TARGET_THRESHOLD = 0.99
+CALIBRATION_IMAGES = 8  # of the 24 training images (tests/shapes.py)
 
 
 @pytest.fixture(scope="session")
 def demo_run(shapes_root, tmp_path_factory) -> str:
   """A training run of the tiny model, two steps on the training tests' ShapesParts data
   (tests/shapes.py; its checkpoint at step 2) and, as in a demo work directory, `raw/` with 3
-  held-out ShapesParts images (`raw/annotations/val.json`)."""
+  held-out ShapesParts images (`raw/annotations/val.json`). As the demo does, it leaves the
+  first training images out of training and calibrates the no-target threshold on them."""
   config = load_config(f"{CONFIG}:{shapes_root}")
   config.train.update(num_steps=2, checkpoint_every=2)
+  config.input.train.shapes_parts.split = f"train[{CALIBRATION_IMAGES}:]"
+  config.calibration.update(dataset="ref_coco_m", split=f"train[:{CALIBRATION_IMAGES}]",
+                            batch_size=8)
   config.optimizer.warmup_steps = 0
   run = tmp_path_factory.mktemp("serve") / "run"
   trainer.train(config, str(run), show_progress=False, final_eval=False)

@@ -17,7 +17,9 @@ from jax import monitoring
 from PIL import Image
 
 from tests.repo import ROOT
-from unires_jax import inference
+from tests.serving.conftest import CALIBRATION_IMAGES
+from unires_jax import checkpoint, inference
+from unires_jax.data import pipeline
 from unires_jax.serving import app, batcher as batcher_lib
 
 pytestmark = pytest.mark.xdist_group("serving")  # one worker trains `demo_run` (.ci/run)
@@ -43,6 +45,25 @@ class _Gated:
 @pytest.fixture(scope="module")
 def segmenter(demo_run):
   return inference.Segmenter.from_checkpoint(demo_run, batch_size=8)
+
+
+def test_the_trained_runs_calibrated_threshold_is_the_segmenters_default(segmenter, demo_run):
+  """The trainer calibrated the final checkpoint on the images it left out of training; that
+  threshold, not the config's 0.5, is what the segmenter (and unires-segment, -serve, -eval)
+  uses unless one is given."""
+  where = checkpoint.locate(demo_run)
+  record = where.calibration()
+  assert where.step == 2 and record["step"] == 2 and record["split"] == "train[:8]"
+  source = pipeline.open_source("ref_coco_m", f"train[:{CALIBRATION_IMAGES}]",
+                                where.config().input.data_dir)
+  expressions = [source[i]["expressions"]["no_target"] for i in range(len(source))]
+  assert record["expressions"] == sum(len(e) for e in expressions)
+  assert record["no_target_expressions"] == sum(int(np.sum(e)) for e in expressions)
+  calibrated = record["calibrated"]
+  default = record["at_config_threshold"]
+  assert default["no_target_threshold"] == 0.5 and 0 < record["no_target_threshold"] < 1
+  assert (calibrated["N-acc"] + calibrated["T-acc"]) >= (default["N-acc"] + default["T-acc"])
+  assert segmenter.no_target_threshold == record["no_target_threshold"]
 
 
 def _wait_until(condition, seconds: float = 60) -> None:

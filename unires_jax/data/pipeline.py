@@ -19,6 +19,7 @@ Every stage is deterministic under `config.input.seed`, and the iterator's `get_
 
 import dataclasses
 import os
+import re
 from typing import Any
 
 import grain
@@ -66,8 +67,10 @@ def dataset_dir(name: str, data_dir: str | None) -> str:
 def open_source(name: str, split: str, data_dir: str | None):
   """`tfds` random-access source of a built dataset's split (see `dataset_dir` for `name`).
 
-  Its examples are TFDS's NumPy decoding; only the target masks go through
-  `decoding.MaskDecoder` (the same arrays, decoded faster).
+  `split` is a split's name or TFDS's slicing of splits ("train[:300]", "train[10%:]",
+  "val+testA"; one record per image, so a slice cuts between images). Its examples are TFDS's
+  NumPy decoding; only the target masks go through `decoding.MaskDecoder` (the same arrays,
+  decoded faster).
   """
   import tensorflow_datasets as tfds
 
@@ -75,9 +78,16 @@ def open_source(name: str, split: str, data_dir: str | None):
 
   builder = tfds.builder_from_directory(dataset_dir(name, data_dir))
   splits = sorted(builder.info.splits)
-  if split not in splits:
-    raise ValueError(f"unknown split {split!r} of dataset {name!r}; it has {splits}")
-  return builder.as_data_source(split=split, decoders={"targets": {"mask": decoding.MaskDecoder()}})
+  for part in split.split("+"):
+    named = re.fullmatch(r"\s*([\w-]+)\s*(\[[^\]]*\])?\s*", part)
+    if named is None or named.group(1) not in splits:
+      raise ValueError(f"unknown split {split!r} of dataset {name!r}; it has {splits} (slices "
+                       "as TFDS writes them: 'train[:300]', 'train[10%:]')")
+  try:
+    return builder.as_data_source(split=split,
+                                  decoders={"targets": {"mask": decoding.MaskDecoder()}})
+  except (ValueError, AssertionError) as e:  # TFDS's word on a malformed or empty slice
+    raise ValueError(f"split {split!r} of dataset {name!r}: {e}") from None
 
 
 class _Prepare(grain.transforms.RandomMap):

@@ -124,7 +124,7 @@ def local_rows(outputs: dict[str, jax.Array], mesh) -> dict[str, np.ndarray]:
   return {k: np.asarray(v) for k, v in local.items()}
 
 
-def _batches_in_step(dataset: Iterator[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
+def batches_in_step(dataset: Iterator[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
   """The dataset's batches, then padding (`valid = 0`) until every process is done, so all
   processes run the same number of (collective) prediction steps."""
   template = None
@@ -169,7 +169,7 @@ def evaluate(config, params, predict: Callable, mesh, tokenize, dataset: str, sp
   threshold = float(config.model.no_target_threshold)
   logit_threshold = np.log(threshold / (1 - threshold))
   examples, done = [], 0
-  for batch in _batches_in_step(data):
+  for batch in batches_in_step(data):
     inputs = parallel.shard_batch({k: batch[k] for k in INPUT_KEYS}, mesh)
     out = local_rows(predict(params, inputs), mesh)
     for row in np.flatnonzero(batch["valid"]):

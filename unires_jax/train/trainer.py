@@ -5,7 +5,9 @@
   `config.train.init_from`: a converted checkpoint or another run);
   loop {batch -> train_step -> log -> checkpoint};
   run the evaluators of `config.evals` (`unires_jax.evaluation.evals`) at the steps they ask
-  for and after the last one.
+  for; after the last step calibrate the no-target threshold on `config.calibration.split`
+  when it is set (`unires_jax.evaluation.calibration`, stored with the final checkpoint) and
+  run the evaluators with it.
 
 SIGTERM saves a checkpoint at the current step and returns (`TrainResult.preempted`); a rerun
 with the same workdir resumes from it. A run killed outright resumes from its last complete
@@ -21,9 +23,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from unires_jax import config_lib, parallel
+from unires_jax import checkpoint, config_lib, parallel
 from unires_jax.data import pipeline, tokenizer
-from unires_jax.evaluation import evals, evaluator, overlays
+from unires_jax.evaluation import calibration, evals, evaluator, overlays
 from unires_jax.metric_writer import MetricWriter
 from unires_jax.models.unires import INPUT_KEYS
 from unires_jax.train import step as step_lib
@@ -46,6 +48,8 @@ class TrainResult:
   tokenize: Any
   preempted: bool
   eval_results: dict[str, evaluator.EvalResult]
+  # The final checkpoint's no-target calibration (`config.calibration`), or None.
+  calibration: dict[str, Any] | None = None
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, show_progress: bool = True,
@@ -112,14 +116,34 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, show_progress: boo
     if not preempted and final not in checkpoints.all_steps():
       checkpoints.save(final, state, data, force=True)
     checkpoints.wait_until_finished()
+    calibrated = None
+    if not preempted and config.get("calibration") and config.calibration.split:
+      calibrated = _calibrate(config, state.params, predict, mesh, tokenize, workdir, final)
     if not preempted and final_eval and evaluators:
-      eval_results = evals.run(evaluators, config, state.params, predict, mesh, tokenize,
-                               workdir, final, writer.scalars)
+      eval_results = evals.run(evaluators, calibration.applied(config, calibrated), state.params,
+                               predict, mesh, tokenize, workdir, final, writer.scalars)
   finally:
     progress.close()
     checkpoints.close()
     writer.close()
-  return TrainResult(state, factory, tokenize, preempted, eval_results)
+  return TrainResult(state, factory, tokenize, preempted, eval_results, calibrated)
+
+
+def _calibrate(config, params, predict, mesh, tokenize, workdir: str, step: int
+               ) -> dict[str, Any]:
+  """The final checkpoint's calibration: read when a rerun finds it, else made and saved."""
+  where = checkpoint.locate(workdir, step)
+  record = where.calibration()
+  if record is None:
+    record = calibration.calibrate(config, params, predict, mesh, tokenize, step)
+    if jax.process_index() == 0:
+      calibration.save(record, where)
+  log.info("no-target threshold %.4f (logit %.3f) on %s %s: N-acc %.3f, T-acc %.3f there "
+           "(at the config's %.2f: %.3f, %.3f)", record["no_target_threshold"], record["logit"],
+           record["dataset"], record["split"], record["calibrated"]["N-acc"],
+           record["calibrated"]["T-acc"], record["at_config_threshold"]["no_target_threshold"],
+           record["at_config_threshold"]["N-acc"], record["at_config_threshold"]["T-acc"])
+  return record
 
 
 def _check_finite(nonfinite_in_row: jax.Array, limit: int) -> None:
