@@ -7,6 +7,7 @@ them, from `sys.argv`, and absl's registry is reset before each run."""
 
 import importlib
 import os
+import re
 import subprocess
 import sys
 
@@ -166,3 +167,71 @@ def test_the_console_script_prints_one_line(tmp_path):
   assert run.stderr.splitlines() == [f"unires-eval: error: no checkpoint in {tmp_path}/missing: "
                                      "expected a converted checkpoint (params/ and config.json), "
                                      "a training work directory or its checkpoints/ directory"]
+
+
+# The flags of `unires_jax.cli.common` each program reads (its own module's come on top).
+SHARED_FLAGS = {
+    "convert": {"config", "checkpoint", "step", "out"},
+    "demo": {"workdir", "config", "progress"},
+    "eval": {"workdir", "step", "config"},
+    "propose": {"detector", "config", "progress"},
+    "segment": {"checkpoint", "step", "out", "detector", "batch_size", "no_target_threshold"},
+    "serve": {"checkpoint", "step", "detector", "batch_size", "no_target_threshold"},
+    "summary": {"config"},
+    "train": {"config", "workdir", "progress"},
+}
+MULTI_HOST_FLAGS = {"distributed", "coordinator_address", "num_processes", "process_id"}
+
+
+@pytest.fixture(scope="module")
+def helps(tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
+  """`unires-<program> --help` of every installed console script, run side by side."""
+  bin_dir = os.path.dirname(sys.executable)
+  cwd = tmp_path_factory.mktemp("help")
+  runs = {p: subprocess.Popen([os.path.join(bin_dir, f"unires-{p}"), "--help"], cwd=cwd,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+          for p in PROGRAMS}
+  out = {}
+  for program, run in runs.items():
+    stdout, stderr = run.communicate(timeout=120)
+    out[program] = subprocess.CompletedProcess(run.args, run.returncode, stdout, stderr)
+  return out
+
+
+@pytest.mark.parametrize("program", PROGRAMS)
+def test_help_lists_the_programs_own_flags(helps, program):
+  module = importlib.import_module(f"unires_jax.cli.{program}")
+  run = helps[program]
+  assert run.returncode == 0, run.stderr[-3000:]
+  text = run.stdout
+  assert text.startswith(f"unires-{program}: "), text[:300]  # what the program does, one line
+  own = {f.name for f in flags.FLAGS.get_flags_for_module(module.__name__)}
+  expected = own | SHARED_FLAGS[program] | MULTI_HOST_FLAGS
+  listed = re.findall(r"^  --(?:\[no\])?(\w+): ", text, flags=re.MULTILINE)
+  assert sorted(listed) == sorted(expected)  # each once; absl's and JAX's only with --helpfull
+  flat = " ".join(text.split())
+  for name in expected:
+    assert " ".join(flags.FLAGS[name].help.split())[:60] in flat, name
+  assert re.search(r"^multi-host:$", text, flags=re.MULTILINE)
+  if "config" in expected:
+    assert "--config.a.b=value overrides any field" in flat
+  assert "--helpfull" in flat and "UNIRES_TRACEBACK=1" in flat
+
+
+def test_help_groups_the_flags_and_shows_defaults(helps):
+  from unires_jax.cli import segment  # pylint: disable=g-import-not-at-top
+
+  text = helps["segment"].stdout
+  doc = segment.__doc__.strip()
+  assert text.startswith(doc + "\n")  # the program's manual first
+  groups = re.findall(r"^(\S[^:\n]*):$", text[len(doc):], flags=re.MULTILINE)
+  assert groups == ["model", "one image", "a batch", "proposals", "multi-host"]
+  assert "  --batch_size: Rows per model call" in text and "(default: 8)" in text
+  assert "(default: configs/unires_pp_7b.py)" in helps["propose"].stdout
+
+
+def test_the_programs_flags_are_absl_key_flags_of_the_main_module(run_cli):
+  status, out, _ = run_cli("propose", "--help")
+  assert status == 0 and out.startswith("unires-propose: ")
+  key = {f.name for f in flags.FLAGS.get_key_flags_for_module("unires-propose")}
+  assert {"detector", "manual_dir", "split", "config", "distributed"} <= key

@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import sys
+import textwrap
 import traceback
 from typing import Callable, Sequence
 
@@ -223,9 +224,56 @@ def bad_override(argv: Sequence[str], default_config: str | None) -> str | None:
   return None
 
 
-# --- The program --------------------------------------------------------------------------------
+# --- --help ---------------------------------------------------------------------------------------
+
+_HELP = ("-h", "-?", "--help", "-help", "--helpshort", "-helpshort")
+MULTI_HOST = ("multi-host",
+              ("distributed", "coordinator_address", "num_processes", "process_id"))
 
 FlagGroups = Sequence[tuple[str, Sequence[str | flags.FlagHolder]]]
+
+
+def _names(groups: FlagGroups) -> list[tuple[str, list[str]]]:
+  return [(title, [f if isinstance(f, str) else f.name for f in holders])
+          for title, holders in groups]
+
+
+def _describe(flag: flags.Flag, default) -> str:
+  text = f"--[no]{flag.name}: {flag.help}" if flag.boolean else f"--{flag.name}: {flag.help}"
+  if isinstance(default, bool):
+    text += f" (default: {str(default).lower()})"
+  elif isinstance(default, (list, tuple)):
+    text += f" (default: {','.join(map(str, default))})"
+  elif default is not None:
+    text += f" (default: {default})"
+  return textwrap.fill(text, 100, initial_indent="  ", subsequent_indent="      ",
+                       break_on_hyphens=False, break_long_words=False)
+
+
+def help_text(command: str, doc: str, groups: FlagGroups,
+              default_config: str | None = None) -> str:
+  """`--help`: the command's doc, then its flags by group, then where the others are."""
+  lines = [doc.strip(), ""]
+  for title, names in _names([*groups, MULTI_HOST]):
+    lines.append(f"{title}:")
+    for name in names:
+      flag = FLAGS[name]
+      default = default_config if name == "config" else flag.default
+      lines.append(_describe(flag, default))
+    lines.append("")
+  lines.append(textwrap.fill(
+      f"`{command} --helpfull` lists every flag, also those of absl and JAX. A mistake in the "
+      f"input prints one line and exits with status 2; {TRACEBACK_ENV}=1 adds its traceback "
+      "(for a bug report).", 100, break_on_hyphens=False))
+  return "\n".join(lines)
+
+
+def _declare_key_flags(groups: FlagGroups) -> None:
+  """absl's key flags of the main module (what its `--help` lists): the flags of `groups`,
+  which the program's own module and this one define."""
+  for _, names in _names([*groups, MULTI_HOST]):
+    for name in names:
+      FLAGS.register_key_flag_for_module(sys.argv[0], FLAGS[name])
 
 
 def run(main: Callable[[list[str]], int | None], command: str, doc: str, groups: FlagGroups,
@@ -234,9 +282,16 @@ def run(main: Callable[[list[str]], int | None], command: str, doc: str, groups:
   module's docstring: a description line first), with the flags of `groups` (title, flags) as
   its `--help` and `default_config` as `--config`'s default. A user's mistake, in the flags or
   while `main` runs (`is_user_error`), ends it with one line and exit status 2."""
-  del doc, groups  # for --help
+  _declare_key_flags(groups)
+  main_module = sys.modules.get("__main__")
+  if main_module is not None and not main_module.__doc__:
+    main_module.__doc__ = doc  # absl's --helpfull prints it
 
   def parse(argv: list[str]) -> list[str]:
+    args = argv[1:argv.index("--")] if "--" in argv else argv[1:]
+    if any(a in _HELP for a in args):
+      print(help_text(command, doc, groups, default_config))
+      raise SystemExit(0)
     hint = f" (`{command} --help` lists the flags)"
     try:
       FLAGS.set_default("config", default_config and config_lib.resolve(default_config))
