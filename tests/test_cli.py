@@ -14,6 +14,7 @@ import sys
 import numpy as np
 import pytest
 from absl import flags
+from PIL import Image
 
 from tests.repo import ROOT
 from unires_jax import config_lib
@@ -65,6 +66,11 @@ def _one_error_line(program: str, err: str) -> str:
   return lines[0].removeprefix(f"unires-{program}: error: ")
 
 
+SAVE_PRETRAINED = ("; give a directory saved by transformers' save_pretrained "
+                   "(Owlv2ForObjectDetection and its Owlv2Processor, e.g. of "
+                   "google/owlv2-base-patch16-ensemble): nothing is downloaded")
+
+
 # One wrong input of each kind, on every program: a missing path, a missing config setting, an
 # existing output, a bad --config override or config file, an unknown flag or a bad flag value,
 # a bad checkpoint, a bad detector directory.
@@ -95,9 +101,10 @@ def _one_error_line(program: str, err: str) -> str:
      "training work directory or its checkpoints/ directory"),
     ("segment", ["--checkpoint={converted}", "--image={tmp}/missing.png", "--text=x",
                  "--out={tmp}/m.png"], "--image: image {tmp}/missing.png not found"),
-    ("serve", ["--checkpoint={converted}", "--detector={tmp}"], "{tmp}: missing config.json"),
+    ("serve", ["--checkpoint={converted}", "--detector={tmp}"],
+     "--detector={tmp}: no config.json in it" + SAVE_PRETRAINED),
     ("propose", ["--detector={tmp}", "--manual_dir={tmp}", "--split=val"],
-     "{tmp}: missing config.json"),
+     "--detector={tmp}: no config.json in it" + SAVE_PRETRAINED),
 ])
 def test_a_users_mistake_is_one_line_and_status_2(run_cli, converted, tmp_path, monkeypatch,
                                                    program, args, error):
@@ -109,6 +116,30 @@ def test_a_users_mistake_is_one_line_and_status_2(run_cli, converted, tmp_path, 
   status, _, err = run_cli(program, *args)
   assert status == 2
   assert _one_error_line(program, err) == error
+
+
+@pytest.mark.parametrize("program, args", [
+    ("propose", ["--manual_dir={tmp}", "--split=val"]),
+    ("segment", ["--checkpoint={converted}", "--image={image}", "--text=x", "--out={tmp}/m.png"]),
+    ("serve", ["--checkpoint={converted}"]),
+])
+@pytest.mark.parametrize("detector, error", [
+    ("owlv2-base-patch16-ensemble", "no such directory"),  # a hub name, as the docs once had it
+    ("{tmp}/no_tokenizer", "no tokenizer (tokenizer.json or vocab.json) in it"),
+])
+def test_a_wrong_detector_is_named_in_one_line(run_cli, converted, tmp_path, monkeypatch,
+                                                program, args, detector, error):
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / "no_tokenizer").mkdir()
+  (tmp_path / "no_tokenizer" / "config.json").write_text("{}")
+  Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+  fill = {"{tmp}": str(tmp_path), "{converted}": converted, "{image}": str(tmp_path / "a.png")}
+  for key, value in fill.items():
+    args = [a.replace(key, value) for a in args]
+    detector = detector.replace(key, value)
+  status, _, err = run_cli(program, f"--detector={detector}", *args)
+  assert status == 2
+  assert _one_error_line(program, err) == f"--detector={detector}: {error}{SAVE_PRETRAINED}"
 
 
 @pytest.mark.parametrize("program, args, error", [

@@ -54,8 +54,9 @@ STEP = flags.DEFINE_integer("step", None, "Training step to read (default: the l
 OUT = flags.DEFINE_string("out", None, "Output: a new directory (unires-convert) or the mask's "
                           "PNG file (unires-segment --image).")
 DETECTOR = flags.DEFINE_string(
-    "detector", None, "A transformers OWLv2 directory (save_pretrained, with its tokenizer): "
-    "proposes the boxes (unires-segment and unires-serve: for inputs given without).")
+    "detector", None, "An OWLv2 directory saved by transformers' save_pretrained (the model and "
+    "its processor; nothing is downloaded): proposes the boxes (unires-segment and unires-serve: "
+    "for inputs given without).")
 BATCH_SIZE = flags.DEFINE_integer(
     "batch_size", 8, "Rows per model call (unires-segment: inputs; unires-serve: requests that "
     "arrive together).")
@@ -106,19 +107,42 @@ def require(*holders: flags.FlagHolder, who: str | None = None) -> None:
                            else f"--{holder.name} is required")
 
 
-def load_detector(config, detector_dir: str):
-  """The `propose.Detector` of an OWLv2 directory with the settings of `config.proposals` (a
-  checkpoint's config; one made before unires-propose gets unires_pp_7b.py's), one image per
-  local device and step."""
-  from unires_jax import propose
+_SAVE_PRETRAINED = ("give a directory saved by transformers' save_pretrained "
+                    "(Owlv2ForObjectDetection and its Owlv2Processor, e.g. of "
+                    "google/owlv2-base-patch16-ensemble): nothing is downloaded")
 
+
+def detector(detector_dir: str, cfg: ml_collections.ConfigDict):
+  """`propose.Detector.from_pretrained(detector_dir, cfg)` for `--detector`: a UsageError naming
+  the flag and what the directory lacks (a hub name is no directory) before anything loads."""
+  where = f"--detector={detector_dir}"
+  if not os.path.isdir(detector_dir):
+    raise app.UsageError(f"{where}: no such directory; {_SAVE_PRETRAINED}")
+  for what, names in (("config.json", ("config.json",)),
+                      ("tokenizer (tokenizer.json or vocab.json)", ("tokenizer.json",
+                                                                    "vocab.json"))):
+    if not any(os.path.isfile(os.path.join(detector_dir, n)) for n in names):
+      raise app.UsageError(f"{where}: no {what} in it; {_SAVE_PRETRAINED}")
+  from unires_jax import propose  # pylint: disable=g-import-not-at-top  (jax, transformers)
+  from unires_jax.convert import torch_io  # pylint: disable=g-import-not-at-top
+
+  try:
+    return propose.Detector.from_pretrained(detector_dir, cfg)
+  except torch_io.CheckpointError as e:  # no or broken weights, names the file
+    raise app.UsageError(f"{where}: {e}") from e
+
+
+def load_detector(config, detector_dir: str):
+  """The `propose.Detector` of an OWLv2 directory (`detector`) with the settings of
+  `config.proposals` (a checkpoint's config; one made before unires-propose gets
+  unires_pp_7b.py's), one image per local device and step."""
   if "proposals" not in config:
     config.proposals = config_lib.load_config(
         config_lib.resolve("configs/unires_pp_7b.py")).proposals
     logging.getLogger(__name__).info(
         "the checkpoint's config has no proposals section: using unires_pp_7b.py's")
   config.proposals.batch_size = len(jax.local_devices())
-  return propose.Detector.from_pretrained(detector_dir, config.proposals)
+  return detector(detector_dir, config.proposals)
 
 
 # --- How a program ends -------------------------------------------------------------------------
