@@ -235,6 +235,19 @@ def test_unknown_split_names_the_available_ones(data):
     _eval(data, split="train")
 
 
+def test_a_split_slice_reads_its_images_and_a_bad_one_is_named(data):
+  """TFDS's slicing cuts between images: the two halves hold the split's images once each."""
+  whole = pipeline.open_source("ref_coco_m", "testB", data["out"])
+  head = pipeline.open_source("ref_coco_m", "testB[:1]", data["out"])
+  tail = pipeline.open_source("ref_coco_m", "testB[1:]", data["out"])
+  ids = lambda source: [source[i]["image_id"] for i in range(len(source))]
+  assert len(head) == 1 and len(tail) >= 1 and ids(head) + ids(tail) == ids(whole)
+  with pytest.raises(ValueError, match=r"unknown split 'train\[:2\]'.*'train\[:300\]'"):
+    pipeline.open_source("ref_coco_m", "train[:2]", data["out"])
+  with pytest.raises(ValueError, match=r"split 'testB\[:two\]' of dataset 'ref_coco_m'"):
+    pipeline.open_source("ref_coco_m", "testB[:two]", data["out"])
+
+
 def test_without_stored_proposals_training_gets_jittered_target_boxes(data):
   config = _config(data["out"])
   spec = preprocess.sample_spec(config.model, config.input)
