@@ -201,3 +201,42 @@ def test_settings_out_of_range_are_refused_by_name(field, value, message):
   cfg[field] = value
   with pytest.raises(ValueError, match=rf"config.proposals.{field}.*{message}|{message}"):
     propose.check_config(cfg)
+
+
+def test_a_rerun_with_other_weights_of_the_same_size_stops_naming_both(
+    detector_dir, one_process, tmp_path):
+  """The issue's case: same config.json, same file sizes, other weights. A copy of the same
+  detector elsewhere is the same detector."""
+  root = _copy(one_process, tmp_path)
+  shard_dir = proposals.path(root, "ref_coco_m", "val") + ".shards"
+  os.remove(os.path.join(shard_dir, "00001-of-00003.json"))
+  other = write_tiny_detector(str(tmp_path / "other"), seed=1)
+  for name in ("config.json", "model.safetensors"):
+    assert os.path.getsize(os.path.join(other, name)) == os.path.getsize(
+        os.path.join(detector_dir, name))
+  with open(os.path.join(other, "config.json"), "rb") as a, open(
+      os.path.join(detector_dir, "config.json"), "rb") as b:
+    assert a.read() == b.read()
+
+  def never(images):
+    raise AssertionError("no shard may be proposed with other weights")
+
+  with pytest.raises(ValueError) as error:
+    propose.propose_split(never, "ref_coco_m", root, "val", builder_config=None,
+                          settings_record=propose.settings(other, _config()),
+                          shard_images=SHARD)
+  message = str(error.value)
+  assert message.startswith(f"{shard_dir} holds shards made with other settings: ")
+  assert f"the detector {detector_dir}" in message and f"this run's {other}" in message
+  assert "model.safetensors" in message
+  assert sorted(os.listdir(shard_dir)) == ["00000-of-00003.json", "00002-of-00003.json",
+                                           "settings.json"]
+
+  moved = shutil.copytree(detector_dir, tmp_path / "moved")
+  calls = []
+  summary = propose.propose_split(
+      lambda images: calls.append(len(images)) or [propose.ImageProposals(
+          np.zeros((1, 4), np.float32), np.zeros((0, 4), np.float32))] * len(images),
+      "ref_coco_m", root, "val", builder_config=None,
+      settings_record=propose.settings(str(moved), _config()), shard_images=SHARD)
+  assert (summary.shards_done, summary.shards_skipped, calls) == (1, 2, [SHARD])

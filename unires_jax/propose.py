@@ -14,8 +14,8 @@ order, fall into shards of `shard_images`; process p of n takes shards p, p + n,
 each one atomically to `<file>.shards/` as soon as it is done, so a rerun skips the finished
 shards and any number of processes gives the same shards. The process that finds every shard
 written merges them into the file (sorted by image name: the same bytes every time). The shard
-folder holds the settings it was made with (`settings.json`); a rerun with other settings stops
-and names it.
+folder holds the settings it was made with (`settings.json`: the detector's files by content,
+`config.proposals`); a rerun with other settings stops and names what differs.
 """
 
 import concurrent.futures
@@ -178,17 +178,25 @@ def _read_image(path: str) -> np.ndarray:
     return np.asarray(im.convert("RGB"))
 
 
+def _sha256(path: str) -> str:
+  with open(path, "rb") as f:
+    return hashlib.file_digest(f, "sha256").hexdigest()  # streamed, in blocks
+
+
 def settings(detector_dir: str, cfg: ml_collections.ConfigDict) -> dict[str, Any]:
-  """What the proposals depend on: the detector's config.json and weights' size, and
-  `config.proposals` (batch and shard sizes aside)."""
-  with open(os.path.join(detector_dir, "config.json"), "rb") as f:
-    detector = hashlib.sha256(f.read()).hexdigest()
-  weights = sorted((name, os.path.getsize(os.path.join(detector_dir, name)))
+  """What the proposals depend on: the detector's config.json and weight files by content
+  (SHA-256, streamed: 0.24 s for 300 MB on a 2-core host, once per run), and `config.proposals` (batch and shard sizes
+  aside). `detector` records where the detector was, for messages only (a copy elsewhere is
+  the same detector)."""
+  weights = sorted([name, os.path.getsize(os.path.join(detector_dir, name)),
+                    _sha256(os.path.join(detector_dir, name))]
                    for name in os.listdir(detector_dir)
                    if name.endswith((".safetensors", ".bin")))
   fields = {k: (list(v) if isinstance(v, (tuple, list)) else v) for k, v in cfg.items()
             if k not in ("batch_size", "preprocess_threads")}
-  return {"detector_config_sha256": detector, "detector_weights": weights, "proposals": fields}
+  return {"detector": os.path.abspath(detector_dir),
+          "detector_config_sha256": _sha256(os.path.join(detector_dir, "config.json")),
+          "detector_weights": weights, "proposals": fields}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,15 +256,38 @@ def propose_split(detect: Callable[[Sequence[np.ndarray]], list[ImageProposals]]
                  images=done, bad_images=bad)
 
 
+def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+  """What differs between two `settings` records, each as "what: shards' value, this run's"."""
+  out = []
+  for key in sorted(old.keys() | new.keys()):
+    if key == "detector" or old.get(key) == new.get(key):
+      continue
+    if key == "detector_weights":
+      describe = lambda files: ", ".join(f"{f[0]} sha256 {f[2][:12]}" if len(f) > 2 else
+                                         f"{f[0]} (size only)" for f in files) or "no files"
+      out.append(f"weights {describe(old.get(key, []))} vs {describe(new.get(key, []))}")
+    elif key == "proposals":
+      a, b = old.get(key, {}), new.get(key, {})
+      out += [f"config.proposals.{k} {a.get(k)!r} vs {b.get(k)!r}"
+              for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+    else:
+      out.append(f"{key} {old.get(key)} vs {new.get(key)}")
+  return out
+
+
 def _check_settings(shard_dir: str, record: dict[str, Any]) -> None:
   path = os.path.join(shard_dir, "settings.json")
   text = json.dumps(record, sort_keys=True, indent=1)
   if os.path.exists(path):
     with open(path, encoding="utf-8") as f:
-      if json.load(f) != json.loads(text):
-        raise ValueError(f"{shard_dir} holds shards made with other settings (see its "
-                         "settings.json): remove the folder to start over, or run with those "
-                         "settings")
+      old = json.load(f)
+    differences = _differences(old, json.loads(text))
+    if differences:
+      raise ValueError(
+          f"{shard_dir} holds shards made with other settings: {'; '.join(differences)} (the "
+          f"detector {old.get('detector', '(not recorded)')} vs this run's "
+          f"{record['detector']}): remove the folder to start over, or run with those "
+          "settings")
   else:
     utils.write_atomic(path, text)  # several processes write the same bytes
 
