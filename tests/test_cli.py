@@ -266,3 +266,40 @@ def test_the_programs_flags_are_absl_key_flags_of_the_main_module(run_cli):
   assert status == 0 and out.startswith("unires-propose: ")
   key = {f.name for f in flags.FLAGS.get_key_flags_for_module("unires-propose")}
   assert {"detector", "manual_dir", "split", "config", "distributed"} <= key
+
+
+@pytest.mark.parametrize("environ, platforms, tpu_chips, nvidia_gpu, plugins, cpu", [
+    ({}, None, 0, False, False, True),  # a CPU host: no libtpu probe
+    ({}, None, 4, False, False, False),  # a TPU VM keeps its TPU
+    ({}, None, 0, True, False, False),  # a GPU host: JAX's choice
+    ({}, None, 0, False, True, False),  # an accelerator plugin (CUDA, ROCm, ...): JAX's choice
+    ({"JAX_PLATFORMS": "tpu"}, None, 0, False, False, False),
+    ({}, "tpu,cpu", 0, False, False, False),  # --jax_platforms
+    ({"JAX_FORCE_TPU_INIT": "1"}, None, 0, False, False, False),
+])
+def test_the_cpu_is_chosen_only_where_there_is_no_accelerator(environ, platforms, tpu_chips,
+                                                              nvidia_gpu, plugins, cpu):
+  from unires_jax.cli import common  # pylint: disable=g-import-not-at-top
+
+  assert common.cpu_instead_of_absent_tpu(environ, platforms, tpu_chips, nvidia_gpu,
+                                          plugins) == cpu
+
+
+def test_no_libtpu_noise_before_a_programs_output(tmp_path):
+  """`unires-train` as on a CPU host with the test extra's libtpu: its only output is ours (the
+  mesh, then the error). ALLOW_MULTIPLE_LIBTPU_LOAD: a test compiling for TPU beside this one
+  holds libtpu's lock file, which would keep the probe (and its noise) from happening."""
+  from jax._src import hardware_utils  # pylint: disable=g-import-not-at-top
+
+  if hardware_utils.num_available_tpu_chips_and_device_id()[0]:
+    pytest.skip("a TPU host: JAX uses its TPU, as it should")
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}  # conftest's default
+  run = subprocess.run(
+      [os.path.join(os.path.dirname(sys.executable), "unires-train"), "--config=tiny",
+       f"--workdir={tmp_path}/run"], capture_output=True, text=True, cwd=tmp_path, check=False,
+      env={**env, "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"})
+  assert run.returncode == 2
+  lines = run.stderr.strip().splitlines()
+  assert len(lines) == 2, run.stderr[-3000:]
+  assert re.search(r"trainer.py:\d+\] mesh .* over \d+ devices", lines[0]), run.stderr
+  assert lines[1].startswith("unires-train: error: no tokenizer directory given")

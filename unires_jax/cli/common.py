@@ -3,6 +3,7 @@ imported together), their start-up, and how a program ends (`run`): a user's mis
 `<command>: error: <message>` and exit status 2, anything else (a bug) its traceback."""
 
 import difflib
+import importlib.metadata
 import importlib.util
 import linecache
 import logging
@@ -74,11 +75,52 @@ flags.DEFINE_integer("process_id", None, "This process's index in an explicit ru
 PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
 
 
+def _accelerator_plugins() -> bool:
+  """Whether a PJRT plugin (CUDA, ROCm, ...) may add a backend: JAX's `jax_plugins` namespace
+  package or entry points, or PJRT_NAMES_AND_LIBRARY_PATHS."""
+  if os.environ.get("PJRT_NAMES_AND_LIBRARY_PATHS"):
+    return True
+  if importlib.util.find_spec("jax_plugins") is not None:
+    return True
+  return bool(importlib.metadata.entry_points(group="jax_plugins"))
+
+
+def cpu_instead_of_absent_tpu(environ, platforms: str | None, tpu_chips: int, nvidia_gpu: bool,
+                              plugins: bool) -> bool:
+  """Whether JAX should use the CPU without probing for a TPU: no TPU chip, no NVIDIA GPU, no
+  accelerator plugin, and neither JAX_PLATFORMS / --jax_platforms (`platforms`) nor
+  JAX_FORCE_TPU_INIT chose otherwise."""
+  if environ.get("JAX_PLATFORMS") or platforms or "JAX_FORCE_TPU_INIT" in environ:
+    return False
+  return not (tpu_chips or nvidia_gpu or plugins)
+
+
+def skip_absent_tpu() -> bool:
+  """On a host without accelerators (`cpu_instead_of_absent_tpu`), JAX uses the CPU without
+  first trying libtpu (which `jax[tpu]`, in the test extra, installs): that probe fails there
+  anyway, after printing "Failed to find host bounds", "Logging before InitGoogle()" and an
+  INVALID_ARGUMENT error about worker hostnames, before anything of ours. TPU chips are found
+  on the PCI bus as JAX itself finds them, so a TPU VM keeps its TPU. Returns whether it chose
+  the CPU."""
+  try:
+    from jax._src import hardware_utils  # pylint: disable=g-import-not-at-top  (JAX's own probe)
+    tpu_chips, _ = hardware_utils.num_available_tpu_chips_and_device_id()
+    nvidia_gpu = hardware_utils.has_visible_nvidia_gpu()
+  except (ImportError, AttributeError, OSError):  # moved in another JAX: JAX's default
+    return False
+  if not cpu_instead_of_absent_tpu(os.environ, jax.config.jax_platforms, tpu_chips, nvidia_gpu,
+                                   _accelerator_plugins()):
+    return False
+  jax.config.update("jax_platforms", "cpu")
+  return True
+
+
 def start(argv) -> None:
-  """Rejects stray arguments, sets up logging, then calls `jax.distributed.initialize` when the
-  flags ask for it."""
+  """Rejects stray arguments, sets up logging, keeps JAX from probing for an absent TPU
+  (`skip_absent_tpu`), then calls `jax.distributed.initialize` when the flags ask for it."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  skip_absent_tpu()
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
   for noisy in ("absl", "jax", "orbax", "tensorflow", "grain", "httpx"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
