@@ -21,6 +21,8 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import pytest  # pylint: disable=wrong-import-position
 
+pytest_plugins = ("tests.cpu_time",)  # CPU seconds per test, beside --durations' wall time
+
 # TensorFlow (the TFDS builders) and Triton (imported by torch._dynamo, which transformers
 # imports) each carry LLVM; loading Triton's after TensorFlow's crashes the process in LLVM's
 # static initialisers (libtriton.so's DebugCounter, a segmentation fault), loading it first

@@ -1,5 +1,16 @@
-"""The main job: `unires-demo` learns ShapesParts (held-out mIoU >= 2x the best trivial
-baseline, N-acc > 0.8), and leaves its table, overlays and checkpoint behind."""
+"""The main job, `unires-demo`, run as the README runs it but short: the data written and built,
+the tiny UniRES++ trained from scratch, its no-target threshold calibrated on training images it
+left out, the held-out split scored beside the baselines, overlays and checkpoint left behind.
+
+The README's full demo (3200 steps on 4000 images, 10-15 minutes on 2 cores) is its own check:
+it exits 1 below its bar, and `benchmarks/demo_seeds.py` measures it over seeds
+(`docs/demo.md`). Here SHORT_RUN's 600 steps on 1000 images show what a run of about two
+minutes can show honestly, its bar set in the demo's own config fields (`config.demo.*`), so the
+demo's exit status is the check: the loss falls, held-out mIoU clears the best trivial
+baseline by a margin, and the no-target verdict is better than chance both ways.
+
+Margins, measured once at three training seeds (SEED_RUNS below): ...
+"""
 
 import json
 import os
@@ -10,26 +21,53 @@ import pytest
 
 from tests.repo import ROOT as REPO_ROOT
 
+CALIBRATION_IMAGES = 100
+SHORT_RUN = (
+    f"--config.demo.num_train={CALIBRATION_IMAGES + 1000}", "--config.demo.num_val=100",
+    "--config.demo.num_overlays=4",
+    f"--config.calibration.split=train[:{CALIBRATION_IMAGES}]",
+    f"--config.input.train.shapes_parts.split=train[{CALIBRATION_IMAGES}:]",
+    "--config.train.num_steps=600", "--config.optimizer.warmup_steps=60",
+    "--config.train.checkpoint_every=600", "--config.train.log_every=50",
+    "--config.train.image_summary_every=0")
+# What the short run must show (the demo exits 1 below the first two).
+MIN_BASELINE_RATIO = 1.3  # held-out mIoU over the best trivial baseline's
+MIN_N_ACC = 0.6  # and T-acc above the same: the verdict beats a coin both ways
+MAX_FINAL_LOSS = 2.0  # the training loss at the last step (about 6.5 at the first)
+
 
 @pytest.mark.slow
-def test_demo_learns(tmp_path):
+def test_a_short_demo_learns(tmp_path):
   workdir = tmp_path / "demo"
   # As the README runs it: one CPU device, not the 8 that tests/conftest.py emulates.
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   run = subprocess.run(
-      [sys.executable, "-m", "unires_jax.cli.demo", f"--workdir={workdir}", "--progress=false"],
-      cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=45 * 60, check=False)
+      [sys.executable, "-m", "unires_jax.cli.demo", f"--workdir={workdir}", "--progress=false",
+       *SHORT_RUN, f"--config.demo.min_baseline_ratio={MIN_BASELINE_RATIO}",
+       f"--config.demo.min_n_acc={MIN_N_ACC}"],
+      cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=20 * 60, check=False)
   assert run.returncode == 0, f"stdout:\n{run.stdout[-4000:]}\nstderr:\n{run.stderr[-4000:]}"
   assert "passed: mIoU >=" in run.stdout and "baseline: largest_proposal" in run.stdout
+
+  with open(workdir / "metrics.jsonl", encoding="utf-8") as f:
+    losses = [json.loads(line)["loss"] for line in f if '"loss"' in line]
+  assert losses[-1] < MAX_FINAL_LOSS < losses[0], losses
+
   (result,) = os.listdir(workdir / "eval")  # the held-out evaluator, at the last step
-  assert result == "shapes_parts_val_3200.json"
+  assert result == "shapes_parts_val_600.json"
   with open(workdir / "eval" / result, encoding="utf-8") as f:
     record = json.load(f)
   metrics, baselines = record["metrics"], record["baselines"]
   best = max(b["mIoU"] for b in baselines.values())
   assert best > 0.05  # the baselines are computed, not zeros
-  assert metrics["mIoU"] >= 2 * best, (metrics, baselines)
-  assert metrics["N-acc"] > 0.8, metrics
+  assert metrics["mIoU"] >= MIN_BASELINE_RATIO * best, (metrics, baselines)
+  assert metrics["N-acc"] > MIN_N_ACC and metrics["T-acc"] > MIN_N_ACC, metrics
   assert {"part/mIoU", "object/mIoU", "multi/mIoU", "none/N-acc"} <= set(metrics)
-  assert len(os.listdir(workdir / "overlays")) > 0
-  assert str(record["step"]) in os.listdir(workdir / "checkpoints")
+  assert len(os.listdir(workdir / "overlays")) == 4
+
+  # The threshold was chosen on the left-out training images and is the checkpoint's own.
+  calibration = json.loads(
+      (workdir / "checkpoints" / "600" / "no_target_calibration.json").read_text())
+  assert calibration["split"] == f"train[:{CALIBRATION_IMAGES}]" and calibration["step"] == 600
+  assert f"no-target threshold {calibration['no_target_threshold']:.3f}, calibrated on" in (
+      run.stdout)
