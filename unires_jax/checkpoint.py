@@ -38,7 +38,8 @@ log = logging.getLogger(__name__)
 PARAMS_DIR = "params"  # a converted checkpoint: params/ (Orbax) + config.json (+ tokenizer/)
 TOKENIZER_DIR = "tokenizer"
 STATE_DIR = "state"  # the train state's item in a training checkpoint's step folder
-CALIBRATION_FILE = "no_target_calibration.json"  # beside STATE_DIR, or beside a converted PARAMS_DIR
+# The no-target calibration: beside STATE_DIR in a step folder, beside a converted PARAMS_DIR.
+CALIBRATION_FILE = "no_target_calibration.json"
 
 # Orbax writes an array that several devices hold whole in slices, one per replica
 # ("replica-parallel"), each cut out by an eager `slice` that compiles once per shape in each

@@ -41,7 +41,7 @@ def test_among_equal_thresholds_the_one_nearest_zero():
 
 
 def test_both_kinds_of_expression_are_needed():
-  with pytest.raises(ValueError, match="with and without a target; got 0 of 3"):
+  with pytest.raises(calibration.CalibrationError, match="with and without a target; got 0 of 3"):
     calibration.best_threshold([0.1, 0.2, 0.3], [False, False, False])
 
 

@@ -33,6 +33,10 @@ from unires_jax.models.unires import INPUT_KEYS
 _NONE = schema.GRANULARITIES.index("none")
 
 
+class CalibrationError(ValueError):
+  """The calibration split cannot choose a threshold (it lacks one kind of expression)."""
+
+
 def scores(config: ml_collections.ConfigDict, params, predict: Callable, mesh, tokenize,
            dataset: str, split: str, *, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
   """The no-target logits and labels of every expression of `dataset`/`split`, gathered from
@@ -70,7 +74,7 @@ def best_threshold(logits: np.ndarray, no_target: np.ndarray) -> float:
   """
   logits, no_target = np.asarray(logits, np.float64), np.asarray(no_target, bool)
   if no_target.all() or not no_target.any():
-    raise ValueError(f"calibration needs expressions with and without a target; got "
+    raise CalibrationError(f"calibration needs expressions with and without a target; got "
                      f"{int(no_target.sum())} of {len(no_target)} without")
   values = np.unique(logits)
   # Candidates: below every score, and halfway between each pair of neighbouring scores.

@@ -130,12 +130,19 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, show_progress: boo
 
 
 def _calibrate(config, params, predict, mesh, tokenize, workdir: str, step: int
-               ) -> dict[str, Any]:
-  """The final checkpoint's calibration: read when a rerun finds it, else made and saved."""
+               ) -> dict[str, Any] | None:
+  """The final checkpoint's calibration: read when a rerun finds it, else made and saved; None
+  (the config's threshold stays, with a warning) when the split cannot choose one."""
   where = checkpoint.locate(workdir, step)
   record = where.calibration()
   if record is None:
-    record = calibration.calibrate(config, params, predict, mesh, tokenize, step)
+    try:
+      record = calibration.calibrate(config, params, predict, mesh, tokenize, step)
+    except calibration.CalibrationError as e:
+      log.warning("no calibration on %s %s (%s): the no-target threshold stays the config's "
+                  "%s", config.calibration.dataset, config.calibration.split, e,
+                  config.model.no_target_threshold)
+      return None
     if jax.process_index() == 0:
       calibration.save(record, where)
   log.info("no-target threshold %.4f (logit %.3f) on %s %s: N-acc %.3f, T-acc %.3f there "
