@@ -185,9 +185,9 @@ def _sha256(path: str) -> str:
 
 def settings(detector_dir: str, cfg: ml_collections.ConfigDict) -> dict[str, Any]:
   """What the proposals depend on: the detector's config.json and weight files by content
-  (SHA-256, streamed: 0.24 s for 300 MB on a 2-core host, once per run), and `config.proposals` (batch and shard sizes
-  aside). `detector` records where the detector was, for messages only (a copy elsewhere is
-  the same detector)."""
+  (SHA-256, streamed: 0.24 s for 300 MB on a 2-core host, once per run), and
+  `config.proposals` (batch and shard sizes aside). `detector` records where the detector was,
+  for messages only (a copy elsewhere is the same detector)."""
   weights = sorted([name, os.path.getsize(os.path.join(detector_dir, name)),
                     _sha256(os.path.join(detector_dir, name))]
                    for name in os.listdir(detector_dir)

@@ -211,8 +211,8 @@ def _raised_on_purpose(error: BaseException) -> bool:
   while tb.tb_next is not None:
     tb = tb.tb_next
   filename = tb.tb_frame.f_code.co_filename
-  return filename.startswith(_OWN_CODE) and linecache.getline(filename, tb.tb_lineno).lstrip().startswith(
-      "raise ")
+  line = linecache.getline(filename, tb.tb_lineno).lstrip()
+  return filename.startswith(_OWN_CODE) and line.startswith("raise ")
 
 
 def is_user_error(error: BaseException) -> bool:
