@@ -2,8 +2,8 @@
 alike (`unires_jax.cli.common.run`): a user's mistake is one line `<command>: error: <message>`
 and exit status 2, a bug its traceback.
 
-The programs run in this process (`run_cli`): their flags are parsed as the console script parses
-them, from `sys.argv`, and absl's registry is reset before each run."""
+Most run in this process (`tests.cli_runner.run_cli`), their flags parsed from `sys.argv` as the
+console script parses them; the console scripts themselves run for --help and a few checks."""
 
 import importlib
 import os
@@ -16,6 +16,7 @@ import pytest
 from absl import flags
 from PIL import Image
 
+from tests.cli_runner import one_error_line, run_cli  # pylint: disable=unused-import
 from tests.repo import ROOT
 from unires_jax import config_lib
 
@@ -30,25 +31,6 @@ def test_every_program_imports_into_one_process():
   assert run.returncode == 0, run.stderr[-3000:]
 
 
-@pytest.fixture
-def run_cli(monkeypatch, capsys):
-  """`run_cli(program, *args)` -> (exit status, stdout, stderr) of `unires-<program> ARGS` run
-  in this process. A program that raises (a bug) raises here."""
-  def run(program: str, *args: str) -> tuple[int, str, str]:
-    module = importlib.import_module(f"unires_jax.cli.{program}")
-    flags.FLAGS.unparse_flags()
-    monkeypatch.setattr(sys, "argv", [f"unires-{program}", *args])
-    with pytest.raises(SystemExit) as exit_:
-      module.run()
-    out, err = capsys.readouterr()
-    return exit_.value.code, out, err
-
-  monkeypatch.delenv("UNIRES_TRACEBACK", raising=False)
-  yield run
-  flags.FLAGS.unparse_flags()
-  flags.FLAGS.set_default("config", None)  # as a program without a default config has it
-
-
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory) -> str:
   """A directory `checkpoint.locate` takes for a converted checkpoint of the tiny config (its
@@ -57,13 +39,6 @@ def converted(tmp_path_factory) -> str:
   (root / "params").mkdir()
   config_lib.write_config_json(config_lib.load_config("tiny"), str(root))
   return str(root)
-
-
-def _one_error_line(program: str, err: str) -> str:
-  lines = err.strip().splitlines()
-  assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
-  assert lines[0].startswith(f"unires-{program}: error: "), err
-  return lines[0].removeprefix(f"unires-{program}: error: ")
 
 
 SAVE_PRETRAINED = ("; give a directory saved by transformers' save_pretrained "
@@ -115,7 +90,7 @@ def test_a_users_mistake_is_one_line_and_status_2(run_cli, converted, tmp_path, 
   monkeypatch.chdir(tmp_path)  # configs/x.py is not found from here
   status, _, err = run_cli(program, *args)
   assert status == 2
-  assert _one_error_line(program, err) == error
+  assert one_error_line(program, err) == error
 
 
 @pytest.mark.parametrize("program, args", [
@@ -139,7 +114,7 @@ def test_a_wrong_detector_is_named_in_one_line(run_cli, converted, tmp_path, mon
     detector = detector.replace(key, value)
   status, _, err = run_cli(program, f"--detector={detector}", *args)
   assert status == 2
-  assert _one_error_line(program, err) == f"--detector={detector}: {error}{SAVE_PRETRAINED}"
+  assert one_error_line(program, err) == f"--detector={detector}: {error}{SAVE_PRETRAINED}"
 
 
 @pytest.mark.parametrize("program, args, error", [
@@ -162,7 +137,7 @@ def test_a_wrong_detector_is_named_in_one_line(run_cli, converted, tmp_path, mon
 def test_a_usage_error_is_one_line(run_cli, program, args, error):
   status, _, err = run_cli(program, *args)
   assert status == 2
-  assert _one_error_line(program, err) == error
+  assert one_error_line(program, err) == error
   assert "USAGE" not in err and "flags:" not in err  # no help text
 
 

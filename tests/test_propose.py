@@ -13,6 +13,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from tests.cli_runner import one_error_line, run_cli  # pylint: disable=unused-import
 from tests.files import corrupt_file
 from tests.owlv2_files import write_tiny_detector
 from tests.repo import ROOT
@@ -240,3 +241,15 @@ def test_a_rerun_with_other_weights_of_the_same_size_stops_naming_both(
       "ref_coco_m", root, "val", builder_config=None,
       settings_record=propose.settings(str(moved), _config()), shard_images=SHARD)
   assert (summary.shards_done, summary.shards_skipped, calls) == (1, 2, [SHARD])
+
+
+def test_cli_a_bad_raw_file_is_one_line(run_cli, detector_dir, raw, tmp_path):
+  """A malformed annotation file (a record error) ends unires-propose with one line naming it."""
+  root = _copy(raw, tmp_path)
+  annotations = os.path.join(root, "annotations", "val.json")
+  with open(annotations, "r+b") as f:
+    f.truncate(os.path.getsize(annotations) // 2)
+  status, _, err = run_cli("propose", f"--detector={detector_dir}", f"--manual_dir={root}",
+                           "--split=val", "--config=configs/tiny.py", "--progress=false")
+  assert status == 2
+  assert one_error_line("propose", err).startswith(f"{annotations}: ")
