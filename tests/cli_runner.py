@@ -1,10 +1,12 @@
 """`run_cli`: a command-line program run in the test's process, as its console script runs it."""
 
 import importlib
+import logging
 import sys
 
 import pytest
 from absl import flags
+from absl import logging as absl_logging
 
 
 @pytest.fixture
@@ -23,9 +25,20 @@ def run_cli(monkeypatch, capsys):
     return exit_.value.code, out, err
 
   monkeypatch.delenv("UNIRES_TRACEBACK", raising=False)
+  # absl.app.run and common.start set up logging for a program: put this process's back.
+  levels = {name: lg.level for name, lg in logging.root.manager.loggerDict.items()
+            if isinstance(lg, logging.Logger)}
+  root_level, absl_handler = logging.root.level, absl_logging.get_absl_handler()
+  absl_handler_before = absl_handler in logging.root.handlers
   yield run
   flags.FLAGS.unparse_flags()
   flags.FLAGS.set_default("config", None)  # as a program without a default config has it
+  for name, logger in list(logging.root.manager.loggerDict.items()):
+    if isinstance(logger, logging.Logger):
+      logger.setLevel(levels.get(name, logging.NOTSET))
+  logging.root.setLevel(root_level)
+  if not absl_handler_before:
+    logging.root.removeHandler(absl_handler)
 
 
 def one_error_line(program: str, err: str) -> str:
