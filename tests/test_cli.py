@@ -66,6 +66,9 @@ SAVE_PRETRAINED = ("; give a directory saved by transformers' save_pretrained "
      "--out={tmp} already exists; choose a new output directory"),
     ("summary", ["--config.modle.llm.num_layers=1"], "--config.modle.llm.num_layers: "
      "configs/unires_pp_7b.py has no field modle; the closest is model"),
+    ("summary", ["--config=tiny:layers=2"], "flag --config=tiny:layers=2: unknown config "
+     "argument 'layers' in 'layers=2'; this config takes no argument (`unires-summary --help` "
+     "lists the flags)"),
     ("summary", ["--wrkdir=x"], "Unknown command line flag 'wrkdir'. Did you mean: workdir ? "
      "(`unires-summary --help` lists the flags)"),
     ("demo", ["--config=configs/x.py"], "flag --config=configs/x.py: config file "

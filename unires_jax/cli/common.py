@@ -225,7 +225,13 @@ def is_user_error(error: BaseException) -> bool:
 def _one_line(error: BaseException) -> str:
   if isinstance(error, OSError) and error.filename and error.strerror:  # open() and friends
     return f"{error.filename}: {error.strerror}"
-  return " ".join(str(error).split()) or type(error).__name__
+  text = str(error)
+  if "Traceback (most recent call last):" in text:  # ml_collections: a config file's get_config
+    head = text.split("Traceback (most recent call last):")[0]
+    last = [line for line in text.splitlines() if line.strip()][-1]
+    text = (head.replace("Error whilst parsing config file:", "").strip() + " "
+            + last.removeprefix("ValueError: "))
+  return " ".join(text.split()) or type(error).__name__
 
 
 def _report(command: str, error: BaseException, hint: str = "") -> int:
