@@ -217,7 +217,7 @@ def test_help_lists_the_programs_own_flags(helps, program):
   own = {f.name for f in flags.FLAGS.get_flags_for_module(module.__name__)}
   expected = own | SHARED_FLAGS[program] | MULTI_HOST_FLAGS
   listed = re.findall(r"^  --(?:\[no\])?(\w+): ", text, flags=re.MULTILINE)
-  assert sorted(listed) == sorted(expected)  # each once; absl's and JAX's only with --helpfull
+  assert sorted(listed) == sorted(expected)  # each once; absl's only with --helpfull
   flat = " ".join(text.split())
   for name in expected:
     assert " ".join(flags.FLAGS[name].help.split())[:60] in flat, name
@@ -252,7 +252,7 @@ def test_the_programs_flags_are_absl_key_flags_of_the_main_module(run_cli):
     ({}, None, 0, True, False, False),  # a GPU host: JAX's choice
     ({}, None, 0, False, True, False),  # an accelerator plugin (CUDA, ROCm, ...): JAX's choice
     ({"JAX_PLATFORMS": "tpu"}, None, 0, False, False, False),
-    ({}, "tpu,cpu", 0, False, False, False),  # --jax_platforms
+    ({}, "tpu,cpu", 0, False, False, False),  # jax.config.update("jax_platforms", ...)
     ({"JAX_FORCE_TPU_INIT": "1"}, None, 0, False, False, False),
 ])
 def test_the_cpu_is_chosen_only_where_there_is_no_accelerator(environ, platforms, tpu_chips,

@@ -14,7 +14,6 @@ import textwrap
 import traceback
 from typing import Callable, Sequence
 
-import jax
 import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
@@ -88,7 +87,7 @@ def _accelerator_plugins() -> bool:
 def cpu_instead_of_absent_tpu(environ, platforms: str | None, tpu_chips: int, nvidia_gpu: bool,
                               plugins: bool) -> bool:
   """Whether JAX should use the CPU without probing for a TPU: no TPU chip, no NVIDIA GPU, no
-  accelerator plugin, and neither JAX_PLATFORMS / --jax_platforms (`platforms`) nor
+  accelerator plugin, and neither JAX_PLATFORMS, jax.config's jax_platforms (`platforms`) nor
   JAX_FORCE_TPU_INIT chose otherwise."""
   if environ.get("JAX_PLATFORMS") or platforms or "JAX_FORCE_TPU_INIT" in environ:
     return False
@@ -102,6 +101,8 @@ def skip_absent_tpu() -> bool:
   INVALID_ARGUMENT error about worker hostnames, before anything of ours. TPU chips are found
   on the PCI bus as JAX itself finds them, so a TPU VM keeps its TPU. Returns whether it chose
   the CPU."""
+  import jax  # pylint: disable=g-import-not-at-top  (not for --help and flag errors: 1 s)
+
   try:
     from jax._src import hardware_utils  # pylint: disable=g-import-not-at-top  (JAX's own probe)
     tpu_chips, _ = hardware_utils.num_available_tpu_chips_and_device_id()
@@ -120,6 +121,8 @@ def start(argv) -> None:
   (`skip_absent_tpu`), then calls `jax.distributed.initialize` when the flags ask for it."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  import jax  # pylint: disable=g-import-not-at-top  (not for --help and flag errors: 1 s)
+
   skip_absent_tpu()
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
   for noisy in ("absl", "jax", "orbax", "tensorflow", "grain", "httpx"):
@@ -178,6 +181,8 @@ def load_detector(config, detector_dir: str):
   """The `propose.Detector` of an OWLv2 directory (`detector`) with the settings of
   `config.proposals` (a checkpoint's config; one made before unires-propose gets
   unires_pp_7b.py's), one image per local device and step."""
+  import jax  # pylint: disable=g-import-not-at-top
+
   if "proposals" not in config:
     config.proposals = config_lib.load_config(
         config_lib.resolve("configs/unires_pp_7b.py")).proposals
@@ -334,9 +339,9 @@ def help_text(command: str, doc: str, groups: FlagGroups,
       lines.append(_describe(flag, default))
     lines.append("")
   lines.append(textwrap.fill(
-      f"`{command} --helpfull` lists every flag, also those of absl and JAX. A mistake in the "
-      f"input prints one line and exits with status 2; {TRACEBACK_ENV}=1 adds its traceback "
-      "(for a bug report).", 100, break_on_hyphens=False))
+      f"`{command} --helpfull` lists every flag, also absl's and those of the other programs. "
+      f"A mistake in the input prints one line and exits with status 2; {TRACEBACK_ENV}=1 adds "
+      "its traceback (for a bug report).", 100, break_on_hyphens=False))
   return "\n".join(lines)
 
 
