@@ -157,7 +157,7 @@ _SAVE_PRETRAINED = ("give a directory saved by transformers' save_pretrained "
                     "google/owlv2-base-patch16-ensemble): nothing is downloaded")
 
 
-def detector(detector_dir: str, cfg: ml_collections.ConfigDict):
+def detector_from_dir(detector_dir: str, cfg: ml_collections.ConfigDict):
   """`propose.Detector.from_pretrained(detector_dir, cfg)` for `--detector`: a UsageError naming
   the flag and what the directory lacks (a hub name is no directory) before anything loads."""
   where = f"--detector={detector_dir}"
@@ -178,7 +178,7 @@ def detector(detector_dir: str, cfg: ml_collections.ConfigDict):
 
 
 def load_detector(config, detector_dir: str):
-  """The `propose.Detector` of an OWLv2 directory (`detector`) with the settings of
+  """The `propose.Detector` of an OWLv2 directory (`detector_from_dir`) with the settings of
   `config.proposals` (a checkpoint's config; one made before unires-propose gets
   unires_pp_7b.py's), one image per local device and step."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -189,7 +189,7 @@ def load_detector(config, detector_dir: str):
     logging.getLogger(__name__).info(
         "the checkpoint's config has no proposals section: using unires_pp_7b.py's")
   config.proposals.batch_size = len(jax.local_devices())
-  return detector(detector_dir, config.proposals)
+  return detector_from_dir(detector_dir, config.proposals)
 
 
 # --- How a program ends -------------------------------------------------------------------------

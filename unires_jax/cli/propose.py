@@ -55,7 +55,7 @@ def main(argv) -> int:
   from unires_jax import propose  # pylint: disable=g-import-not-at-top  (jax, transformers)
 
   cfg = common.CONFIG.value.proposals
-  detector = common.detector(common.DETECTOR.value, cfg)
+  detector = common.detector_from_dir(common.DETECTOR.value, cfg)
   rate = propose.Rate(f"propose {_DATASET.value} {_SPLIT.value}",
                       show_bar=common.PROGRESS.value)
   try:  # a bad raw file or image is named (common.run: one line); finished shards stay
