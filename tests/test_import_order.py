@@ -6,8 +6,6 @@ notebook does not, hence a fresh subprocess here."""
 import subprocess
 import sys
 
-import pytest
-
 from tests.repo import ROOT
 
 # A TFDS build (the project's writer and builder: TensorFlow encodes the features), then the
@@ -27,11 +25,21 @@ print("ok", torch.ones(2).sum().item())
 """
 
 
-@pytest.mark.xfail(strict=True, reason="issue 39 part 5: the guard belongs in the modules that "
-                   "load either side (unires_jax/data/build.py, unires_jax/torch), outside this "
-                   "change's files; see its report")
 def test_a_tfds_build_then_the_pytorch_side_in_one_process():
+  """`build.prepare` loads Triton before TensorFlow (`utils.triton_before_tensorflow`)."""
   run = subprocess.run([sys.executable, "-c", _BUILD_THEN_TORCH], capture_output=True, text=True,
                        cwd=ROOT, check=False, timeout=300)
   assert run.returncode == 0, f"exit status {run.returncode}\n{run.stderr[-3000:]}"
   assert run.stdout.splitlines()[-1] == "ok 2.0"
+
+
+def test_tensorflow_first_then_unires_torch_is_an_import_error_not_a_crash():
+  """Where TensorFlow came first, outside the package, `unires_jax.torch` says so and how to
+  avoid it instead of the process dying without a word."""
+  run = subprocess.run(
+      [sys.executable, "-c", "import tensorflow\ntry:\n  import unires_jax.torch\n"
+       "except ImportError as e:\n  print('ImportError:', e)"],
+      capture_output=True, text=True, cwd=ROOT, check=False, timeout=300)
+  assert run.returncode == 0, f"exit status {run.returncode}\n{run.stderr[-3000:]}"
+  assert "ImportError: unires_jax.torch imports Triton, and TensorFlow is already loaded" in (
+      run.stdout), run.stdout

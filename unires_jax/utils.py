@@ -9,6 +9,7 @@ directories are built in a temporary sibling renamed at the end.
 """
 
 import contextlib
+import importlib.util
 import os
 import shutil
 import sys
@@ -106,3 +107,22 @@ def brief_usage_errors(main: Callable[[list[str]], int | None]) -> Callable[[lis
       return 1
 
   return wrapped
+
+
+def triton_before_tensorflow() -> None:
+  """Imports Triton (when installed) before TensorFlow loads: with the pinned packages, Triton
+  imported after TensorFlow crashes the process (SIGSEGV). Call it where TensorFlow may load.
+  If TensorFlow is already loaded, nothing can be done here (`check_triton_after_tensorflow`)."""
+  if ("triton" not in sys.modules and "tensorflow" not in sys.modules
+      and importlib.util.find_spec("triton") is not None):
+    import triton  # pylint: disable=g-import-not-at-top,unused-import
+
+
+def check_triton_after_tensorflow(what: str) -> None:
+  """An ImportError instead of the crash, before `what` imports Triton after TensorFlow."""
+  if ("tensorflow" in sys.modules and "triton" not in sys.modules
+      and importlib.util.find_spec("triton") is not None):
+    raise ImportError(
+        f"{what} imports Triton, and TensorFlow is already loaded in this process: with the "
+        "pinned packages that order crashes Python (SIGSEGV). Import unires_jax.torch (or "
+        "triton) before building TFDS datasets, or use another process")

@@ -201,6 +201,6 @@ def test_serve_names_a_step_a_converted_checkpoint_does_not_have(converted_run):
   run = subprocess.run([sys.executable, "-m", "unires_jax.cli.serve",
                         f"--checkpoint={converted_run}", "--step=3"],
                        capture_output=True, text=True, cwd=ROOT, check=False)
-  assert run.returncode == 1
+  assert run.returncode == 2
   assert (f"error: --checkpoint={converted_run}: {converted_run} is a converted checkpoint (no training "
           "steps); drop the step") in run.stderr, run.stderr[-2000:]

@@ -41,6 +41,10 @@ def prepare(name: str, *, manual_dir: str, data_dir: str, config: str | None = N
 
   import tensorflow_datasets as tfds
 
+  from unires_jax import utils
+
+  utils.triton_before_tensorflow()  # the build loads TensorFlow
+
   cls = builder_class(name)
   cfg = cls.BUILDER_CONFIGS[0] if config is None else cls.builder_configs.get(config)
   if cfg is None:

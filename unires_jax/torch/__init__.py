@@ -5,6 +5,10 @@
     outputs = model(batch)  # the JAX model's batch layout
 """
 
+from unires_jax import utils
+
+utils.check_triton_after_tensorflow("unires_jax.torch")
+
 from unires_jax.torch.model import UniRESOutput, UniRESPP
 
 __all__ = ["UniRESOutput", "UniRESPP"]
