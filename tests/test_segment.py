@@ -2,6 +2,7 @@
 that match the model's own forward pass, the verdict, the batch file, clear input errors."""
 
 import json
+import logging
 import os
 
 import jax
@@ -49,6 +50,16 @@ def segmenter(tiny):
 
 def _image(root, name: str) -> np.ndarray:
   return np.asarray(Image.open(root / name))
+
+
+def test_reading_a_checkpoint_warns_of_nothing(tiny, caplog):
+  """Orbax's Checkpointer took the parameters' folder for a step folder and warned of a missing
+  `_CHECKPOINT_METADATA` on every read; `unires_jax.checkpoint` reads with the handler."""
+  where = checkpoint.locate(tiny[0])
+  with caplog.at_level(logging.INFO):
+    name = sorted(checkpoint.param_shapes(where))[0]
+    assert checkpoint.read_params(where, [name])[name].ndim >= 1
+  assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
 
 
 def test_mask_overlay_and_verdict(segmenter, tiny, tmp_path, monkeypatch):

@@ -27,6 +27,7 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 # The store of the per-array metadata that Orbax's default jax.Array handler writes (no public
 # name in orbax-checkpoint 0.12.8); `pytree_handler` keeps it.
 from orbax.checkpoint._src.metadata import array_metadata_store
@@ -169,16 +170,31 @@ def restore_params(path: str, abstract_params: Any, step: int | None = None
       abstract_params)
   for key in reversed(where.prefix):
     item, restore_args = {key: item}, {key: restore_args}
-  tree = ocp.PyTreeCheckpointer().restore(where.tree_dir, args=ocp.args.PyTreeRestore(
-      item=item, restore_args=restore_args, partial_restore=True))
+  tree = _restore_tree(where, ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
+                                                      partial_restore=True))
   for key in where.prefix:
     tree = tree[key]
   return tree, where.step
 
 
+def _restore_tree(where: Located, args: ocp.args.PyTreeRestore) -> Any:
+  """The Orbax tree at `where.tree_dir`, read by the PyTree handler itself: a Checkpointer would
+  take that folder for a step folder and warn that it lacks the step's `_CHECKPOINT_METADATA`
+  (which the CheckpointManager writes one level up, beside it)."""
+  handler = pytree_handler()
+  try:
+    return handler.restore(epath.Path(where.tree_dir), args=args)
+  finally:
+    handler.close()
+
+
 def param_shapes(where: Located) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
   """{"llm/model/norm/scale": (shape, dtype)} of every parameter, from the metadata alone."""
-  tree = ocp.PyTreeCheckpointer().metadata(where.tree_dir).item_metadata.tree
+  handler = pytree_handler()  # not a Checkpointer: see `_restore_tree`
+  try:
+    tree = handler.metadata(epath.Path(where.tree_dir)).tree
+  finally:
+    handler.close()
   for key in where.prefix:
     tree = tree[key]
   flat = {}
@@ -217,9 +233,8 @@ def read_params(where: Located, paths: list[str]) -> dict[str, np.ndarray]:
       node = node.setdefault(key, {})
     node["value"] = 0
   restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-  tree = ocp.PyTreeCheckpointer().restore(
-      where.tree_dir,
-      args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True))
+  tree = _restore_tree(where, ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
+                                                      partial_restore=True))
   out = {}
   for path in paths:
     node = tree
