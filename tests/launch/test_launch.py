@@ -125,7 +125,7 @@ def test_local_executor_runs_the_demo_as_two_processes(tmp_path):
                 f"--workdir={workdir}", f"--set=train.num_steps={steps}", "--set=train.log_every=1",
                 "--set=optimizer.warmup_steps=1",
                 "--set=demo.num_train=32", "--set=demo.num_val=8",
-                "--set=evals.shapes_parts_val.batch_size=8",
+                "--set=evals.shapes_parts_val.batch_size=8", "--set=calibration.batch_size=8",
                 "--set=demo.min_baseline_ratio=0.0", "--set=demo.min_n_acc=-1.0",
                 timeout=1200)  # XLA_FLAGS of tests/conftest.py pass through
   assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
