@@ -52,12 +52,12 @@ def pytest_configure(config):
   config.add_cleanup(lambda: shutil.rmtree(cache, ignore_errors=True))
 
 
-# The longest first, so that no long test starts when the other worker is nearly done: the demo
-# (about 24 minutes of one worker in CI), then the tests marked `slow` (three quarters of the
-# rest), then the others, each in collection order. xdist hands tests (or xdist_group groups)
-# to its workers in collection order (`pytest_configure` turns off its reordering by group
-# size); where the compiles of the TPU-compile, remat and sharded-step tests came last, one
-# worker ran them alone for about 5 minutes at the end.
+# The longest first, so that no long test starts when the other worker is nearly done: the
+# demo's short run (tests/test_demo.py; 4-5 CPU-minutes), then the tests marked `slow`, then
+# the others, each in collection order. xdist hands tests (or xdist_group groups) to its
+# workers in collection order (`pytest_configure` turns off its reordering by group size);
+# where the compiles of the TPU-compile, remat and sharded-step tests came last, one worker ran
+# them alone for about 5 minutes at the end.
 _FIRST = ("tests/test_demo.py::",)
 
 
