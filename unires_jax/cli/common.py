@@ -62,7 +62,8 @@ BATCH_SIZE = flags.DEFINE_integer(
     "arrive together).")
 NO_TARGET_THRESHOLD = flags.DEFINE_float(
     "no_target_threshold", None, "No target when sigmoid(no-target logit) is above it "
-    "(default: config.model.no_target_threshold).")
+    "(default: the threshold calibrated with the checkpoint, no_target_calibration.json, else "
+    "config.model.no_target_threshold).")
 flags.DEFINE_bool("distributed", False,
                   "Call jax.distributed.initialize() with auto-detection (Cloud TPU, SLURM, ...).")
 flags.DEFINE_string("coordinator_address", None,
