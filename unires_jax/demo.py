@@ -121,11 +121,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, show_progress: bool 
         f"step {int(result.state.step)}:\n")
   print(evaluator.format_table(columns))
   if result.calibration is not None:
-    c = result.calibration
-    print(f"\nno-target threshold {c['no_target_threshold']:.3f}, calibrated on {c['split']} "
-          f"(N-acc {c['calibrated']['N-acc']:.3f}, T-acc {c['calibrated']['T-acc']:.3f} there; "
-          f"at {c['at_config_threshold']['no_target_threshold']}: "
-          f"{c['at_config_threshold']['N-acc']:.3f}, {c['at_config_threshold']['T-acc']:.3f})")
+    print("\n" + calibration.describe(result.calibration))
   print(f"\ndata + build {t_train - t_start:.0f} s, train {t_eval - t_train:.0f} s, "
         f"eval {time.time() - t_eval:.0f} s; total {time.time() - t_start:.0f} s")
   print(f"metrics: {path}\noverlays: {os.path.join(workdir, 'overlays')}\n"

@@ -122,6 +122,15 @@ def calibrate(config: ml_collections.ConfigDict, params, predict: Callable, mesh
   }
 
 
+def describe(record: dict[str, Any]) -> str:
+  """One line: the chosen threshold, its split, and N-acc / T-acc there at it and at the
+  config's threshold."""
+  at, default = record["calibrated"], record["at_config_threshold"]
+  return (f"no-target threshold {record['no_target_threshold']:.3f}, calibrated on "
+          f"{record['split']} (N-acc {at['N-acc']:.3f}, T-acc {at['T-acc']:.3f} there; at "
+          f"{default['no_target_threshold']}: {default['N-acc']:.3f}, {default['T-acc']:.3f})")
+
+
 def save(record: dict[str, Any], where: checkpoint.Located) -> str:
   """Writes `record` beside the checkpoint `where` (atomically); returns the path."""
   path = where.calibration_path

@@ -145,11 +145,7 @@ def _calibrate(config, params, predict, mesh, tokenize, workdir: str, step: int
       return None
     if jax.process_index() == 0:
       calibration.save(record, where)
-  log.info("no-target threshold %.4f (logit %.3f) on %s %s: N-acc %.3f, T-acc %.3f there "
-           "(at the config's %.2f: %.3f, %.3f)", record["no_target_threshold"], record["logit"],
-           record["dataset"], record["split"], record["calibrated"]["N-acc"],
-           record["calibrated"]["T-acc"], record["at_config_threshold"]["no_target_threshold"],
-           record["at_config_threshold"]["N-acc"], record["at_config_threshold"]["T-acc"])
+  log.info("%s (%s)", calibration.describe(record), record["dataset"])
   return record
 
 
