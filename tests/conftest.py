@@ -100,6 +100,15 @@ def shapes_root(tmp_path_factory) -> str:
   return shapes.write_shapes_root(str(tmp_path_factory.mktemp("shapes")))
 
 
+@pytest.fixture(scope="session")
+def tiny_steps():
+  """The tiny train step per mesh, each compiled once per worker for the tests that train it
+  in-process (tests/tiny_step.py); those tests share one worker (`xdist_group(tiny_step.GROUP)`)."""
+  from tests import tiny_step  # pylint: disable=g-import-not-at-top
+
+  return tiny_step.TinySteps()
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _torch_threads():
   """Two workers on two cores: one intra-op thread each keeps torch from oversubscribing."""

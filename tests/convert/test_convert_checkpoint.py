@@ -9,18 +9,16 @@ import pytest
 import safetensors.numpy
 from flax import nnx
 
-from unires_jax import checkpoint, config_lib, parallel, utils
+from unires_jax import checkpoint, config_lib, utils
 from unires_jax.convert import clip_vit, convnext, llama, torch_io
 from unires_jax.convert import unires as convert_unires
-from unires_jax.models.synthetic import synthetic_batch
 from unires_jax.train import checkpointer
-from unires_jax.train import step as step_lib
-from unires_jax.train.state import StateFactory
-from tests.train.test_sharded_step import tiny_step_config
+from tests import tiny_step
 
 # One worker runs the whole module (--dist loadgroup), so its module fixture `sharded_run` (a
-# trained, saved run) is set up once; with the tests spread over both workers each worker set it up.
-pytestmark = pytest.mark.xdist_group("convert_checkpoint")
+# trained, saved run) is set up once; with the tests spread over both workers each worker set it
+# up. It trains with the shared tiny step (tests/tiny_step.py): the group is that step's.
+pytestmark = pytest.mark.xdist_group(tiny_step.GROUP)
 
 GROUP_BYTES = 128 << 10  # the tiny model is 1.4 MiB
 
@@ -31,20 +29,17 @@ def _flat(params) -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def sharded_run(tmp_path_factory):
+def sharded_run(tiny_steps, tmp_path_factory):
   """A work directory whose step-2 checkpoint was trained and saved on a data=2, fsdp=2,
   tensor=2 mesh of the 8 emulated devices; and its parameters, gathered by the test."""
   workdir = str(tmp_path_factory.mktemp("run"))
-  # Everything trains, backbones included; the sharded-step test's config, so that the two
-  # compile the same init and train step once between them.
-  config = tiny_step_config()
-  mesh = parallel.make_mesh(dict(data=2, fsdp=2, tensor=2))
-  factory = StateFactory(config, mesh)
-  train_step = step_lib.make_train_step(factory)
-  state = factory.create()
+  # Everything trains, backbones included: the shared tiny step (tests/tiny_step.py), compiled
+  # once for this and the sharded-step and checkpoint tests.
+  config = tiny_steps.config
+  train_step = tiny_steps.step("2x2x2")
+  state = tiny_steps.initial_state("2x2x2")
   for seed in (0, 1):
-    batch = synthetic_batch(config.model, 8, seed=seed, no_target_every=3)
-    state, _ = train_step(state, parallel.shard_batch(step_lib.model_fields(batch), mesh))
+    state, _ = train_step(state, tiny_steps.batch("2x2x2", seed))
   config_lib.write_config_json(config, workdir)
   saver = checkpointer.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=2, keep=1)
   saver.save(2, state, None)

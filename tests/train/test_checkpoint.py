@@ -6,24 +6,9 @@ import pytest
 from flax import nnx
 
 from unires_jax import parallel, utils
-from unires_jax.config_lib import load_config
-from unires_jax.models.synthetic import synthetic_batch
-from unires_jax.train import step as step_lib
 from unires_jax.checkpoint import restore_params
 from unires_jax.train.checkpointer import Checkpointer
-from unires_jax.train.state import StateFactory
-
-
-def _config():
-  config = load_config("configs/tiny.py")
-  config.train.num_steps = 10
-  config.optimizer.update(learning_rate=1e-3, warmup_steps=1)
-  return config  # stage 1: the vision towers are frozen
-
-
-def _batch(config, mesh, seed):
-  return parallel.shard_batch(step_lib.model_fields(
-      synthetic_batch(config.model, 8, seed=seed, no_target_every=3)), mesh)
+from tests import tiny_step
 
 
 def _flat(tree):
@@ -32,22 +17,22 @@ def _flat(tree):
 
 
 @pytest.mark.slow
-def test_restore_onto_another_mesh(tmp_path):
-  config = _config()
-  data_mesh = parallel.make_mesh(dict(data=8, fsdp=1, tensor=1))
-  factory = StateFactory(config, data_mesh)
-  step = step_lib.make_train_step(factory)
-  state = factory.create()
+@pytest.mark.xdist_group(tiny_step.GROUP)
+def test_restore_onto_another_mesh(tiny_steps, tmp_path):
+  """Trained and saved on one device, restored onto data = fsdp = tensor = 2: the shared tiny
+  steps of both meshes (tests/tiny_step.py), compiled once for these tests and the sharded-step
+  test."""
+  step = tiny_steps.step("single")
+  state = tiny_steps.initial_state("single")
   for seed in (0, 1):
-    state, _ = step(state, _batch(config, data_mesh, seed))
+    state, _ = step(state, tiny_steps.batch("single", seed))
   checkpoints = Checkpointer(str(tmp_path / "ckpt"), save_every=2, keep=2)
   assert checkpoints.save(2, state, None)
   checkpoints.wait_until_finished()
   saved = {k: np.asarray(v) for k, v in _flat(state.params).items()}
-  _, metrics = step(state, _batch(config, data_mesh, 2))
+  _, metrics = step(state, tiny_steps.batch("single", 2))
 
-  model_mesh = parallel.make_mesh(dict(data=1, fsdp=4, tensor=2))
-  factory2 = StateFactory(config, model_mesh)
+  factory2 = tiny_steps.factory("2x2x2")
   restored = Checkpointer(str(tmp_path / "ckpt"), save_every=2, keep=2).restore(
       factory2.abstract_sharded(), None)
   assert int(restored.step) == 2
@@ -57,7 +42,7 @@ def test_restore_onto_another_mesh(tmp_path):
     np.testing.assert_array_equal(np.asarray(array), saved[path], err_msg=path)
   assert any("tensor" in s.spec and "fsdp" in s.spec for s in expected.values())
 
-  _, metrics2 = step_lib.make_train_step(factory2)(restored, _batch(config, model_mesh, 2))
+  _, metrics2 = tiny_steps.step("2x2x2")(restored, tiny_steps.batch("2x2x2", 2))
   # The same step on another layout: float32 sums in another order, nothing else.
   np.testing.assert_allclose(float(metrics2["loss"]), float(metrics["loss"]), rtol=1e-5)
   np.testing.assert_allclose(float(metrics2["grad_norm"]), float(metrics["grad_norm"]),
@@ -69,10 +54,9 @@ def test_restore_onto_another_mesh(tmp_path):
 
 
 @pytest.mark.slow
-def test_keeps_the_newest_and_saves_on_the_interval(tmp_path):
-  config = _config()
-  mesh = parallel.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
-  state = StateFactory(config, mesh).create()
+@pytest.mark.xdist_group(tiny_step.GROUP)
+def test_keeps_the_newest_and_saves_on_the_interval(tiny_steps, tmp_path):
+  state = tiny_steps.initial_state("single")
   checkpoints = Checkpointer(str(tmp_path), save_every=2, keep=2)
   saved = [checkpoints.save(s, state, None) for s in (1, 2, 3, 4, 6)]
   checkpoints.wait_until_finished()

@@ -7,10 +7,9 @@ import pytest
 from flax import nnx
 
 from unires_jax import parallel, utils
-from unires_jax.config_lib import load_config
-from unires_jax.models.synthetic import synthetic_batch
 from unires_jax.train import step as step_lib
 from unires_jax.train.state import StateFactory
+from tests import tiny_step
 
 RTOL = 1e-5  # the acceptance bound
 # Adam's first step moves each parameter by about lr * sign(gradient), so where a gradient is at
@@ -29,19 +28,9 @@ ZERO_GRADIENT = "k_proj/bias"
 ZERO = 1e-7  # |g| of a zero-gradient tensor, relative to the whole gradient's norm
 
 
-def tiny_step_config():
-  """The tiny config of these tests, everything trained. tests/convert/test_convert_checkpoint.py
-  trains its sharded checkpoint with it too: the same programs, compiled once for both (the
-  run's persistent compilation cache, tests/conftest.py)."""
-  config = load_config("configs/tiny.py")
-  config.train.num_steps = 10
-  config.optimizer.update(learning_rate=1e-3, warmup_steps=0)
-  # Stage 1 freezes both vision encoders; train everything here so every path is exercised.
-  config.optimizer.lr_multipliers = {"llm/model/embed_tokens": 0.5}
-  return config
-
-
 def run_one_step(config, mesh, batch):
+  """One step of `config` from a fresh state on `mesh`, compiled for it (tests/train/test_remat.py:
+  its configs are not the shared tiny step's)."""
   factory = StateFactory(config, mesh)
   state = factory.create()
   step = step_lib.make_train_step(factory)
@@ -68,15 +57,21 @@ def _clipped_gradients(state, config):
   return grads
 
 
+def _one_step(tiny_steps, mesh: str):
+  """The shared tiny step (tests/tiny_step.py) once from the initial state on `mesh`."""
+  state, metrics = tiny_steps.step(mesh)(tiny_steps.initial_state(mesh),
+                                         tiny_steps.batch(mesh, seed=1))
+  return state, jax.device_get(metrics)
+
+
 @pytest.mark.slow
-def test_sharded_step_equals_unsharded_and_follows_rules():
+@pytest.mark.xdist_group(tiny_step.GROUP)
+def test_sharded_step_equals_unsharded_and_follows_rules(tiny_steps):
   assert jax.device_count() == 8, "tests/conftest.py sets 8 CPU devices"
-  config = tiny_step_config()
-  batch = synthetic_batch(config.model, 8, seed=1, no_target_every=3)
-  single = parallel.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
-  _, ref_state, ref_metrics = run_one_step(config, single, batch)
-  mesh = parallel.make_mesh(dict(data=2, fsdp=2, tensor=2))
-  factory, state, metrics = run_one_step(config, mesh, batch)
+  config = tiny_steps.config
+  ref_state, ref_metrics = _one_step(tiny_steps, "single")
+  state, metrics = _one_step(tiny_steps, "2x2x2")
+  factory, mesh = tiny_steps.factory("2x2x2"), tiny_steps.mesh("2x2x2")
 
   np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=RTOL)
   np.testing.assert_allclose(metrics["grad_norm"], ref_metrics["grad_norm"], rtol=RTOL)
