@@ -206,50 +206,6 @@ def test_single_target_sentences_pick_out_their_target(scenes):
   assert checked["object"] and checked["part"] and checked["none"]
 
 
-def _swapped(sentence: str, objects: list[_Seen]) -> bool:
-  """Whether the sentence names a colour and a kind that are both in the image, never on one
-  object (the independent reader's view)."""
-  words = sentence.split()
-  colours = [w for w in words if w in sp.COLOURS]
-  kinds = [w for w in words if w in sp.KINDS]
-  return (len(colours) == 1 and len(kinds) == 1
-          and any(o.colour == colours[0] for o in objects)
-          and any(o.kind == kinds[0] for o in objects)
-          and not any(o.colour == colours[0] and o.kind == kinds[0] for o in objects))
-
-
-def test_swapped_none_share_and_the_default_draw_unchanged(tmp_path):
-  """`swapped_none` makes swapped colour-kinds a stated share of the no-target references that
-  can have one (each still picks out nothing); `write`'s `train_kwargs` give it to the training
-  split alone, which leaves the held-out split as the default draws it."""
-  def share(scenes) -> tuple[float, int]:
-    swapped = possible = 0
-    for scene in scenes:
-      objects = _seen_objects(scene)
-      if len({o.kind for o in objects}) < 2 or len({o.colour for o in objects}) < 2:
-        continue  # an image that may have no swapped pair
-      for ref in scene.refs:
-        if not ref.segment_ids:
-          possible += 1
-          swapped += _swapped(ref.sentences[0], objects)
-          assert all(not _matches(s, objects) for s in ref.sentences)
-    return swapped / possible, possible
-
-  default, n = share(sp.generate(NUM_SCENES, seed=3, shares={"none": 1.0}))
-  more, m = share(sp.generate(NUM_SCENES, seed=3, shares={"none": 1.0}, swapped_none=0.5))
-  assert n > 100 and m > 100
-  assert default < 0.25 and more > default + 0.3, (default, more)
-  with pytest.raises(ValueError, match="swapped_none"):
-    sp.generate(1, seed=0, swapped_none=1.5)
-
-  plain = sp.write(str(tmp_path / "a"), num_train=6, num_val=6, seed=0)
-  recipe = sp.write(str(tmp_path / "b"), num_train=6, num_val=6, seed=0,
-                    train_kwargs={"swapped_none": 1.0}, shares={"none": 1.0})
-  assert [s.refs for s in recipe["train"]] != [s.refs for s in plain["train"]]
-  alone = sp.generate(6, seed=0, first_image_id=10_000_001, shares={"none": 1.0})
-  assert [s.refs for s in recipe["val"]] == [s.refs for s in alone]
-
-
 def test_sentences_varied(scenes):
   texts = {s for scene in scenes for r in scene.refs for s in r.sentences}
   assert len(texts) > 300

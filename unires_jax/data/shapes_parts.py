@@ -32,7 +32,7 @@ import dataclasses
 import itertools
 import re
 import time
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 from absl import app, flags
@@ -138,7 +138,7 @@ _Option = tuple[list[int], list[str]]  # target segment ids, the sentences that 
 def generate(num_images: int, *, seed: int, image_size: int = 128, first_image_id: int = 1,
              max_objects: int = 4, refs_per_image: tuple[int, int] = (2, 4),
              shares: Mapping[str, float] | None = None,
-             max_distractors: int = 2, swapped_none: float = 0.0) -> list[common.Scene]:
+             max_distractors: int = 2) -> list[common.Scene]:
   """`num_images` scenes with ids `first_image_id, first_image_id + 1, ...`.
 
   Args:
@@ -153,11 +153,6 @@ def generate(num_images: int, *, seed: int, image_size: int = 128, first_image_i
       normalised, DEFAULT_SHARES when None.
     max_distractors: each image gets 0..max_distractors random proposal boxes besides the
       jittered ground-truth boxes.
-    swapped_none: the probability that a no-target reference names a colour and a kind that are
-      both in the image, but never on one object ("the red tree" beside a red house and a blue
-      tree), or a part of such a pair, where the image has one. At 0 (the default, which draws
-      the same scenes as before the option) they come up only in the uniform draw among the
-      no-target groups: about 1 no-target reference in 9 of the held-out split.
 
   Returns:
     the scenes; object and part proposals are x1, y1, x2, y2 float32 `[n, 4]`.
@@ -170,30 +165,25 @@ def generate(num_images: int, *, seed: int, image_size: int = 128, first_image_i
   lo, hi = refs_per_image
   if not 1 <= lo <= hi <= 16:  # 2 sentences per reference must fit in _IDS_PER_IMAGE
     raise ValueError(f"refs_per_image={refs_per_image} is not a range within [1, 16]")
-  if not 0.0 <= swapped_none <= 1.0:
-    raise ValueError(f"swapped_none={swapped_none} outside [0, 1]")
   return [_scene(np.random.default_rng([seed, image_id]), image_id, image_size=image_size,
                  max_objects=max_objects, refs_per_image=refs_per_image, probs=probs,
-                 max_distractors=max_distractors, swapped_none=swapped_none)
+                 max_distractors=max_distractors)
           for image_id in range(first_image_id, first_image_id + num_images)]
 
 
 def write(root: str, *, num_train: int, num_val: int, seed: int, image_size: int = 128,
-          train_kwargs: Mapping[str, Any] | None = None,
           **generate_kwargs) -> dict[str, list[common.Scene]]:
   """Writes train and val splits (with proposals) in the RefCOCOm raw layout under `root`.
 
   Train image ids start at 1, val at 10_000_001, so no id is shared across splits. Further keyword
-  arguments go to `generate` for both splits; `train_kwargs` (e.g. `swapped_none`, a training
-  recipe's choice) to the training split's alone, over them. Returns the scenes written, by split.
+  arguments go to `generate`. Returns the scenes written, by split.
   """
   counts = {"train": num_train, "val": num_val}
   for split, n in counts.items():
     if not 0 <= n < _SPLIT_FIRST_IMAGE_ID["val"] - _SPLIT_FIRST_IMAGE_ID["train"]:
       raise ValueError(f"num_{split}={n} outside [0, 10_000_000)")
-  kwargs = {"train": {**generate_kwargs, **(train_kwargs or {})}, "val": generate_kwargs}
   splits = {split: generate(n, seed=seed, image_size=image_size,
-                            first_image_id=_SPLIT_FIRST_IMAGE_ID[split], **kwargs[split])
+                            first_image_id=_SPLIT_FIRST_IMAGE_ID[split], **generate_kwargs)
             for split, n in counts.items() if n}
   refcocom.write(root, splits)
   return splits
@@ -232,8 +222,8 @@ def _granularity_probs(shares: Mapping[str, float] | None) -> np.ndarray:
 
 
 def _scene(rng: np.random.Generator, image_id: int, *, image_size: int, max_objects: int,
-           refs_per_image: tuple[int, int], probs: np.ndarray, max_distractors: int,
-           swapped_none: float) -> common.Scene:
+           refs_per_image: tuple[int, int], probs: np.ndarray,
+           max_distractors: int) -> common.Scene:
   """One image: placement, drawing, segments, references and proposals."""
   placed = _place(rng, image_size, max_objects)
   pixels = np.empty((image_size, image_size, 3), np.float32)
@@ -255,7 +245,7 @@ def _scene(rng: np.random.Generator, image_id: int, *, image_size: int, max_obje
   pixels += rng.normal(0.0, 8.0, pixels.shape)
   pixels = np.clip(np.round(pixels), 0, 255).astype(np.uint8)
   scene = common.Scene(image_id, f"shapes_parts_{image_id:08d}.jpg", pixels, segments,
-                       _refs(rng, image_id, objects, refs_per_image, probs, swapped_none))
+                       _refs(rng, image_id, objects, refs_per_image, probs))
   scene.object_proposals, scene.part_proposals = _proposals(rng, scene, max_distractors)
   return scene
 
@@ -310,21 +300,14 @@ def _paste(mask: np.ndarray, box: Sequence[int], image_size: int) -> np.ndarray:
 
 
 def _refs(rng: np.random.Generator, image_id: int, objects: list[_Object],
-          refs_per_image: tuple[int, int], probs: np.ndarray,
-          swapped_none: float) -> list[common.Ref]:
+          refs_per_image: tuple[int, int], probs: np.ndarray) -> list[common.Ref]:
   """References with 1-2 sentences each. In one image no sentence is used twice and no target set
-  (but the empty one) is referred to twice, which keeps the language varied. A no-target
-  reference names a swapped pair (`_swapped_options`) with probability `swapped_none` where the
-  image has one left; no random number is drawn for it at 0."""
+  (but the empty one) is referred to twice, which keeps the language varied."""
   first = image_id * _IDS_PER_IMAGE
   refs, used, referred = [], set(), set()
 
   def add(granularity: str) -> bool:
-    picked = None
-    if granularity == "none" and swapped_none > 0 and rng.random() < swapped_none:
-      picked = _pick(rng, _swapped_options(objects), used, referred)
-    if picked is None:
-      picked = _pick(rng, _OPTIONS[granularity](objects), used, referred)
+    picked = _pick(rng, _OPTIONS[granularity](objects), used, referred)
     if picked is None:
       return False
     ids, sentences = picked
@@ -479,22 +462,6 @@ def _none_options(objects: list[_Object]) -> list[list[_Option]]:
                                 for t in OBJECT_TEMPLATES]
                            + [t.format(colour=colour) for t in COLOUR_GROUP_TEMPLATES]))
   return [g for g in (absent_objects, absent_parts, absent_kinds, absent_colours) if g]
-
-
-def _swapped_options(objects: list[_Object]) -> list[list[_Option]]:
-  """No-target references whose colour and kind are each in the image, never on one object:
-  one group of such colour-kinds, one of their parts; empty when there is none."""
-  present = {(o.kind, o.colour) for o in objects}
-  kinds, colours = {o.kind for o in objects}, {o.colour for o in objects}
-  swapped_objects, swapped_parts = [], []
-  for kind, colour in itertools.product(sorted(kinds), sorted(colours)):
-    if (kind, colour) in present:
-      continue
-    np_ = f"{colour} {kind}"
-    swapped_objects.append(([], [t.format(np=np_) for t in OBJECT_TEMPLATES]))
-    swapped_parts.extend(([], [t.format(part=part, np=np_) for t in PART_TEMPLATES])
-                         for part in KINDS[kind].parts)
-  return [g for g in (swapped_objects, swapped_parts) if g]
 
 
 _OPTIONS = {"object": _object_options, "part": _part_options, "multi": _multi_options,
