@@ -52,12 +52,30 @@ def generation(topology: str) -> str:
   return name
 
 
+def host_bounds(topology: str) -> dict[str, list[int]]:
+  """libtpu's keyword for a slice smaller than its default host of 2x2x1 chips along x or y.
+
+  libtpu refuses "v6e:1x1" or "v5p:1x1x1" ("not divisible by ... chips_per_host_bounds
+  2x2x1") unless the host is that small too: one chip, `{"chips_per_host_bounds": [1, 1, 1]}`.
+  Larger slices keep the default (`{}`).
+  """
+  try:
+    dims = [int(d) for d in topology.split(":", 1)[1].split("x")]
+  except (IndexError, ValueError):
+    return {}  # not "<generation>:<x>x<y>[x<z>]": libtpu names the problem
+  if len(dims) < 2 or (dims[0] >= 2 and dims[1] >= 2):
+    return {}
+  return {"chips_per_host_bounds": [min(dims[0], 2), min(dims[1], 2), 1]}
+
+
 def topology_mesh(topology: str, mesh_cfg: ml_collections.ConfigDict) -> Mesh:
-  """A mesh of `config.mesh`'s axes over the abstract chips of `topology` ("v5p:2x2x2")."""
+  """A mesh of `config.mesh`'s axes over the abstract chips of `topology` ("v5p:2x2x2"; one
+  chip: "v5e:1x1", "v6e:1x1", "v5p:1x1x1")."""
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   generation(topology)
   try:
-    devices = topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
+    devices = topologies.get_topology_desc(platform="tpu", topology_name=topology,
+                                           **host_bounds(topology)).devices
   except Exception as e:  # libtpu missing or the name refused: say which
     raise ValueError(f"cannot build TPU topology {topology!r} on this host ({e}); deviceless "
                      "compilation needs libtpu: pip install 'jax[tpu]'") from e
