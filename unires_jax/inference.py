@@ -18,6 +18,10 @@ first `max_objects` / `max_parts` it finds; none found: the no-target head falls
 text prior, `models.no_target`); without a detector the whole image is the one object proposal
 (`Result.proposals` says which).
 
+Parameters: read in the compute dtype (`inference_config`: `model.param_dtype` set to
+`model.dtype`, bfloat16 in the 7B recipe), cast as Orbax reads them, so the float32 master
+weights that training keeps (7B: 29.4 GB; 14.7 GB in bfloat16) never reach a device.
+
 Mesh: the local devices on the `fsdp` axis (`data=1, fsdp=n, tensor=1`), whatever mesh the
 checkpoint was trained on (a checkpoint restores onto any mesh). The rows of a batch are split
 over the devices as data parallelism would split them, but the parameters are sharded instead of
@@ -43,6 +47,17 @@ from unires_jax.evaluation import evaluator, overlays
 from unires_jax.models.unires import INPUT_KEYS
 
 log = logging.getLogger(__name__)
+
+
+def inference_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy of `config` whose parameters are in the compute dtype (`model.param_dtype =
+  model.dtype`): the model computes in `model.dtype` either way, so inference needs no float32
+  master weights, and `checkpoint.restore_params` casts to the abstract parameters' dtype while
+  it reads. A float32 model (tiny, demo) is unchanged."""
+  config = config.copy_and_resolve_references()
+  config.model.param_dtype = config.model.dtype
+  return config
+
 
 BOX_KINDS = ("object", "part")
 PROPOSAL_SOURCES = ("given", "detector", "whole_image")
@@ -142,7 +157,7 @@ class Segmenter:
   def from_checkpoint(cls, path: str, *, step: int | None = None, **kwargs) -> "Segmenter":
     """The model of a training work directory (its latest checkpoint, or `step`) or of a
     converted checkpoint (`checkpoint.locate`), on `local_mesh()`; `kwargs` go to `__init__`."""
-    config = checkpoint.locate(path, step).config()
+    config = inference_config(checkpoint.locate(path, step).config())
     model = parallel.ShardedModel(config, local_mesh())
     params, _ = checkpoint.restore_params(path, model.abstract_sharded(), step)
     return cls(model, params, tokenizer.load_tokenize(config.input.tokenizer), **kwargs)

@@ -18,13 +18,15 @@ _EVALS = flags.DEFINE_list("evals", None, "Evaluators of config.evals to run (de
 def main(argv) -> int:
   common.start(argv)
   common.require(common.WORKDIR)
-  from unires_jax import checkpoint, parallel
+  from unires_jax import checkpoint, inference, parallel
   from unires_jax.data import tokenizer
   from unires_jax.evaluation import evals, evaluator
   from unires_jax.metric_writer import MetricWriter
 
   workdir = common.WORKDIR.value
-  config = common.CONFIG.value or checkpoint.locate(workdir, common.STEP.value).config()
+  # The parameters in the compute dtype (bfloat16 in the 7B recipe), not training's float32.
+  config = inference.inference_config(
+      common.CONFIG.value or checkpoint.locate(workdir, common.STEP.value).config())
   evaluators = evals.from_config(config)
   if _EVALS.value:
     unknown = sorted(set(_EVALS.value) - {ev.name for ev in evaluators})
