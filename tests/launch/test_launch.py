@@ -116,6 +116,13 @@ def test_workdir_holding_another_experiment_is_refused(tmp_path):
   assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
+# The demo's tiny model one layer deep (as tests/train/shapes_config.py): what the launch shows
+# (two processes, one run, the demo's outputs) does not depend on depth, and each process
+# compiles its steps in about three quarters of the time.
+ONE_LAYER = ("--set=model.vision.num_layers=2", "--set=model.llm.num_layers=1",
+             "--set=model.convnext.depths=(1,1,1,1)", "--set=model.mask_decoder.num_layers=1")
+
+
 @pytest.mark.slow
 def test_local_executor_runs_the_demo_as_two_processes(tmp_path):
   workdir = tmp_path / "demo2"
@@ -127,7 +134,7 @@ def test_local_executor_runs_the_demo_as_two_processes(tmp_path):
                 "--set=demo.num_train=32", "--set=demo.num_val=8",
                 "--set=evals.shapes_parts_val.batch_size=8", "--set=calibration.batch_size=8",
                 "--set=demo.min_baseline_ratio=0.0", "--set=demo.min_n_acc=-1.0",
-                timeout=1200)  # XLA_FLAGS of tests/conftest.py pass through
+                *ONE_LAYER, timeout=1200)  # XLA_FLAGS of tests/conftest.py pass through
   assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
   finals = []
   for i in range(2):
