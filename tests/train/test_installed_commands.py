@@ -54,9 +54,13 @@ def test_train_and_eval_by_config_name_from_another_directory(installed, shapes_
   elsewhere = tmp_path / "elsewhere"
   elsewhere.mkdir()
   workdir = tmp_path / "run"
+  # The tiny model one layer deep (as tests/train/shapes_config.py): finding the config by name
+  # does not depend on depth, and each command compiles in about three quarters of the time.
   data = [f"--config.input.data_dir={shapes_root}/tfds",
           f"--config.input.tokenizer={shapes_root}/tokenizer",
-          "--config.evals.shapes_parts_val.batch_size=8"]
+          "--config.evals.shapes_parts_val.batch_size=8", "--config.model.vision.num_layers=2",
+          "--config.model.llm.num_layers=1", "--config.model.convnext.depths=(1,1,1,1)",
+          "--config.model.mask_decoder.num_layers=1"]
   _run([os.path.join(installed, "unires-train"), "--config=configs/tiny.py",
         f"--workdir={workdir}", *data, "--config.train.num_steps=2",
         "--config.train.checkpoint_every=2", "--config.train.log_every=1",
