@@ -42,7 +42,6 @@ def test_a_bfloat16_model_reads_float32_weights_as_bfloat16(tmp_path):
   assert union > 0 and inter / union > 0.97, inter / union
 
 
-
 def _device_bytes(params) -> int:
   """Bytes of `params` on all devices together (a replicated array counts once per device)."""
   return sum(s.data.nbytes for x in jax.tree.leaves(params) for s in x.addressable_shards)
