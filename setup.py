@@ -83,6 +83,7 @@ setuptools.setup(
             "unires-convert=unires_jax.cli.convert:run",
             "unires-propose=unires_jax.cli.propose:run",
             "unires-serve=unires_jax.cli.serve:run",
+            "unires-data=unires_jax.cli.data:run",
         ],
     },
 )

@@ -20,7 +20,7 @@ from tests.cli_runner import one_error_line, run_cli  # pylint: disable=unused-i
 from tests.repo import ROOT
 from unires_jax import config_lib
 
-PROGRAMS = ("convert", "demo", "eval", "propose", "segment", "serve", "summary", "train")
+PROGRAMS = ("convert", "data", "demo", "eval", "propose", "segment", "serve", "summary", "train")
 
 
 def test_every_program_imports_into_one_process():
@@ -181,9 +181,10 @@ def test_the_console_script_prints_one_line(tmp_path):
 # The flags of `unires_jax.cli.common` each program reads (its own module's come on top).
 SHARED_FLAGS = {
     "convert": {"config", "checkpoint", "step", "out"},
+    "data": {"manual_dir", "out"},
     "demo": {"workdir", "config", "progress"},
     "eval": {"workdir", "step", "config"},
-    "propose": {"detector", "config", "progress"},
+    "propose": {"detector", "manual_dir", "config", "progress"},
     "segment": {"checkpoint", "step", "out", "detector", "batch_size", "no_target_threshold"},
     "serve": {"checkpoint", "step", "detector", "batch_size", "no_target_threshold"},
     "summary": {"config"},

@@ -51,8 +51,9 @@ CHECKPOINT = flags.DEFINE_string(
     "checkpoint", None, "A training work directory (its latest checkpoint, or --step) or a "
     "converted checkpoint (unires-convert from-pytorch).")
 STEP = flags.DEFINE_integer("step", None, "Training step to read (default: the latest).")
-OUT = flags.DEFINE_string("out", None, "Output: a new directory (unires-convert) or the mask's "
-                          "PNG file (unires-segment --image).")
+OUT = flags.DEFINE_string("out", None, "Output: a new directory (unires-convert, unires-data "
+                          "export) or the mask's PNG file (unires-segment --image).")
+MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "The raw dataset directory (RAW).")
 DETECTOR = flags.DEFINE_string(
     "detector", None, "An OWLv2 directory saved by transformers' save_pretrained (the model and "
     "its processor; nothing is downloaded): proposes the boxes (unires-segment and unires-serve: "

@@ -17,10 +17,10 @@ written merges them into the file.
 from absl import app, flags
 
 from unires_jax.cli import common
+from unires_jax.data import proposals
 
-_MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "The raw dataset directory (RAW).")
 _SPLIT = flags.DEFINE_string("split", None, "The split to propose for (val, testA, ...).")
-_DATASET = flags.DEFINE_enum("dataset", "ref_coco_m", ["ref_coco_m", "ref_coco", "grefcoco"],
+_DATASET = flags.DEFINE_enum("dataset", "ref_coco_m", list(proposals.DATASETS),
                              "The raw dataset's layout.")
 _BUILDER_CONFIG = flags.DEFINE_string(
     "builder_config", None, "ref_coco only: which refs file (refcoco_unc, refcoco+_unc, "
@@ -47,7 +47,7 @@ def _process() -> tuple[int, int]:
 
 def main(argv) -> int:
   common.start(argv)
-  common.require(common.DETECTOR, _MANUAL_DIR, _SPLIT)
+  common.require(common.DETECTOR, common.MANUAL_DIR, _SPLIT)
   if (_DATASET.value == "ref_coco") != (_BUILDER_CONFIG.value is not None):
     raise app.UsageError("--builder_config names ref_coco's refs file (e.g. refcoco_unc); "
                          "give it with --dataset=ref_coco and only then")
@@ -60,7 +60,7 @@ def main(argv) -> int:
                       show_bar=common.PROGRESS.value)
   try:  # a bad raw file or image is named (common.run: one line); finished shards stay
     summary = propose.propose_split(
-        detector, _DATASET.value, _MANUAL_DIR.value, _SPLIT.value,
+        detector, _DATASET.value, common.MANUAL_DIR.value, _SPLIT.value,
         builder_config=_BUILDER_CONFIG.value,
         settings_record=propose.settings(common.DETECTOR.value, cfg),
         shard_images=cfg.shard_images, process_index=index, process_count=count,
@@ -76,7 +76,7 @@ def main(argv) -> int:
 
 
 FLAG_GROUPS = (
-    ("input", (common.DETECTOR, _MANUAL_DIR, _SPLIT, _DATASET, _BUILDER_CONFIG, _SKIP_BAD)),
+    ("input", (common.DETECTOR, common.MANUAL_DIR, _SPLIT, _DATASET, _BUILDER_CONFIG, _SKIP_BAD)),
     ("settings", (common.CONFIG, common.PROGRESS)),
 )
 

@@ -9,6 +9,7 @@ pixels of the image as stored (x, y, w, h, as COCO writes boxes):
 Its place in the raw directory (`path`), read by the builders when it exists:
   ref_coco_m   RAW/proposals/<split>.json
   grefcoco     RAW/proposals/<split>.json
+  ref_custom   RAW/proposals/<split>.json
   ref_coco     RAW/proposals/<config>/<split>.json   (config: refcoco_unc, refcocog_umd, ...; the
                                                       three datasets share split names)
 `unires-propose` writes them (`unires_jax.propose`).
@@ -23,7 +24,7 @@ from unires_jax.data import raw_io
 from unires_jax.data.records import RecordError
 
 KEYS = ("object_boxes", "part_boxes")
-DATASETS = ("ref_coco_m", "ref_coco", "grefcoco")
+DATASETS = ("ref_coco_m", "ref_coco", "grefcoco", "ref_custom")
 
 
 def path(manual_dir: str, dataset: str, split: str, config: str | None = None) -> str:

@@ -3,12 +3,13 @@
 `images(dataset, manual_dir, split, config)` lists `(file name, path)` of every image that a
 reference of the split refers to, in the raw layouts the builders read (see each builder's
 README): RefCOCOm's `annotations/<split>.json`, the refer toolkit's `refs(<by>).p` of RefCOCO,
-RefCOCO+ and RefCOCOg, gRefCOCO's `grefs(unc).json`, with COCO's `instances.json`.
+RefCOCO+ and RefCOCOg, gRefCOCO's `grefs(unc).json`, with COCO's `instances.json`, and the
+`refs/<split>.json[l]` of your own data (`unires_jax.data.ref_custom`).
 """
 
 import os
 
-from unires_jax.data import raw_io
+from unires_jax.data import raw_io, ref_custom
 from unires_jax.data.proposals import DATASETS
 from unires_jax.data.records import RecordError
 
@@ -47,6 +48,27 @@ def _coco_file_names(refs_path: str, instances_path: str, split: str) -> list[st
   return [names[i] for i in image_ids]
 
 
+def _custom_images(manual_dir: str, split: str) -> list[tuple[str, str]]:
+  """The images of a split of your own data, in the order of their first reference."""
+  folder = ref_custom.load(manual_dir)
+  if folder.fatal:
+    raise folder.fatal
+  if split not in folder.splits:
+    raise RecordError(os.path.join(manual_dir, ref_custom.REFS),
+                      f"no split {split!r}; it has {sorted(folder.splits)}")
+  image_ids = {}
+  for line, record in ref_custom.split_records(folder, split, ref_custom.Problems(stop=True)):
+    image_ids.setdefault(_field(record, "image_id", f"{folder.splits[split]}:{line}"), line)
+  names = []
+  for image_id, line in image_ids.items():
+    entry = folder.images.get(image_id)
+    if entry is None:
+      raise RecordError(f"{folder.splits[split]}:{line}", f"image_id {image_id!r} is not a good "
+                        f"image of {folder.instances} (unires-data check lists why)")
+    names.append(entry.fields["file_name"])
+  return [(name, os.path.join(manual_dir, ref_custom.IMAGES, name)) for name in names]
+
+
 def images(dataset: str, manual_dir: str, split: str,
            config: str | None = None) -> list[tuple[str, str]]:
   """`(file name, path)` of the images of `split`, each once, in the order of their first
@@ -67,6 +89,8 @@ def images(dataset: str, manual_dir: str, split: str,
     for index, record in enumerate(_refs(path)):
       names.setdefault(_field(record, "img_name", f"{path}, record {index}"), None)
     return [(name, os.path.join(manual_dir, "images", name)) for name in names]
+  if dataset == "ref_custom":
+    return _custom_images(manual_dir, split)
   if dataset == "ref_coco":
     name, split_by = config.rsplit("_", 1)
     folder = os.path.join(manual_dir, name)

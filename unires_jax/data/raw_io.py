@@ -1,15 +1,20 @@
 """Reading raw dataset files with errors that name the file: images, masks, COCO, JSON, pickles."""
 
+import bisect
 import io
 import json
 import os
 import pickle
+import re
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from unires_jax.data.records import RecordError
+
+_DECODER = json.JSONDecoder()
+_SPACE = re.compile(r"[ \t\n\r]*")
 
 
 def read_image(path: str, where: str) -> tuple[bytes | np.ndarray, int, int]:
@@ -130,6 +135,130 @@ def read_json(path: str) -> Any:
     raise RecordError(path, "file does not exist") from None
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise RecordError(path, f"malformed JSON: {e}") from None
+
+
+def _json_error(path: str, error: json.JSONDecodeError) -> RecordError:
+  return RecordError(f"{path}:{error.lineno}", f"malformed JSON: {error.msg} (column "
+                     f"{error.colno})")
+
+
+class _LineFinder:
+  """Character offset -> 1-based line number of a text."""
+
+  def __init__(self, text: str):
+    self._newlines = [m.start() for m in re.finditer("\n", text)]
+
+  def __call__(self, offset: int) -> int:
+    return bisect.bisect_right(self._newlines, offset - 1) + 1
+
+
+def _skip_space(text: str, pos: int) -> int:
+  return _SPACE.match(text, pos).end()
+
+
+def _array_with_lines(text: str, pos: int, line_of: _LineFinder) -> tuple[list, list[int], int]:
+  """Parses the JSON array at `text[pos] == "["`: (items, the line each item starts on, end)."""
+  items, lines = [], []
+  pos = _skip_space(text, pos + 1)
+  if text[pos:pos + 1] == "]":
+    return items, lines, pos + 1
+  while True:
+    item, end = _DECODER.raw_decode(text, pos)
+    items.append(item)
+    lines.append(line_of(pos))
+    pos = _skip_space(text, end)
+    if text[pos:pos + 1] == "]":
+      return items, lines, pos + 1
+    if text[pos:pos + 1] != ",":
+      raise json.JSONDecodeError("Expecting ',' delimiter", text, pos)
+    pos = _skip_space(text, pos + 1)
+
+
+def _object_with_lines(text: str, pos: int,
+                       line_of: _LineFinder) -> tuple[dict, dict[str, list[int]], int]:
+  """Parses the JSON object at `text[pos] == "{"`: (object, {key: the line of each item} for
+  the keys whose value is an array, end)."""
+  value, lines = {}, {}
+  pos = _skip_space(text, pos + 1)
+  if text[pos:pos + 1] == "}":
+    return value, lines, pos + 1
+  while True:
+    key, end = _DECODER.raw_decode(text, pos)
+    if not isinstance(key, str):
+      raise json.JSONDecodeError("Expecting property name enclosed in double quotes", text, pos)
+    pos = _skip_space(text, end)
+    if text[pos:pos + 1] != ":":
+      raise json.JSONDecodeError("Expecting ':' delimiter", text, pos)
+    pos = _skip_space(text, pos + 1)
+    if text[pos:pos + 1] == "[":
+      value[key], lines[key], pos = _array_with_lines(text, pos, line_of)
+    else:
+      value[key], pos = _DECODER.raw_decode(text, pos)
+    pos = _skip_space(text, pos)
+    if text[pos:pos + 1] == "}":
+      return value, lines, pos + 1
+    if text[pos:pos + 1] != ",":
+      raise json.JSONDecodeError("Expecting ',' delimiter", text, pos)
+    pos = _skip_space(text, pos + 1)
+
+
+def read_json_with_lines(path: str) -> tuple[Any, list[int] | dict[str, list[int]]]:
+  """Parses a JSON file and tells where its records start, for errors that name file and line.
+
+  Returns:
+    (value, lines): for a top-level array, the line each item starts on; for a top-level object,
+    {key: the line each item starts on} for each key whose value is an array (COCO's `images`,
+    `annotations`, ...); for anything else, [].
+
+  Raises:
+    RecordError: a missing or malformed file, naming `path:line`.
+  """
+  try:
+    with open(path, encoding="utf-8") as f:
+      text = f.read()
+  except FileNotFoundError:
+    raise RecordError(path, "file does not exist") from None
+  except UnicodeDecodeError as e:
+    raise RecordError(path, f"not UTF-8 text: {e}") from None
+  line_of = _LineFinder(text)
+  try:
+    pos = _skip_space(text, 0)
+    if text[pos:pos + 1] == "[":
+      value, lines, end = _array_with_lines(text, pos, line_of)
+    elif text[pos:pos + 1] == "{":
+      value, lines, end = _object_with_lines(text, pos, line_of)
+    else:
+      (value, end), lines = _DECODER.raw_decode(text, pos), []
+    if _skip_space(text, end) != len(text):
+      raise json.JSONDecodeError("Extra data", text, _skip_space(text, end))
+  except json.JSONDecodeError as e:
+    raise _json_error(path, e) from None
+  return value, lines
+
+
+def read_json_lines(path: str, report) -> list[tuple[int, Any]]:
+  """`(line number, record)` of each non-blank line of a JSON-lines file; a line that is no JSON
+  is given to `report(RecordError naming path:line)` (which may raise) and left out.
+
+  Raises:
+    RecordError: the file is missing or not UTF-8.
+  """
+  try:
+    with open(path, encoding="utf-8") as f:
+      text_lines = f.read().splitlines()
+  except FileNotFoundError:
+    raise RecordError(path, "file does not exist") from None
+  except UnicodeDecodeError as e:
+    raise RecordError(path, f"not UTF-8 text: {e}") from None
+  out = []
+  for number, text in enumerate(text_lines, 1):
+    if not text.strip():
+      continue
+    try:
+      out.append((number, json.loads(text)))
+    except json.JSONDecodeError as e:
+      report(RecordError(f"{path}:{number}", f"malformed JSON: {e.msg} (column {e.colno})"))
+  return out
 
 
 class _PlainUnpickler(pickle.Unpickler):

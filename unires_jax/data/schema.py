@@ -130,7 +130,9 @@ def encode_mask(mask: np.ndarray) -> bytes:
   return buf.getvalue()
 
 
-def _check_box(box, height: int, width: int, where: str, what: str) -> np.ndarray:
+def check_box(box, height: int, width: int, where: str, what: str) -> np.ndarray:
+  """`box` (x1, y1, x2, y2 pixels) as `[4]` float32, or a RecordError at `where` naming `what`
+  when it is not 4 finite numbers inside the `width` x `height` image."""
   b = np.asarray(box, np.float64).reshape(-1)
   if b.shape != (4,) or not np.all(np.isfinite(b)):
     raise RecordError(where, f"{what}: a box is 4 finite numbers x1, y1, x2, y2, got {box!r}")
@@ -145,7 +147,7 @@ def _check_box(box, height: int, width: int, where: str, what: str) -> np.ndarra
 def _boxes(boxes, height, width, where, what) -> np.ndarray:
   if boxes is None:
     return np.zeros((0, 4), np.float32)
-  rows = [_check_box(b, height, width, where, f"{what}[{i}]") for i, b in enumerate(boxes)]
+  rows = [check_box(b, height, width, where, f"{what}[{i}]") for i, b in enumerate(boxes)]
   return np.stack(rows) if rows else np.zeros((0, 4), np.float32)
 
 
@@ -172,7 +174,7 @@ def to_example(record: ImageRecord) -> dict[str, Any]:
     targets.append({
         "id": int(t.id),
         "mask": encode_mask(mask),
-        "box": _check_box(t.box, h, w, where, what),
+        "box": check_box(t.box, h, w, where, what),
         "category": str(t.category),
         "granularity": t.granularity,
         "raw": json.dumps(t.raw, sort_keys=True, default=str),
