@@ -65,3 +65,19 @@ def test_pickle_with_a_class_or_function_is_refused(tmp_path, payload):
 def test_record_error_survives_pickling():
   err = pickle.loads(pickle.dumps(RecordError("a.jsonl:3", "malformed JSON line")))
   assert str(err) == "a.jsonl:3: malformed JSON line" and err.where == "a.jsonl:3"
+
+
+def test_json_records_know_their_lines(tmp_path):
+  path = tmp_path / "a.json"
+  path.write_text('{"images": [\n {"id": 1},\n\n {"id": 2}], "info": {"x": [1]},\n'
+                  ' "annotations": []}\n')
+  value, lines = raw_io.read_json_with_lines(str(path))
+  assert value == {"images": [{"id": 1}, {"id": 2}], "info": {"x": [1]}, "annotations": []}
+  assert lines == {"images": [2, 4], "annotations": []}
+  path.write_text('[{"a": 1},\n {"b": 2}\n {"c": 3}]')
+  with pytest.raises(RecordError, match=r"a\.json:3: malformed JSON: Expecting ',' delimiter"):
+    raw_io.read_json_with_lines(str(path))
+  path.write_text('{"a": 1}\n\n{"b": \n')
+  found = []
+  assert raw_io.read_json_lines(str(path), found.append) == [(1, {"a": 1})]
+  assert [str(e) for e in found] == [f"{path}:3: malformed JSON: Expecting value (column 7)"]

@@ -8,6 +8,8 @@ import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -304,3 +306,65 @@ def test_export_as_png_and_refusals(built, raw, tmp_path):
   with pytest.raises(ValueError, match=r"split names \['a b'\] are not of"):
     export.export("ref_custom", built, str(tmp_path / "x"), {"a b": "train"})
   assert not os.path.exists(tmp_path / "x")
+
+
+_ELSEWHERE = r"""
+import sys
+import numpy as np
+import tensorflow_datasets as tfds
+data_dir, version_dir, out = sys.argv[1:4]
+info_splits = sorted(tfds.builder_from_directory(version_dir).info.splits)
+arrays = {}
+for split in info_splits:
+  source = tfds.data_source("ref_custom", split=split, data_dir=data_dir)
+  for i in range(len(source)):
+    ex = source[i]
+    key = f"{split}/{ex['image_id'].decode()}"
+    arrays[f"{key}/image"] = ex["image"]
+    for j, (ann_id, mask) in enumerate(zip(ex["targets"]["id"], ex["targets"]["mask"])):
+      arrays[f"{key}/mask/{int(ann_id)}"] = mask[..., 0]
+bad = [m for m in ("unires_jax", "tensorflow") if m in sys.modules]
+assert not bad, bad
+np.savez(out, **arrays)
+"""
+
+
+def _pip_install(python: str, *packages: str) -> None:
+  run = subprocess.run([python, "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                        *packages], capture_output=True, text=True, timeout=900, check=False)
+  assert run.returncode == 0, run.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_loads_in_an_environment_with_tensorflow_datasets_alone(built, tmp_path):
+  """A new virtual environment with tensorflow-datasets and array-record from the package
+  registry (not this package), then pillow (TFDS decodes images with it): about 19 s and 17
+  CPU-s on 2 cores with a warm pip cache."""
+  venv = tmp_path / "venv"
+  subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True)
+  python = str(venv / "bin" / "python")
+  _pip_install(python, "tensorflow-datasets", "array-record")
+
+  def read_there():
+    out = str(tmp_path / "read.npz")
+    return out, subprocess.run(
+        [python, "-c", _ELSEWHERE, built, pipeline.dataset_dir("ref_custom", built), out],
+        capture_output=True, text=True, cwd=tmp_path, check=False,
+        env={"PATH": os.environ["PATH"], "TF_CPP_MIN_LOG_LEVEL": "3"})
+
+  # TFDS decodes images in NumPy with PIL or OpenCV, neither of which it requires.
+  _, run = read_there()
+  assert run.returncode == 1 and "requires either OpenCV or PIL" in run.stderr, run.stderr[-3000:]
+  _pip_install(python, "pillow")
+  out, run = read_there()
+  assert run.returncode == 0, run.stderr[-3000:]
+  with np.load(out) as f:
+    got = {k: f[k] for k in f.files}
+  want = {}
+  for split in SPLITS:
+    for image_id, ex in read("ref_custom", split, built).items():
+      want[f"{split}/{image_id}/image"] = ex["image"]
+      want.update({f"{split}/{image_id}/mask/{a}": t["mask"] for a, t in ex["targets"].items()})
+  assert sorted(got) == sorted(want)
+  for key, value in want.items():
+    np.testing.assert_array_equal(got[key], value, err_msg=key)

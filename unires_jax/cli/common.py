@@ -145,6 +145,15 @@ def start(argv) -> None:
                          f"{jax.process_count()} processes")
 
 
+def start_command(argv, commands: Sequence[str]) -> str:
+  """The command of `program COMMAND [flags]`: the first argument, one of `commands`; then
+  `start` with the rest."""
+  if len(argv) < 2 or argv[1] not in commands:
+    raise app.UsageError(f"the first argument is the command, one of {tuple(commands)}")
+  start([argv[0], *argv[2:]])
+  return argv[1]
+
+
 def require(*holders: flags.FlagHolder, who: str | None = None) -> None:
   """Raises a UsageError naming the first of `holders` that was not given (and `who` needs
   it, e.g. a subcommand)."""

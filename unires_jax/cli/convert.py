@@ -23,7 +23,7 @@ Both refuse an existing --out and leave nothing behind when they fail.
 import os
 import resource
 
-from absl import app, flags
+from absl import flags
 
 from unires_jax.cli import common
 
@@ -96,10 +96,7 @@ def to_pytorch() -> None:
 
 
 def main(argv) -> int:
-  if len(argv) < 2 or argv[1] not in COMMANDS:
-    raise app.UsageError(f"the first argument is the command, one of {COMMANDS}")
-  command = argv[1]
-  common.start([argv[0], *argv[2:]])
+  command = common.start_command(argv, COMMANDS)
   common.require(*_NEEDS[command], who=command)
   if os.path.exists(common.OUT.value):  # before reading gigabytes of weights
     raise FileExistsError(f"--out={common.OUT.value} already exists; choose a new output "

@@ -69,10 +69,7 @@ _NEEDS = {"check": (common.MANUAL_DIR,), "export": (_NAME, common.OUT)}
 
 
 def main(argv) -> int:
-  if len(argv) < 2 or argv[1] not in COMMANDS:
-    raise app.UsageError(f"the first argument is the command, one of {COMMANDS}")
-  command = argv[1]
-  common.start([argv[0], *argv[2:]])
+  command = common.start_command(argv, COMMANDS)
   common.require(*_NEEDS[command], who=command)
   return _check() if command == "check" else _export()
 

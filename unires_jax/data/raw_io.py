@@ -156,22 +156,29 @@ def _skip_space(text: str, pos: int) -> int:
   return _SPACE.match(text, pos).end()
 
 
+def _after_item(text: str, pos: int, close: str) -> tuple[int, bool]:
+  """Past an item that ends at `pos`: (where the next item starts, False) after a comma, or
+  (the end of the container, True) at its `close` bracket."""
+  pos = _skip_space(text, pos)
+  if text[pos:pos + 1] == close:
+    return pos + 1, True
+  if text[pos:pos + 1] != ",":
+    raise json.JSONDecodeError("Expecting ',' delimiter", text, pos)
+  return _skip_space(text, pos + 1), False
+
+
 def _array_with_lines(text: str, pos: int, line_of: _LineFinder) -> tuple[list, list[int], int]:
   """Parses the JSON array at `text[pos] == "["`: (items, the line each item starts on, end)."""
   items, lines = [], []
   pos = _skip_space(text, pos + 1)
-  if text[pos:pos + 1] == "]":
-    return items, lines, pos + 1
-  while True:
+  done = text[pos:pos + 1] == "]"
+  pos += done
+  while not done:
     item, end = _DECODER.raw_decode(text, pos)
     items.append(item)
     lines.append(line_of(pos))
-    pos = _skip_space(text, end)
-    if text[pos:pos + 1] == "]":
-      return items, lines, pos + 1
-    if text[pos:pos + 1] != ",":
-      raise json.JSONDecodeError("Expecting ',' delimiter", text, pos)
-    pos = _skip_space(text, pos + 1)
+    pos, done = _after_item(text, end, "]")
+  return items, lines, pos
 
 
 def _object_with_lines(text: str, pos: int,
@@ -180,9 +187,9 @@ def _object_with_lines(text: str, pos: int,
   the keys whose value is an array, end)."""
   value, lines = {}, {}
   pos = _skip_space(text, pos + 1)
-  if text[pos:pos + 1] == "}":
-    return value, lines, pos + 1
-  while True:
+  done = text[pos:pos + 1] == "}"
+  pos += done
+  while not done:
     key, end = _DECODER.raw_decode(text, pos)
     if not isinstance(key, str):
       raise json.JSONDecodeError("Expecting property name enclosed in double quotes", text, pos)
@@ -191,15 +198,11 @@ def _object_with_lines(text: str, pos: int,
       raise json.JSONDecodeError("Expecting ':' delimiter", text, pos)
     pos = _skip_space(text, pos + 1)
     if text[pos:pos + 1] == "[":
-      value[key], lines[key], pos = _array_with_lines(text, pos, line_of)
+      value[key], lines[key], end = _array_with_lines(text, pos, line_of)
     else:
-      value[key], pos = _DECODER.raw_decode(text, pos)
-    pos = _skip_space(text, pos)
-    if text[pos:pos + 1] == "}":
-      return value, lines, pos + 1
-    if text[pos:pos + 1] != ",":
-      raise json.JSONDecodeError("Expecting ',' delimiter", text, pos)
-    pos = _skip_space(text, pos + 1)
+      value[key], end = _DECODER.raw_decode(text, pos)
+    pos, done = _after_item(text, end, "}")
+  return value, lines, pos
 
 
 def read_json_with_lines(path: str) -> tuple[Any, list[int] | dict[str, list[int]]]:

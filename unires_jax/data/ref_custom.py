@@ -104,6 +104,10 @@ def _is_number(value) -> bool:
           and math.isfinite(value))
 
 
+def _image_id_ok(value) -> bool:
+  return _is_int(value) or isinstance(value, str) and bool(value)
+
+
 def _relative_path(value) -> bool:
   """A relative path inside the folder (no `..`, not absolute)."""
   return (isinstance(value, str) and bool(value) and not os.path.isabs(value)
@@ -159,14 +163,22 @@ def _register(folder: Folder, table: dict, kind: str, entry: Entry, check: _Entr
     folder.broken[(kind, key)] = check.errors[0]
 
 
+def _entries(folder: Folder, coco, lines, key: str, kind: str, valid_id, id_doc: str):
+  """`(line, entry, its check)` of each entry of section `key` that has a valid id (`valid_id`);
+  the others are reported."""
+  for line, entry in _section(folder, coco, lines, key):
+    check = _EntryCheck(folder, f"{folder.instances}:{line}, {kind}")
+    if not isinstance(entry, dict) or not valid_id(entry.get("id")):
+      check(f"a {kind} is an object with {id_doc}, got {entry!r:.100}")
+      continue
+    check.where += f" {entry['id']!r}"
+    yield line, entry, check
+
+
 def _load_categories(folder: Folder, coco, lines) -> None:
   first_lines = {}
-  for line, c in _section(folder, coco, lines, "categories"):
-    check = _EntryCheck(folder, f"{folder.instances}:{line}, category")
-    if not isinstance(c, dict) or not _is_int(c.get("id")):
-      check(f"a category is an object with an integer 'id', got {c!r:.100}")
-      continue
-    check.where += f" {c['id']}"
+  for line, c, check in _entries(folder, coco, lines, "categories", "category", _is_int,
+                                 "an integer 'id'"):
     if not isinstance(c.get("name"), str) or not c["name"].strip():
       check(f"'name' must be a non-empty string, got {c.get('name')!r}")
     _register(folder, folder.categories, "category", Entry(line, c), check, first_lines)
@@ -175,13 +187,8 @@ def _load_categories(folder: Folder, coco, lines) -> None:
 def _load_images(folder: Folder, coco, lines) -> None:
   names: dict[str, int] = {}
   first_lines = {}
-  for line, im in _section(folder, coco, lines, "images"):
-    check = _EntryCheck(folder, f"{folder.instances}:{line}, image")
-    image_id = im.get("id") if isinstance(im, dict) else None
-    if not (_is_int(image_id) or isinstance(image_id, str) and image_id):
-      check(f"an image is an object with an 'id' (an integer or a string), got {im!r:.100}")
-      continue
-    check.where += f" {image_id!r}"
+  for line, im, check in _entries(folder, coco, lines, "images", "image", _image_id_ok,
+                                  "an 'id' (an integer or a non-empty string)"):
     name = im.get("file_name")
     if not _relative_path(name):
       check(f"'file_name' must be a path relative to {IMAGES}/, got {name!r}")
@@ -228,12 +235,8 @@ def _mask_problem(ann: dict, height: int, width: int) -> str | None:
 
 def _load_annotations(folder: Folder, coco, lines) -> None:
   first_lines = {}
-  for line, ann in _section(folder, coco, lines, "annotations"):
-    check = _EntryCheck(folder, f"{folder.instances}:{line}, annotation")
-    if not isinstance(ann, dict) or not _is_int(ann.get("id")):
-      check(f"an annotation is an object with an integer 'id', got {ann!r:.100}")
-      continue
-    check.where += f" {ann['id']}"
+  for line, ann, check in _entries(folder, coco, lines, "annotations", "annotation", _is_int,
+                                   "an integer 'id'"):
     image_id, category_id = ann.get("image_id"), ann.get("category_id")
     image = folder.images.get(image_id)
     if image is None and not check.depend("image", image_id):
