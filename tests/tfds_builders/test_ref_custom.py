@@ -368,3 +368,14 @@ def test_loads_in_an_environment_with_tensorflow_datasets_alone(built, tmp_path)
   assert sorted(got) == sorted(want)
   for key, value in want.items():
     np.testing.assert_array_equal(got[key], value, err_msg=key)
+
+
+def test_unires_propose_finds_the_images_of_a_split(raw):
+  from unires_jax.data import raw_images  # pylint: disable=g-import-not-at-top
+
+  root = raw[0]
+  assert raw_images.images("ref_custom", root, "train") == [
+      (f"photos/im{i}.jpg", os.path.join(root, "images", "photos", f"im{i}.jpg")) for i in (1, 2)]
+  with pytest.raises(RecordError, match=r"refs: no split 'val'; it has \['heldout', 'my-val', "
+                     r"'train'\]"):
+    raw_images.images("ref_custom", root, "val")
