@@ -59,6 +59,9 @@ setuptools.setup(
         "tokenizers>=0.22",
         "tensorboardX>=2.6",
         "tqdm>=4.60",
+        # int8 / int4 inference (unires_jax/models/quantize.py), which reads two of its internal
+        # classes: pinned below its next minor version.
+        "qwix>=0.1.8,<0.2",
     ],
     extras_require={
         "build": BUILD,

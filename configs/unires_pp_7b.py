@@ -23,6 +23,10 @@ def get_config(arg=None):
   # state sharded over every chip (config.mesh: fsdp=-1), layers scanned, not rematerialised.
   m.dtype = "bfloat16"       # compute dtype
   m.param_dtype = "float32"  # master weights
+  # Weight-only quantization for inference (unires_jax/models/quantize.py, qwix): "int8" or
+  # "int4" stores the kernels of the `parts`' linear layers in that type (one scale per output
+  # channel, or per `tile_size` input rows); unires-segment / -eval / -serve --quantize set it.
+  m.quantize = dict(weights="none", parts="llm,vision", tile_size=0)
 
   m.vision = dict(  # E_l: CLIP ViT-L/14 at 336 px.
       image_size=336,

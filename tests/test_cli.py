@@ -180,13 +180,14 @@ def test_the_console_script_prints_one_line(tmp_path):
 
 # The flags of `unires_jax.cli.common` each program reads (its own module's come on top).
 SHARED_FLAGS = {
-    "convert": {"config", "checkpoint", "step", "out"},
+    "convert": {"config", "checkpoint", "step", "out", "quantize"},
     "data": {"manual_dir", "out"},
     "demo": {"workdir", "config", "progress"},
-    "eval": {"workdir", "step", "config"},
+    "eval": {"workdir", "step", "config", "quantize"},
     "propose": {"detector", "manual_dir", "config", "progress"},
-    "segment": {"checkpoint", "step", "out", "detector", "batch_size", "no_target_threshold"},
-    "serve": {"checkpoint", "step", "detector", "batch_size", "no_target_threshold"},
+    "segment": {"checkpoint", "step", "out", "detector", "batch_size", "no_target_threshold",
+                "quantize"},
+    "serve": {"checkpoint", "step", "detector", "batch_size", "no_target_threshold", "quantize"},
     "summary": {"config"},
     "train": {"config", "workdir", "progress"},
 }

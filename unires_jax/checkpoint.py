@@ -245,14 +245,17 @@ def read_params(where: Located, paths: list[str]) -> dict[str, np.ndarray]:
 
 
 def save_converted(params: Any, config: ml_collections.ConfigDict, out_dir: str,
-                   tokenizer_dir: str | None = None) -> None:
+                   tokenizer_dir: str | None = None, calibration_file: str | None = None) -> None:
   """Writes a converted checkpoint as a new directory: `params/` (Orbax, the model's `nnx.State`
   of parameters), `config.json` and, when given, `tokenizer/` (a copy of `tokenizer_dir`, which
-  `Located.config` makes the config's tokenizer). Written into a temporary sibling renamed at the
-  end: a failure leaves nothing at `out_dir`."""
+  `Located.config` makes the config's tokenizer) and the no-target calibration (a copy of
+  `calibration_file`). Written into a temporary sibling renamed at the end: a failure leaves
+  nothing at `out_dir`."""
   with utils.new_directory(out_dir) as tmp:
     if tokenizer_dir:
       shutil.copytree(tokenizer_dir, os.path.join(tmp, TOKENIZER_DIR))
+    if calibration_file:
+      shutil.copyfile(calibration_file, os.path.join(tmp, CALIBRATION_FILE))
     checkpointer = ocp.AsyncCheckpointer(pytree_handler())
     checkpointer.save(os.path.join(tmp, PARAMS_DIR), args=ocp.args.PyTreeSave(params))
     checkpointer.wait_until_finished()

@@ -22,6 +22,11 @@ Parameters: read in the compute dtype (`inference_config`: `model.param_dtype` s
 `model.dtype`, bfloat16 in the 7B recipe), cast as Orbax reads them, so the float32 master
 weights that training keeps (7B: 29.4 GB; 14.7 GB in bfloat16) never reach a device.
 
+Quantized weights (`quantize="int8"` / `"int4"`, `--quantize` of the commands): the linear
+layers of `config.model.quantize.parts` (the LLM and the CLIP ViT by default) hold their kernels
+as integers with a scale per output channel (`models.quantize`, qwix); a float checkpoint is
+quantized as it loads, one written by `unires-convert quantize` loads as it is stored.
+
 Mesh: the local devices on the `fsdp` axis (`data=1, fsdp=n, tensor=1`), whatever mesh the
 checkpoint was trained on (a checkpoint restores onto any mesh). The rows of a batch are split
 over the devices as data parallelism would split them, but the parameters are sharded instead of
@@ -44,19 +49,61 @@ from PIL import Image
 from unires_jax import checkpoint, parallel, propose, utils
 from unires_jax.data import preprocess, tokenizer
 from unires_jax.evaluation import evaluator, overlays
+from unires_jax.models import quantize as quantize_lib
 from unires_jax.models.unires import INPUT_KEYS
 
 log = logging.getLogger(__name__)
 
 
-def inference_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+def inference_config(config: ml_collections.ConfigDict,
+                     quantize: str | None = None) -> ml_collections.ConfigDict:
   """A copy of `config` whose parameters are in the compute dtype (`model.param_dtype =
   model.dtype`): the model computes in `model.dtype` either way, so inference needs no float32
   master weights, and `checkpoint.restore_params` casts to the abstract parameters' dtype while
-  it reads. A float32 model (tiny, demo) is unchanged."""
+  it reads. A float32 model (tiny, demo) is unchanged. `quantize` ("none", "int8", "int4"), when
+  given, sets `model.quantize.weights` (`models.quantize`; `restore` explains what loads)."""
   config = config.copy_and_resolve_references()
   config.model.param_dtype = config.model.dtype
+  if "quantize" not in config.model:  # a config written before quantization existed
+    config.model.quantize = ml_collections.ConfigDict(quantize_lib.DEFAULTS)
+  if quantize is not None:
+    config.model.quantize.weights = quantize
+  quantize_lib.enabled(config.model)  # checks the settings
   return config
+
+
+def restore(path: str, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+            step: int | None = None) -> tuple[parallel.ShardedModel, Any, int | None]:
+  """(model, params, step): the model of `config` on `mesh` and the parameters of the checkpoint
+  `checkpoint.locate` finds under `path`, restored for it.
+
+  The checkpoint's own config says how its weights are stored. Float weights restore in the
+  compute dtype and, when `config.model.quantize` asks for int8 / int4, are quantized on the
+  devices as they arrive (the float copy is donated). Quantized weights (`unires-convert
+  quantize`) restore as they are, under their own `model.quantize` settings, whatever `config`
+  says unless it asks for another type, which is an error: they cannot be re-quantized.
+  """
+  stored_model = checkpoint.locate(path, step).config().model
+  stored = quantize_lib.weights(stored_model)
+  wanted = config.model.quantize.weights
+  if stored != "none":
+    if wanted not in ("none", stored):
+      raise ValueError(f"{path} holds {stored} weights (unires-convert quantize), which cannot "
+                       f"become {wanted}: quantize its float checkpoint instead, or drop "
+                       "--quantize")
+    config = config.copy_and_resolve_references()
+    config.model.quantize = stored_model.quantize
+  model = parallel.ShardedModel(config, mesh)
+  if stored != "none" or wanted == "none":
+    params, step = checkpoint.restore_params(path, model.abstract_sharded(), step)
+    return model, params, step
+  float_config = config.copy_and_resolve_references()
+  float_config.model.quantize.weights = "none"
+  float_model = parallel.ShardedModel(float_config, mesh)
+  params, step = checkpoint.restore_params(path, float_model.abstract_sharded(), step)
+  log.info("quantizing the weights of %s to %s (config.model.quantize.parts=%s)", path, wanted,
+           config.model.quantize.parts)
+  return model, model.quantized(float_model.graphdef, params), step
 
 
 BOX_KINDS = ("object", "part")
@@ -154,12 +201,13 @@ class Segmenter:
     self.no_target_threshold = float(no_target_threshold)
 
   @classmethod
-  def from_checkpoint(cls, path: str, *, step: int | None = None, **kwargs) -> "Segmenter":
+  def from_checkpoint(cls, path: str, *, step: int | None = None, quantize: str | None = None,
+                      **kwargs) -> "Segmenter":
     """The model of a training work directory (its latest checkpoint, or `step`) or of a
-    converted checkpoint (`checkpoint.locate`), on `local_mesh()`; `kwargs` go to `__init__`."""
-    config = inference_config(checkpoint.locate(path, step).config())
-    model = parallel.ShardedModel(config, local_mesh())
-    params, _ = checkpoint.restore_params(path, model.abstract_sharded(), step)
+    converted checkpoint (`checkpoint.locate`), on `local_mesh()`, its weights quantized to
+    `quantize` ("int8", "int4"; `restore`); `kwargs` go to `__init__`."""
+    config = inference_config(checkpoint.locate(path, step).config(), quantize)
+    model, params, _ = restore(path, config, local_mesh(), step)
     return cls(model, params, tokenizer.load_tokenize(config.input.tokenizer), **kwargs)
 
   def segment(self, images: Sequence[np.ndarray], texts: Sequence[str],

@@ -1,4 +1,5 @@
-"""unires-convert: checkpoints between Orbax and PyTorch (from-pytorch, to-pytorch).
+"""unires-convert: checkpoints between Orbax and PyTorch (from-pytorch, to-pytorch), and
+quantized for inference (quantize).
 
   unires-convert from-pytorch --config=configs/unires_pp_7b.py --vision=CLIP_DIR \\
       --convnext=CONVNEXT_FILE --llm=LLAMA_DIR --out=CKPT [--heads=unires_heads.safetensors]
@@ -17,7 +18,15 @@
     A LoRA model's DIR/llm is merged; --lora_adapter also writes DIR/llm_adapter, the adapter in
     PEFT's layout.
 
-Both refuse an existing --out and leave nothing behind when they fail.
+  unires-convert quantize --checkpoint=CKPT_OR_WORKDIR [--step=N] --quantize=int8|int4 --out=DIR
+    A converted checkpoint whose linear layers (the model.quantize.parts of CKPT's config: the
+    LLM and the CLIP ViT unless its run set others) hold int8 / int4 weights
+    (unires_jax.models.quantize) and every other parameter the compute dtype: unires-segment,
+    -eval and -serve --checkpoint=DIR load it as stored, without quantizing again (the 7B model:
+    7.3 GB in int8 instead of 14.7 GB in bfloat16). The tokenizer and the no-target calibration
+    come along.
+
+All three refuse an existing --out and leave nothing behind when they fail.
 """
 
 import os
@@ -27,7 +36,7 @@ from absl import flags
 
 from unires_jax.cli import common
 
-COMMANDS = ("from-pytorch", "to-pytorch")
+COMMANDS = ("from-pytorch", "to-pytorch", "quantize")
 
 _VISION = flags.DEFINE_string("vision", None, "from-pytorch: transformers CLIP directory.")
 _CONVNEXT = flags.DEFINE_string(
@@ -51,7 +60,8 @@ _GROUP_MB = flags.DEFINE_integer("group_mb", 1024,
                                  "to-pytorch: read at most this many MiB of parameters at once.")
 
 _NEEDS = {"from-pytorch": (common.CONFIG, _VISION, _CONVNEXT, _LLM, common.OUT),
-          "to-pytorch": (common.CHECKPOINT, common.OUT)}
+          "to-pytorch": (common.CHECKPOINT, common.OUT),
+          "quantize": (common.CHECKPOINT, common.QUANTIZE, common.OUT)}
 
 
 def _max_rss_mib() -> float:
@@ -95,13 +105,30 @@ def to_pytorch() -> None:
         f"{before:.0f} MiB before the conversion began")
 
 
+def quantize() -> None:
+  from unires_jax import checkpoint, inference  # pylint: disable=g-import-not-at-top
+
+  if common.QUANTIZE.value == "none":
+    raise app.UsageError("quantize: --quantize=int8 or int4")
+  where = checkpoint.locate(common.CHECKPOINT.value, common.STEP.value)
+  config = inference.inference_config(where.config(), common.QUANTIZE.value)
+  model, params, _ = inference.restore(common.CHECKPOINT.value, config, inference.local_mesh(),
+                                       common.STEP.value)
+  tokenizer = config.input.tokenizer if config.input.tokenizer and os.path.isdir(
+      config.input.tokenizer) else None
+  calibration = where.calibration_path if os.path.exists(where.calibration_path) else None
+  checkpoint.save_converted(params, model.config, common.OUT.value, tokenizer, calibration)
+  print(f"wrote {common.OUT.value}: {model.config.model.quantize.weights} weights in "
+        f"{model.config.model.quantize.parts}; segment with --checkpoint={common.OUT.value}")
+
+
 def main(argv) -> int:
   command = common.start_command(argv, COMMANDS)
   common.require(*_NEEDS[command], who=command)
   if os.path.exists(common.OUT.value):  # before reading gigabytes of weights
     raise FileExistsError(f"--out={common.OUT.value} already exists; choose a new output "
                           "directory")
-  (from_pytorch if command == "from-pytorch" else to_pytorch)()
+  {"from-pytorch": from_pytorch, "to-pytorch": to_pytorch, "quantize": quantize}[command]()
   return 0
 
 
@@ -109,7 +136,8 @@ FLAG_GROUPS = (
     ("from-pytorch", (common.CONFIG, _VISION, _CONVNEXT, _LLM, _HEADS, _LLM_ADAPTER)),
     ("to-pytorch", (common.CHECKPOINT, common.STEP, _DTYPE, _GROUP_MB, _LORA_ADAPTER,
                     _BASE_MODEL)),
-    ("both", (common.OUT,)),
+    ("quantize (and --checkpoint, --step)", (common.QUANTIZE,)),
+    ("all", (common.OUT,)),
 )
 
 

@@ -1,6 +1,7 @@
 """unires-eval: runs the evaluators of a config on a checkpoint.
 
   unires-eval --workdir=DIR [--config=configs/<name>.py] [--step=N] [--evals=a,b]
+      [--quantize=int8|int4]
 
 Runs the evaluators of `config.evals` (all, or those `--evals` names) on DIR's latest (or
 `--step`) checkpoint, on the mesh of `config.mesh`, and writes DIR/eval/<name>_<step>.json and
@@ -26,7 +27,8 @@ def main(argv) -> int:
   workdir = common.WORKDIR.value
   # The parameters in the compute dtype (bfloat16 in the 7B recipe), not training's float32.
   config = inference.inference_config(
-      common.CONFIG.value or checkpoint.locate(workdir, common.STEP.value).config())
+      common.CONFIG.value or checkpoint.locate(workdir, common.STEP.value).config(),
+      common.QUANTIZE.value)
   evaluators = evals.from_config(config)
   if _EVALS.value:
     unknown = sorted(set(_EVALS.value) - {ev.name for ev in evaluators})
@@ -36,11 +38,11 @@ def main(argv) -> int:
     evaluators = [ev for ev in evaluators if ev.name in _EVALS.value]
   if not evaluators:
     raise app.UsageError("config.evals holds no evaluator")
-  model = parallel.ShardedModel(config, parallel.make_mesh(config.mesh))
-  params, step = checkpoint.restore_params(workdir, model.abstract_sharded(), common.STEP.value)
+  model, params, step = inference.restore(workdir, config, parallel.make_mesh(config.mesh),
+                                          common.STEP.value)
   writer = MetricWriter(workdir)
   try:
-    results = evals.run(evaluators, config, params, parallel.make_predict(model), model.mesh,
+    results = evals.run(evaluators, model.config, params, parallel.make_predict(model), model.mesh,
                         tokenizer.load_tokenize(config.input.tokenizer), workdir, step or 0,
                         writer.scalars)
   finally:
@@ -49,7 +51,7 @@ def main(argv) -> int:
   return 0
 
 
-FLAG_GROUPS = (("run", (common.WORKDIR, common.STEP, _EVALS, common.CONFIG)),)
+FLAG_GROUPS = (("run", (common.WORKDIR, common.STEP, _EVALS, common.CONFIG, common.QUANTIZE)),)
 
 
 def run():

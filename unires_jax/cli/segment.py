@@ -2,6 +2,7 @@
 
   unires-segment --checkpoint=CKPT --image=PATH --text=TEXT --out=mask.png [--boxes=JSON]
   unires-segment --checkpoint=CKPT --batch=FILE.jsonl --out_dir=DIR [--detector=OWLV2_DIR]
+      [--quantize=int8|int4]
 
 Segments what a sentence refers to (`unires_jax.inference`). CKPT is a training work directory
 (its latest checkpoint, or `--step`) or a converted checkpoint. Each input gives a mask PNG at the
@@ -101,7 +102,8 @@ def main(argv) -> int:
   segmenter = inference.Segmenter.from_checkpoint(
       common.CHECKPOINT.value, step=common.STEP.value,
       batch_size=min(common.BATCH_SIZE.value, len(requests)),
-      no_target_threshold=common.NO_TARGET_THRESHOLD.value, detector=detector)
+      no_target_threshold=common.NO_TARGET_THRESHOLD.value, detector=detector,
+      quantize=common.QUANTIZE.value)
   log.info("%d inputs in batches of %d on %d devices", len(requests), segmenter.batch_size,
            segmenter.mesh.size)
   if _BATCH.value:
@@ -134,7 +136,8 @@ def main(argv) -> int:
 
 
 FLAG_GROUPS = (
-    ("model", (common.CHECKPOINT, common.STEP, common.NO_TARGET_THRESHOLD, common.BATCH_SIZE)),
+    ("model", (common.CHECKPOINT, common.STEP, common.NO_TARGET_THRESHOLD, common.BATCH_SIZE,
+               common.QUANTIZE)),
     ("one image", (_IMAGE, _TEXT, _BOXES, common.OUT)),
     ("a batch", (_BATCH, _OUT_DIR)),
     ("proposals", (common.DETECTOR,)),

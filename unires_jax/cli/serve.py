@@ -2,6 +2,7 @@
 
   unires-serve --checkpoint=RUN [--detector=OWLV2_DIR] [--port=7860] [--host=127.0.0.1]
       [--save_dir=DIR] [--batch_size=8] [--max_upload_mb=20] [--max_pixels=40000000]
+      [--quantize=int8|int4]
 
 The web demo (`unires_jax.serving`): a Gradio page over `inference.Segmenter` on this host's
 devices. Upload an image (or pick one of the held-out images when RUN is an `unires-demo` work
@@ -71,7 +72,8 @@ def main(argv) -> int:
               else None)
   segmenter = inference.Segmenter.from_checkpoint(
       common.CHECKPOINT.value, step=common.STEP.value, batch_size=common.BATCH_SIZE.value,
-      no_target_threshold=common.NO_TARGET_THRESHOLD.value, detector=detector)
+      no_target_threshold=common.NO_TARGET_THRESHOLD.value, detector=detector,
+      quantize=common.QUANTIZE.value)
   temp_dir = _private_temp_dir()
   log.info("uploads and results live in %s while the page needs them", temp_dir)
   # Read by Gradio when it is imported: uploads and served results go to `temp_dir`, and no
@@ -108,7 +110,7 @@ def main(argv) -> int:
 
 FLAG_GROUPS = (
     ("model", (common.CHECKPOINT, common.STEP, common.DETECTOR, common.BATCH_SIZE,
-               common.NO_TARGET_THRESHOLD)),
+               common.NO_TARGET_THRESHOLD, common.QUANTIZE)),
     ("server", (_HOST, _PORT, _SAVE_DIR, _MAX_UPLOAD_MB, _MAX_PIXELS)),
 )
 

@@ -15,7 +15,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from unires_jax import models, sharding
-from unires_jax.models import layers
+from unires_jax.models import layers, quantize
 from unires_jax.parallel import batched_threefry
 from unires_jax.parallel import mesh as mesh_lib
 from unires_jax.parallel import rules
@@ -24,8 +24,11 @@ Batch = Mapping[str, jax.Array]
 
 
 def build(config: ml_collections.ConfigDict) -> nnx.Module:
-  """The model of `config`, initialised from `config.train.seed`."""
-  return models.build_model(config, layers.ParamKeys(config.train.seed))
+  """The model of `config`, initialised from `config.train.seed`; with `config.model.quantize`
+  its linear layers quantized (`models.quantize`: call it under `jax.jit` or `nnx.eval_shape`
+  then)."""
+  return quantize.quantize(models.build_model(config, layers.ParamKeys(config.train.seed)),
+                           config.model)
 
 
 def abstract_model(config: ml_collections.ConfigDict) -> tuple[nnx.GraphDef, nnx.State]:
@@ -75,6 +78,16 @@ class ShardedModel:
     return jax.tree_util.tree_map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
         self.abstract, self.shardings)
+
+
+  def quantized(self, float_graphdef: nnx.GraphDef, float_params: nnx.State) -> nnx.State:
+    """This model's parameters from `float_params` (sharded, donated): the same config's model
+    unquantized (`float_graphdef`), its linear layers quantized as `config.model.quantize` says
+    (`models.quantize`), each array created directly with its sharding."""
+    cfg = self.config.model
+    to_quantized = lambda params: nnx.state(
+        quantize.quantize(nnx.merge(float_graphdef, params), cfg), nnx.Param)
+    return jax.jit(to_quantized, out_shardings=self.shardings, donate_argnums=0)(float_params)
 
 
 def on_mesh(mesh: Mesh, axis_rules: sharding.Rules, jitted):

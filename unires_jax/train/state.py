@@ -10,6 +10,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from unires_jax import checkpoint, parallel, utils
+from unires_jax.models import quantize
 from unires_jax.train import optimizer as optimizer_lib
 
 
@@ -42,6 +43,10 @@ class StateFactory:
   """
 
   def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh):
+    if quantize.enabled(config.model):
+      raise ValueError(f"config.model.quantize.weights={config.model.quantize.weights!r} is for "
+                       "inference (unires-segment, unires-eval, unires-serve --quantize); "
+                       "training keeps float weights: set it to 'none'")
     self.config, self.mesh = config, mesh
     self.model = parallel.ShardedModel(config, mesh)
     self.multipliers = optimizer_lib.multipliers_of(config)
