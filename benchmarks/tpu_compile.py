@@ -5,6 +5,9 @@ r"""The train and predict steps compiled for a TPU slice on this host (deviceles
   python benchmarks/tpu_compile.py --config=configs/unires_pp_7b.py --topology=v5p:4x4x4 \
       --batch=128      # the 7B recipe as configured: bf16, fsdp over every chip, scanned
   python benchmarks/tpu_compile.py ... --config.model.remat=full   # any config field
+  python benchmarks/tpu_compile.py --config=configs/unires_pp_7b.py --topology=v5e:1x1 \
+      --steps=predict --batch=8 --config.model.param_dtype=bfloat16 \
+      --config.model.quantize.weights=int8   # inference on one chip: docs/tpu.md
 
 Prints, per chip: the memory of the arguments (parameters, optimizer state, batch), outputs,
 temporaries and their total against the chip's HBM; XLA's FLOPs beside the analytic count
@@ -38,9 +41,10 @@ from collections.abc import Sequence
 from absl import app, flags
 from ml_collections import config_flags
 
-from unires_jax import config_lib
+from unires_jax import config_lib, parallel
 from unires_jax.parallel import mesh as mesh_lib
 from unires_jax.data import preprocess
+from unires_jax.models import quantize
 from unires_jax.train import aot
 from unires_jax.train import compile_profile
 from unires_jax.train import flops as flops_lib
@@ -164,6 +168,14 @@ def describe(config, switch: str | None) -> str:
   return ""
 
 
+def _weights(config) -> str:
+  """How the predict step holds its weights: the param dtype, or the quantized type (the rest
+  in the param dtype)."""
+  quantized = quantize.weights(config.model)
+  return (config.model.param_dtype if quantized == "none"
+          else f"{quantized}+{config.model.param_dtype}")
+
+
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -204,11 +216,14 @@ def main(argv: Sequence[str]) -> None:
     configs = [config] + ([aot.flipped(config, _COMPARE.value)] if _COMPARE.value else [])
   for i, cfg in enumerate(configs):
     start = time.perf_counter()
-    factory = StateFactory(cfg, mesh)
+    # The predict step alone needs no optimizer: a quantized model (config.model.quantize),
+    # which has none, compiles it too.
+    factory = StateFactory(cfg, mesh) if "train" in _STEPS.value else None
+    model = factory.model if factory else parallel.ShardedModel(cfg, mesh)
     build_s = time.perf_counter() - start
     label = describe(cfg, _COMPARE.value)
-    print(f"abstract model and state{f' ({label})' if label else ''}: {build_s:.1f} s",
-          flush=True)
+    print(f"abstract model{' and state' if factory else ''}{f' ({label})' if label else ''}: "
+          f"{build_s:.1f} s", flush=True)
     if "train" in _STEPS.value:
       profile_dir = _PROFILE.value if i == 0 else None
       compiled = aot.compile_train_step(cfg, mesh, batch, factory, profile_dir=profile_dir)
@@ -229,8 +244,8 @@ def main(argv: Sequence[str]) -> None:
       print("  " + ", ".join(f"{k} {v}" for k, v in rows[-1].items()), flush=True)  # kept if
       # a long run (several 7B compiles) is stopped before the table
     if "predict" in _STEPS.value and i == 0:
-      compiled = aot.compile_predict_step(cfg, mesh, batch, factory.model)
-      rows.append(row("predict", compiled, count.forward, chips, peak,
+      compiled = aot.compile_predict_step(cfg, mesh, batch, model)
+      rows.append(row(f"predict {_weights(cfg)}", compiled, count.forward, chips, peak,
                       bool(cfg.model.get("scan_layers", False))))
       print(f"  predict step compiled in {compiled.seconds:.1f} s", flush=True)
   print()

@@ -230,8 +230,9 @@ def _with_stacks(config: ml_collections.ConfigDict, llm_layers: int, vision_laye
 
 
 def layerwise_cost(config: ml_collections.ConfigDict, mesh: Mesh, batch_size: int,
-                   log=lambda message: None) -> LayerwiseCost:
-  """The train step's XLA FLOPs and cost-model seconds per chip, every layer counted.
+                   log=lambda message: None, step: str = "train") -> LayerwiseCost:
+  """The train (or, `step="predict"`, the predict) step's XLA FLOPs and cost-model seconds per
+  chip, every layer counted.
 
   XLA's cost analysis counts a while loop's body once, so for scanned layers
   (`config.model.scan_layers`) the compiled step's FLOPs and `optimal_seconds` are those of one
@@ -255,12 +256,13 @@ def layerwise_cost(config: ml_collections.ConfigDict, mesh: Mesh, batch_size: in
     plus = tuple(2 if d == depth else 1 for d in depths)
     added.append((_with_stacks(config, 1, 1, plus), depth - 1,
                   f"ConvNeXt block (stages of depth {depth})"))
-  base = compile_train_step(base_cfg, mesh, batch_size)
+  compile_step = {"train": compile_train_step, "predict": compile_predict_step}[step]
+  base = compile_step(base_cfg, mesh, batch_size)
   log(f"  layerwise cost: one layer per stack compiled in {base.seconds:.1f} s "
       f"({base.cost['flops'] / 1e12:.4g} TFLOP, {base.cost['seconds'] * 1e3:.2f} ms per chip)")
   flops, seconds, spent = base.cost["flops"], base.cost["seconds"], base.seconds
   for cfg, count, what in added:
-    one = compile_train_step(cfg, mesh, batch_size)
+    one = compile_step(cfg, mesh, batch_size)
     spent += one.seconds
     log(f"  layerwise cost: + one {what} (x {count}) compiled in {one.seconds:.1f} s "
         f"({one.cost['flops'] / 1e12:.4g} TFLOP, {one.cost['seconds'] * 1e3:.2f} ms per chip)")
