@@ -55,7 +55,8 @@ def _outputs(config, model, params, tokenize, dataset: str, split: str, batch_si
 
 def _kernel_bytes(params) -> int:
   flat = jax.tree_util.tree_flatten_with_path(params)[0]
-  return sum(x.nbytes for p, x in flat if "kernel" in jax.tree_util.keystr(p))
+  return sum(x.size * jax.dtypes.itemsize_bits(x.dtype) // 8 for p, x in flat
+             if "kernel" in jax.tree_util.keystr(p))  # int4: half a byte, as a TPU stores it
 
 
 def main(argv: Sequence[str]) -> None:

@@ -208,7 +208,7 @@ def compile_predict_step(config: ml_collections.ConfigDict, mesh: Mesh, batch_si
 
 @dataclasses.dataclass(frozen=True)
 class LayerwiseCost:
-  """A train step's per-chip XLA FLOPs and cost-model step time, its layers added up one by one
+  """A step's per-chip XLA FLOPs and cost-model step time, its layers added up one by one
   (`layerwise_cost`), and what that took."""
 
   flops: float
