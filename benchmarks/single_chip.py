@@ -63,6 +63,23 @@ def _too_large(error: Exception) -> str | None:
   return " ".join(text.split("RESOURCE_EXHAUSTED:")[-1].split())[:160]
 
 
+HEADER = (f"{'weights':<10}{'batch':>6}  {'smallest chip':<14}{'params GiB':>11}{'temp GiB':>10}"
+          f"{'total GiB':>10}{'HBM GiB':>9}{'est. ms/call':>13}{'est. ms/image':>14}  tried")
+
+
+def _row(weights: str, batch: int, tried: list[str], fit) -> str:
+  """One line of the table (`HEADER`)."""
+  if fit is None:
+    return (f"{weights:<10}{batch:>6}  {'none':<14}{'':>11}{'':>10}{'':>10}{'':>9}{'':>13}"
+            f"{'':>14}  {'; '.join(tried)}")
+  gen, memory, seconds = fit
+  per_call = f"{seconds * 1e3:.1f}" if seconds else "n/a"
+  per_image = f"{seconds * 1e3 / batch:.1f}" if seconds else "n/a"
+  return (f"{weights:<10}{batch:>6}  {gen:<14}{memory['arguments'] / GIB:>11.2f}"
+          f"{memory['temp'] / GIB:>10.2f}{memory['total'] / GIB:>10.2f}"
+          f"{aot.HBM_GIB[gen]:>9g}{per_call:>13}{per_image:>14}  {'; '.join(tried)}")
+
+
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -102,21 +119,11 @@ def main(argv: Sequence[str]) -> None:
         del compiled
         gc.collect()
         break
-      rows.append((weights, batch, tried, fit))
+      rows.append(_row(weights, batch, tried, fit))
+      print("  " + rows[-1], flush=True)  # kept if a long run is stopped before the table
 
-  print(f"\n{'weights':<10}{'batch':>6}  {'smallest chip':<14}{'params GiB':>11}{'temp GiB':>10}"
-        f"{'total GiB':>10}{'HBM GiB':>9}{'est. ms/call':>13}{'est. ms/image':>14}  tried")
-  for weights, batch, tried, fit in rows:
-    if fit is None:
-      print(f"{weights:<10}{batch:>6}  {'none':<14}{'':>11}{'':>10}{'':>10}{'':>9}{'':>13}"
-            f"{'':>14}  {'; '.join(tried)}")
-      continue
-    gen, memory, seconds = fit
-    per_call = f"{seconds * 1e3:.1f}" if seconds else "n/a"
-    per_image = f"{seconds * 1e3 / batch:.1f}" if seconds else "n/a"
-    print(f"{weights:<10}{batch:>6}  {gen:<14}{memory['arguments'] / GIB:>11.2f}"
-          f"{memory['temp'] / GIB:>10.2f}{memory['total'] / GIB:>10.2f}"
-          f"{aot.HBM_GIB[gen]:>9g}{per_call:>13}{per_image:>14}  {'; '.join(tried)}")
+  print(f"\n{HEADER}")
+  print("\n".join(rows))
   print("memory per chip from the compiled program (params: its arguments, the batch included); "
         "est. ms: the compiler's cost model counted layer by layer (aot.layerwise_cost), an "
         "estimate, not a measurement")
