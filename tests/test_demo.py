@@ -2,7 +2,7 @@
 the tiny UniRES++ trained from scratch, its no-target threshold calibrated on training images it
 left out, the held-out split scored beside the baselines, overlays and checkpoint left behind.
 
-The README's full demo (3200 steps on 4000 images, 10-15 minutes on 2 cores) is its own check:
+The README's full demo (4800 steps on 3999 images, about 13 minutes on 2 cores) is its own check:
 it exits 1 below its bar, and `benchmarks/demo_seeds.py` measures it over seeds
 (`docs/demo.md`). Here SHORT_RUN's 1200 steps on 1000 images (about 4 minutes on 2 cores) show
 what a run that short can show honestly, its bar set in the demo's own config fields
