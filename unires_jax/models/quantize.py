@@ -41,8 +41,6 @@ from unires_jax.models import layers
 WEIGHT_TYPES = {"int8": jnp.int8, "int4": jnp.int4}
 PARTS = ("llm", "vision", "convnext", "mask_decoder", "image_projector", "object_projector",
          "part_projector", "no_target_head")
-
-
 # The setting of a config written before quantization existed (its config.json has none).
 DEFAULTS = dict(weights="none", parts="llm,vision", tile_size=0)
 
