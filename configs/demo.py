@@ -42,7 +42,7 @@ def get_config(arg=None):
   config.optimizer.lr_multipliers = ml_collections.ConfigDict()  # everything trains
 
   # 4800 steps: at 3200 two of five seeds stopped at 2.4x the best baseline, colours still half
-  # learned (docs/demo.md); about 12.5 minutes of training on 2 cores.
+  # learned (docs/demo.md); 810 s of training, 14.4 minutes in all on 2 cores.
   config.train.update(num_steps=4800, log_every=100, checkpoint_every=1000, keep_checkpoints=2,
                       image_summary_every=1000)
   # The longest ShapesParts prompt is 19 words; 24 slots instead of 48 shorten every sequence.
