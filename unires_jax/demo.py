@@ -1,6 +1,7 @@
 """The demo (the project's main job): ShapesParts end to end on a CPU in minutes.
 
-  1. write the ShapesParts raw data (RefCOCOm layout) to `workdir/raw`
+  1. write the ShapesParts raw data (RefCOCOm layout, the kinds `config.demo.kinds` names) to
+     `workdir/raw`
   2. build it with the `ref_coco_m` TFDS builder into `workdir/tfds`
   3. train a word-level tokenizer on the ShapesParts vocabulary (`workdir/tokenizer`)
   4. train the tiny UniRES++ of configs/demo.py (checkpoints in `workdir/checkpoints`), then
@@ -35,13 +36,18 @@ log = logging.getLogger(__name__)
 def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Steps 1-3; sets `config.input.data_dir` and `config.input.tokenizer` to their outputs."""
   demo = config.demo
+  try:
+    kinds = shapes_parts.check_kinds(demo.kinds.split(","))
+  except ValueError as e:
+    raise ValueError(f"config.demo.kinds={demo.kinds!r}: {e}") from None
   raw = os.path.join(workdir, "raw")
   if not os.path.isdir(raw):
     t0 = time.time()
     with utils.new_directory(raw) as tmp:
-      shapes_parts.write(tmp, num_train=demo.num_train, num_val=demo.num_val, seed=demo.seed)
-    log.info("wrote %d + %d ShapesParts images to %s in %.0f s", demo.num_train, demo.num_val,
-             raw, time.time() - t0)
+      shapes_parts.write(tmp, num_train=demo.num_train, num_val=demo.num_val, seed=demo.seed,
+                         kinds=kinds)
+    log.info("wrote %d + %d ShapesParts images (%s) to %s in %.0f s", demo.num_train,
+             demo.num_val, demo.kinds, raw, time.time() - t0)
   data_dir = os.path.join(workdir, "tfds")
   try:
     pipeline.dataset_dir(config.evals.shapes_parts_val.dataset, data_dir)
@@ -110,7 +116,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, show_progress: bool 
                           result.tokenize, val.dataset, val.split, batch_size=val.batch_size,
                           protocol=val.protocol, resolution=val.resolution, with_baselines=True,
                           num_examples=config.demo.num_overlays)
-  path = evals.write_json(ev, val, workdir, int(result.state.step))
+  path = evals.write_json(ev, val, workdir, int(result.state.step),
+                          config.model.no_target_threshold)
   failures = check(ev.metrics, ev.baselines, config.demo)
   if not lead:
     return 1 if failures else 0

@@ -26,6 +26,11 @@ and built by `tfds_builders/ref_coco_m` unchanged:
 
   python -m unires_jax.data.shapes_parts --out=RAW --num_train=2000 --num_val=200 --seed=0
   tfds build tfds_builders/ref_coco_m --manual_dir RAW --data_dir DATA
+
+A subset of the kinds (`--kinds=truck,person,house`: the others are never drawn nor named) and
+one concept alone (`--about=tree`: only the sentences naming trees or their parts), written in
+your own data's layout (`--layout=ref_custom`, tfds_builders/ref_custom), give the worked
+fine-tuning example of docs/finetune.md its base and its new data.
 """
 
 import dataclasses
@@ -39,7 +44,7 @@ from absl import app, flags
 from PIL import Image, ImageDraw
 
 from unires_jax.data import schema
-from unires_jax.data.writers import common, refcocom
+from unires_jax.data.writers import common, ref_custom, refcocom
 
 COLOURS = {  # RGB
     "red": (220, 45, 45), "green": (50, 190, 70), "blue": (60, 100, 235),
@@ -94,6 +99,7 @@ _GAP = 2  # pixels between object boxes: "left of" is then plainly visible
 _PLACEMENT_TRIES = 50
 _IDS_PER_IMAGE = 64  # segment, ref and sentence ids of image i lie in [64 i, 64 i + 64)
 _SPLIT_FIRST_IMAGE_ID = {"train": 1, "val": 10_000_001}
+LAYOUTS = {"ref_coco_m": refcocom.write, "ref_custom": ref_custom.write}  # name -> writer
 FLAGS = flags.FLAGS
 
 # Sentence templates. `{np}` is a noun phrase that names one object ("red truck",
@@ -138,7 +144,7 @@ _Option = tuple[list[int], list[str]]  # target segment ids, the sentences that 
 def generate(num_images: int, *, seed: int, image_size: int = 128, first_image_id: int = 1,
              max_objects: int = 4, refs_per_image: tuple[int, int] = (2, 4),
              shares: Mapping[str, float] | None = None,
-             max_distractors: int = 2) -> list[common.Scene]:
+             max_distractors: int = 2, kinds: Sequence[str] | None = None) -> list[common.Scene]:
   """`num_images` scenes with ids `first_image_id, first_image_id + 1, ...`.
 
   Args:
@@ -153,11 +159,14 @@ def generate(num_images: int, *, seed: int, image_size: int = 128, first_image_i
       normalised, DEFAULT_SHARES when None.
     max_distractors: each image gets 0..max_distractors random proposal boxes besides the
       jittered ground-truth boxes.
+    kinds: the object kinds drawn and named (no-target sentences name only these too), some of
+      KINDS; all when None. With every kind the scenes are those of kinds=None.
 
   Returns:
     the scenes; object and part proposals are x1, y1, x2, y2 float32 `[n, 4]`.
   """
   probs = _granularity_probs(shares)
+  kinds = check_kinds(kinds)
   if image_size < 2 * MIN_OBJECT_SIZE:
     raise ValueError(f"image_size={image_size} is below {2 * MIN_OBJECT_SIZE}")
   if not 1 <= max_objects <= 12:  # 4 segments per object must fit in _IDS_PER_IMAGE
@@ -167,17 +176,27 @@ def generate(num_images: int, *, seed: int, image_size: int = 128, first_image_i
     raise ValueError(f"refs_per_image={refs_per_image} is not a range within [1, 16]")
   return [_scene(np.random.default_rng([seed, image_id]), image_id, image_size=image_size,
                  max_objects=max_objects, refs_per_image=refs_per_image, probs=probs,
-                 max_distractors=max_distractors)
+                 max_distractors=max_distractors, kinds=kinds)
           for image_id in range(first_image_id, first_image_id + num_images)]
 
 
 def write(root: str, *, num_train: int, num_val: int, seed: int, image_size: int = 128,
+          layout: str = "ref_coco_m", about_kind: str | None = None,
           **generate_kwargs) -> dict[str, list[common.Scene]]:
-  """Writes train and val splits (with proposals) in the RefCOCOm raw layout under `root`.
+  """Writes train and val splits (with proposals) in a raw layout under `root`.
 
   Train image ids start at 1, val at 10_000_001, so no id is shared across splits. Further keyword
   arguments go to `generate`. Returns the scenes written, by split.
+
+  Args:
+    layout: one of LAYOUTS: "ref_coco_m" (RefCOCOm's files, built by tfds_builders/ref_coco_m) or
+      "ref_custom" (your own data's folder, tfds_builders/ref_custom; masks in every format it
+      reads, by turns).
+    about_kind: when set, only the sentences that name this kind or one of its parts are kept
+      (`about`): a dataset of one concept, as the fine-tuning example writes (docs/finetune.md).
   """
+  if layout not in LAYOUTS:
+    raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
   counts = {"train": num_train, "val": num_val}
   for split, n in counts.items():
     if not 0 <= n < _SPLIT_FIRST_IMAGE_ID["val"] - _SPLIT_FIRST_IMAGE_ID["train"]:
@@ -185,8 +204,35 @@ def write(root: str, *, num_train: int, num_val: int, seed: int, image_size: int
   splits = {split: generate(n, seed=seed, image_size=image_size,
                             first_image_id=_SPLIT_FIRST_IMAGE_ID[split], **generate_kwargs)
             for split, n in counts.items() if n}
-  refcocom.write(root, splits)
+  if about_kind is not None:
+    splits = {split: about(scenes, about_kind) for split, scenes in splits.items()}
+  LAYOUTS[layout](root, splits)
   return splits
+
+
+def concept_words(kind: str) -> tuple[str, ...]:
+  """The words that name `kind` or one of its parts, singular and plural."""
+  k = KINDS[check_kinds([kind])[0]]
+  return (kind, k.plural) + tuple(w for p in k.parts for w in (p, PART_PLURALS[p]))
+
+
+def about(scenes: Sequence[common.Scene], kind: str) -> list[common.Scene]:
+  """The scenes' references cut to the sentences that name `kind` or a part of it
+  (`concept_words`: "the red tree", "the crowns of all trees", "the purple tree" where there is
+  none); a reference left without a sentence is dropped, then a scene without a reference. Ids
+  stay as they were."""
+  pattern = re.compile(r"\b(" + "|".join(map(re.escape, concept_words(kind))) + r")\b")
+  out = []
+  for scene in scenes:
+    refs = []
+    for ref in scene.refs:
+      keep = [k for k, sentence in enumerate(ref.sentences) if pattern.search(sentence)]
+      if keep:
+        refs.append(dataclasses.replace(ref, sentences=[ref.sentences[k] for k in keep],
+                                        sent_ids=[ref.sent_ids[k] for k in keep]))
+    if refs:
+      out.append(dataclasses.replace(scene, refs=refs))
+  return out
 
 
 def ref_granularity(scene: common.Scene, ref: common.Ref) -> str:
@@ -208,6 +254,16 @@ def vocabulary_texts() -> list[str]:
   return [" ".join(w.split()) for w in words if w.strip()]
 
 
+def check_kinds(kinds: Sequence[str] | None) -> tuple[str, ...]:
+  """`kinds` in KINDS order (all of them when None); an error names any unknown one."""
+  if kinds is None:
+    return tuple(KINDS)
+  unknown = sorted(set(kinds) - set(KINDS))
+  if unknown or not kinds:
+    raise ValueError(f"kinds must be some of {list(KINDS)}, got {list(kinds)}")
+  return tuple(k for k in KINDS if k in kinds)
+
+
 def _granularity_probs(shares: Mapping[str, float] | None) -> np.ndarray:
   """`[4]` probabilities in schema.GRANULARITIES order."""
   shares = DEFAULT_SHARES if shares is None else shares
@@ -223,9 +279,9 @@ def _granularity_probs(shares: Mapping[str, float] | None) -> np.ndarray:
 
 def _scene(rng: np.random.Generator, image_id: int, *, image_size: int, max_objects: int,
            refs_per_image: tuple[int, int], probs: np.ndarray,
-           max_distractors: int) -> common.Scene:
+           max_distractors: int, kinds: tuple[str, ...]) -> common.Scene:
   """One image: placement, drawing, segments, references and proposals."""
-  placed = _place(rng, image_size, max_objects)
+  placed = _place(rng, image_size, max_objects, kinds)
   pixels = np.empty((image_size, image_size, 3), np.float32)
   pixels[:] = rng.integers(15, 50, 3)
   segments, objects = [], []
@@ -245,17 +301,17 @@ def _scene(rng: np.random.Generator, image_id: int, *, image_size: int, max_obje
   pixels += rng.normal(0.0, 8.0, pixels.shape)
   pixels = np.clip(np.round(pixels), 0, 255).astype(np.uint8)
   scene = common.Scene(image_id, f"shapes_parts_{image_id:08d}.jpg", pixels, segments,
-                       _refs(rng, image_id, objects, refs_per_image, probs))
+                       _refs(rng, image_id, objects, refs_per_image, probs, kinds))
   scene.object_proposals, scene.part_proposals = _proposals(rng, scene, max_distractors)
   return scene
 
 
-def _place(rng: np.random.Generator, image_size: int,
-           max_objects: int) -> list[tuple[str, str, tuple[int, int, int, int]]]:
+def _place(rng: np.random.Generator, image_size: int, max_objects: int,
+           kinds: tuple[str, ...]) -> list[tuple[str, str, tuple[int, int, int, int]]]:
   """(kind, colour, box) for 1..max_objects objects whose boxes are at least _GAP apart."""
   placed = []
   for _ in range(int(rng.integers(1, max_objects + 1))):
-    kind, colour = str(rng.choice(list(KINDS))), str(rng.choice(list(COLOURS)))
+    kind, colour = str(rng.choice(list(kinds))), str(rng.choice(list(COLOURS)))
     for _ in range(_PLACEMENT_TRIES):
       long_side = max(MIN_OBJECT_SIZE, round(rng.uniform(0.25, 0.45) * image_size))
       aspect = KINDS[kind].aspect
@@ -300,14 +356,17 @@ def _paste(mask: np.ndarray, box: Sequence[int], image_size: int) -> np.ndarray:
 
 
 def _refs(rng: np.random.Generator, image_id: int, objects: list[_Object],
-          refs_per_image: tuple[int, int], probs: np.ndarray) -> list[common.Ref]:
+          refs_per_image: tuple[int, int], probs: np.ndarray,
+          kinds: tuple[str, ...]) -> list[common.Ref]:
   """References with 1-2 sentences each. In one image no sentence is used twice and no target set
   (but the empty one) is referred to twice, which keeps the language varied."""
   first = image_id * _IDS_PER_IMAGE
   refs, used, referred = [], set(), set()
+  options = {"object": _object_options, "part": _part_options, "multi": _multi_options,
+             "none": lambda objects: _none_options(objects, kinds)}
 
   def add(granularity: str) -> bool:
-    picked = _pick(rng, _OPTIONS[granularity](objects), used, referred)
+    picked = _pick(rng, options[granularity](objects), used, referred)
     if picked is None:
       return False
     ids, sentences = picked
@@ -441,19 +500,19 @@ def _multi_options(objects: list[_Object]) -> list[list[_Option]]:
   return [g for g in groups if g] + everything
 
 
-def _none_options(objects: list[_Object]) -> list[list[_Option]]:
+def _none_options(objects: list[_Object], kinds: tuple[str, ...]) -> list[list[_Option]]:
   """Groups of no-target references: an absent colour-kind (or a part of one), absent kind,
-  absent colour."""
+  absent colour; only `kinds` are named."""
   present = {(o.kind, o.colour) for o in objects}
   absent_objects, absent_parts, absent_kinds, absent_colours = [], [], [], []
-  for kind, colour in itertools.product(KINDS, COLOURS):
+  for kind, colour in itertools.product(kinds, COLOURS):
     if (kind, colour) in present:
       continue
     np_ = f"{colour} {kind}"
     absent_objects.append(([], [t.format(np=np_) for t in OBJECT_TEMPLATES]))
     absent_parts.extend(([], [t.format(part=part, np=np_) for t in PART_TEMPLATES])
                         for part in KINDS[kind].parts)
-  for kind in [k for k in KINDS if k not in {o.kind for o in objects}]:
+  for kind in [k for k in kinds if k not in {o.kind for o in objects}]:
     words = {"kind": kind, "plural": KINDS[kind].plural}
     absent_kinds.append(([], [t.format(np=kind) for t in OBJECT_TEMPLATES]
                          + [t.format(**words) for t in KIND_GROUP_TEMPLATES]))
@@ -462,10 +521,6 @@ def _none_options(objects: list[_Object]) -> list[list[_Option]]:
                                 for t in OBJECT_TEMPLATES]
                            + [t.format(colour=colour) for t in COLOUR_GROUP_TEMPLATES]))
   return [g for g in (absent_objects, absent_parts, absent_kinds, absent_colours) if g]
-
-
-_OPTIONS = {"object": _object_options, "part": _part_options, "multi": _multi_options,
-            "none": _none_options}
 
 
 def _group_by(objects: list[_Object], key) -> dict[str, list[_Object]]:
@@ -514,18 +569,27 @@ def _summary(splits: dict[str, list[common.Scene]]) -> str:
 def main(argv):
   del argv
   start = time.perf_counter()
-  splits = write(FLAGS.out, num_train=FLAGS.num_train, num_val=FLAGS.num_val, seed=FLAGS.seed,
-                 image_size=FLAGS.image_size)
+  try:
+    splits = write(FLAGS.out, num_train=FLAGS.num_train, num_val=FLAGS.num_val, seed=FLAGS.seed,
+                   image_size=FLAGS.image_size, layout=FLAGS.layout, kinds=FLAGS.kinds,
+                   about_kind=FLAGS.about)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
   print(_summary(splits))
-  print(f"wrote {FLAGS.out} (RefCOCOm layout) in {time.perf_counter() - start:.1f} s")
+  print(f"wrote {FLAGS.out} ({FLAGS.layout} layout) in {time.perf_counter() - start:.1f} s")
 
 
 if __name__ == "__main__":
   # Defined only when run as a program, so importing the module adds no global flags.
-  flags.DEFINE_string("out", None, "Directory to write the raw RefCOCOm layout into.",
-                      required=True)
+  flags.DEFINE_string("out", None, "Directory to write the raw files into.", required=True)
   flags.DEFINE_integer("num_train", 2000, "Training images.")
   flags.DEFINE_integer("num_val", 200, "Validation images.")
   flags.DEFINE_integer("seed", 0, "Random seed (the same seed writes the same files).")
   flags.DEFINE_integer("image_size", 128, "Side of the square images in pixels.")
+  flags.DEFINE_enum("layout", "ref_coco_m", list(LAYOUTS), "The raw layout: RefCOCOm's "
+                    "(tfds_builders/ref_coco_m) or your own data's (tfds_builders/ref_custom).")
+  flags.DEFINE_list("kinds", None, f"The object kinds drawn and named, some of {list(KINDS)} "
+                    "(default: all).")
+  flags.DEFINE_string("about", None, "Keep only the sentences that name this kind or its parts "
+                      "(a dataset of one concept, docs/finetune.md).")
   app.run(main)
