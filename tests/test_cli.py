@@ -183,7 +183,7 @@ SHARED_FLAGS = {
     "convert": {"config", "checkpoint", "step", "out", "quantize"},
     "data": {"manual_dir", "out"},
     "demo": {"workdir", "config", "progress"},
-    "eval": {"workdir", "step", "config", "quantize"},
+    "eval": {"workdir", "step", "config", "quantize", "no_target_threshold"},
     "propose": {"detector", "manual_dir", "config", "progress"},
     "segment": {"checkpoint", "step", "out", "detector", "batch_size", "no_target_threshold",
                 "quantize"},

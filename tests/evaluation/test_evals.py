@@ -38,17 +38,17 @@ def test_protocol_and_resolution_are_read():
       evals.Evaluator("r", "ref_coco_m", "val", 8, "classic", 2, resolution=0)]
 
 
-def test_json_records_protocol_and_resolution(tmp_path):
+def test_json_records_protocol_resolution_and_threshold(tmp_path):
   ev = evals.Evaluator("g", "grefcoco", "val", 8, "rela", 2, resolution=480)
   result = evaluator.EvalResult(metrics={"gIoU": 0.5, "N-acc": float("nan"), "count": 2},
                                 baselines={}, examples=[])
-  path = evals.write_json(result, ev, str(tmp_path), 7)
+  path = evals.write_json(result, ev, str(tmp_path), 7, 0.375)
   with open(path, encoding="utf-8") as f:
     record = json.load(f)
   assert {k: record[k] for k in ("evaluator", "dataset", "split", "protocol", "resolution",
-                                 "step")} == {
+                                 "step", "no_target_threshold")} == {
       "evaluator": "g", "dataset": "grefcoco", "split": "val", "protocol": "rela",
-      "resolution": 480, "step": 7}
+      "resolution": 480, "step": 7, "no_target_threshold": 0.375}
   assert record["metrics"]["gIoU"] == 0.5
 
 

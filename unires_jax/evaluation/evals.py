@@ -92,14 +92,15 @@ def result_path(workdir: str, name: str, step: int) -> str:
   return os.path.join(workdir, "eval", f"{name}_{step}.json")
 
 
-def write_json(result: evaluator.EvalResult, ev: Evaluator, workdir: str, step: int) -> str:
-  """Writes the metrics (and baselines) of `ev` at `step` atomically on process 0; returns the
-  path."""
+def write_json(result: evaluator.EvalResult, ev: Evaluator, workdir: str, step: int,
+               no_target_threshold: float) -> str:
+  """Writes the metrics (and baselines) of `ev` at `step`, scored at `no_target_threshold`,
+  atomically on process 0; returns the path."""
   path = result_path(workdir, ev.name, step)
   if jax.process_index() == 0:
     record = {"evaluator": ev.name, "dataset": ev.dataset, "split": ev.split,
               "protocol": ev.protocol, "resolution": ev.resolution, "step": int(step),
-              "metrics": result.metrics}
+              "no_target_threshold": float(no_target_threshold), "metrics": result.metrics}
     if result.baselines:
       record["baselines"] = result.baselines
     # NaN stays NaN (a metric without samples, e.g. N-acc on a split with no empty target).
@@ -120,7 +121,7 @@ def run(evaluators: list[Evaluator], config: ml_collections.ConfigDict, params: 
     result = evaluator.evaluate(config, params, predict, mesh, tokenize, ev.dataset, ev.split,
                                 batch_size=ev.batch_size, protocol=ev.protocol,
                                 resolution=ev.resolution)
-    path = write_json(result, ev, workdir, step)
+    path = write_json(result, ev, workdir, step, config.model.no_target_threshold)
     log.info("eval %s (%s/%s, %s, %s) at step %d in %.0f s: %s -> %s", ev.name, ev.dataset,
              ev.split, ev.protocol, f"{ev.resolution}x{ev.resolution}" if ev.resolution
              else "original size", step, time.time() - t0, evaluator.headline(result.metrics),
