@@ -176,10 +176,16 @@ class Compiled:
 
 def _compile(name: str, lower, profile_dir: str | None = None) -> Compiled:
   start = time.perf_counter()
+  lowered = lower()
+  # The profile holds the compile alone, without the Python tracer: tracing and lowering are
+  # millions of Python calls, each recorded (the tiny step's profile: 96 MB instead of 6 MB, and
+  # about 15 CPU-s more).
   if profile_dir:
-    jax.profiler.start_trace(profile_dir)
+    options = jax.profiler.ProfileOptions()
+    options.python_tracer_level = 0
+    jax.profiler.start_trace(profile_dir, profiler_options=options)
   try:
-    executable = lower().compile()
+    executable = lowered.compile()
   finally:
     if profile_dir:
       jax.profiler.stop_trace()
