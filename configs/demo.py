@@ -58,10 +58,9 @@ def get_config(arg=None):
 
   # The bar (unires_jax/demo.py `check`): held-out mIoU >= min_baseline_ratio x the best
   # trivial baseline's, N-acc > min_n_acc; the demo exits with status 1 below it.
-  # `kinds`: the object kinds drawn and named in both splits (comma-separated, some of
-  # unires_jax.data.shapes_parts.KINDS); docs/finetune.md trains without "tree", then teaches it.
-  config.demo = ml_collections.ConfigDict(dict(num_train=4300, num_val=300, seed=0,
-                                               kinds="truck,person,house,tree",
+  # `without`: concepts left out of both splits, comma-separated: a kind (never drawn nor named)
+  # or a part (drawn, never named); docs/finetune.md trains without "door", then teaches it.
+  config.demo = ml_collections.ConfigDict(dict(num_train=4300, num_val=300, seed=0, without="",
                                                num_overlays=16, min_baseline_ratio=2.0,
                                                min_n_acc=0.8))
   return config

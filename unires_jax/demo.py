@@ -1,7 +1,7 @@
 """The demo (the project's main job): ShapesParts end to end on a CPU in minutes.
 
-  1. write the ShapesParts raw data (RefCOCOm layout, the kinds `config.demo.kinds` names) to
-     `workdir/raw`
+  1. write the ShapesParts raw data (RefCOCOm layout; without the concepts `config.demo.without`
+     names, if any) to `workdir/raw`
   2. build it with the `ref_coco_m` TFDS builder into `workdir/tfds`
   3. train a word-level tokenizer on the ShapesParts vocabulary (`workdir/tokenizer`)
   4. train the tiny UniRES++ of configs/demo.py (checkpoints in `workdir/checkpoints`), then
@@ -36,18 +36,19 @@ log = logging.getLogger(__name__)
 def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Steps 1-3; sets `config.input.data_dir` and `config.input.tokenizer` to their outputs."""
   demo = config.demo
+  without = [c for c in demo.without.split(",") if c]
   try:
-    kinds = shapes_parts.check_kinds(demo.kinds.split(","))
+    shapes_parts.left_out(without)
   except ValueError as e:
-    raise ValueError(f"config.demo.kinds={demo.kinds!r}: {e}") from None
+    raise ValueError(f"config.demo.without={demo.without!r}: {e}") from None
   raw = os.path.join(workdir, "raw")
   if not os.path.isdir(raw):
     t0 = time.time()
     with utils.new_directory(raw) as tmp:
       shapes_parts.write(tmp, num_train=demo.num_train, num_val=demo.num_val, seed=demo.seed,
-                         kinds=kinds)
-    log.info("wrote %d + %d ShapesParts images (%s) to %s in %.0f s", demo.num_train,
-             demo.num_val, demo.kinds, raw, time.time() - t0)
+                         without=without)
+    log.info("wrote %d + %d ShapesParts images%s to %s in %.0f s", demo.num_train,
+             demo.num_val, f" without {demo.without}" if without else "", raw, time.time() - t0)
   data_dir = os.path.join(workdir, "tfds")
   try:
     pipeline.dataset_dir(config.evals.shapes_parts_val.dataset, data_dir)

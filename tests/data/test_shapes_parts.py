@@ -261,26 +261,32 @@ def test_builds_with_the_ref_coco_m_builder(tmp_path):
                                  atol=1e-3)
 
 
-def test_kinds_left_out_are_neither_drawn_nor_named(scenes):
+def test_concepts_left_out_are_never_named_and_a_kind_never_drawn(scenes):
   tree_words = re.compile(r"\b(" + "|".join(sp.concept_words("tree")) + r")\b")
-  without = sp.generate(60, seed=3, kinds=["house", "truck", "person"])
+  without = sp.generate(60, seed=3, without=["tree", "door"])
   assert {g.category for s in without for g in s.segments} == {"truck", "person", "house"}
+  assert "door" in {g.part for s in without for g in s.segments}  # drawn, never named
   sentences = [t for s in without for r in s.refs for t in r.sentences]
-  assert not [t for t in sentences if tree_words.search(t)]
-  # No-target sentences still name the kinds that are left, absent from the image.
-  assert any(not r.segment_ids and ("house" in t or "truck" in t)
-             for s in without for r in s.refs for t in r.sentences)
-  # Every kind, in any order, is the default: the same scenes.
-  every = sp.generate(20, seed=3, kinds=["tree", "house", "person", "truck"])
+  assert not [t for t in sentences if tree_words.search(t) or re.search(r"\bdoors?\b", t)]
+  # The rest is still named, also in no-target sentences and as parts of houses.
+  assert any(not r.segment_ids and "house" in t for s in without for r in s.refs
+             for t in r.sentences)
+  assert any(re.search(r"\b(roofs?|walls)\b", t) for t in sentences)
+  # Leaving nothing out gives the scenes of every earlier version.
   assert all(a.refs == b.refs and np.array_equal(a.pixels, b.pixels)
-             for a, b in zip(every, scenes[:20]))
-  with pytest.raises(ValueError, match=r"kinds must be some of .*'boat'"):
-    sp.generate(1, seed=0, kinds=["truck", "boat"])
+             for a, b in zip(sp.generate(20, seed=3, without=()), scenes[:20]))
+  with pytest.raises(ValueError, match=r"without: \['boat'\] are neither kinds"):
+    sp.generate(1, seed=0, without=["truck", "boat"])
+  with pytest.raises(ValueError, match="leaves no kind to draw"):
+    sp.left_out(list(sp.KINDS))
 
 
-def test_about_keeps_the_sentences_that_name_the_concept(scenes):
-  words = re.compile(r"\b(tree|trees|crown|crowns|trunk|trunks)\b")
-  kept = sp.about(scenes, "tree")
+@pytest.mark.parametrize("concept,words,granularities", [
+    ("door", r"doors?", {"part", "multi"}),
+    ("tree", r"trees?|crowns?|trunks?", {"object", "part", "multi", "none"})])
+def test_about_keeps_the_sentences_that_name_the_concept(scenes, concept, words, granularities):
+  words = re.compile(rf"\b({words})\b")
+  kept = sp.about(scenes, concept)
   original = {s.image_id: s for s in scenes}
   expected = {(s.image_id, r.ref_id): [i for i, t in zip(r.sent_ids, r.sentences)
                                        if words.search(t)]
@@ -295,23 +301,23 @@ def test_about_keeps_the_sentences_that_name_the_concept(scenes):
       old = next(r for r in before.refs if r.ref_id == ref.ref_id)
       assert ref.segment_ids == old.segment_ids
       assert ref.sentences == [t for t in old.sentences if words.search(t)]
-  granularities = collections.Counter(sp.ref_granularity(s, r) for s in kept for r in s.refs)
-  assert set(granularities) == {"object", "part", "multi", "none"}, granularities
+  found = collections.Counter(sp.ref_granularity(s, r) for s in kept for r in s.refs)
+  assert set(found) == granularities, found
 
 
 def test_command_line_writes_one_concept_in_the_ref_custom_layout(tmp_path):
   proc = subprocess.run(
       [sys.executable, "-m", "unires_jax.data.shapes_parts", f"--out={tmp_path / 'raw'}",
-       "--num_train=12", "--num_val=0", "--seed=5", "--image_size=64", "--layout=ref_custom",
-       "--about=tree"], capture_output=True, text=True, check=True)
+       "--num_train=24", "--num_val=0", "--seed=5", "--image_size=64", "--layout=ref_custom",
+       "--about=door"], capture_output=True, text=True, check=True)
   assert "(ref_custom layout)" in proc.stdout
   assert sorted(os.listdir(tmp_path / "raw")) == ["images", "instances.json", "masks",
                                                    "proposals", "refs"]
   with open(tmp_path / "raw" / "refs" / "train.jsonl", encoding="utf-8") as f:
     sentences = [t for line in f for t in json.loads(line)["sentences"]]
-  assert sentences and all(re.search(r"\b(trees?|crowns?|trunks?)\b", t) for t in sentences)
+  assert sentences and all(re.search(r"\bdoors?\b", t) for t in sentences)
   bad = subprocess.run(
       [sys.executable, "-m", "unires_jax.data.shapes_parts", f"--out={tmp_path / 'bad'}",
-       "--kinds=truck,boat"], capture_output=True, text=True, check=False)
-  assert bad.returncode != 0 and "kinds must be some of" in bad.stderr
+       "--without=truck,boat"], capture_output=True, text=True, check=False)
+  assert bad.returncode != 0 and "are neither kinds" in bad.stderr
   assert not (tmp_path / "bad").exists()

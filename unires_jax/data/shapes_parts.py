@@ -27,10 +27,10 @@ and built by `tfds_builders/ref_coco_m` unchanged:
   python -m unires_jax.data.shapes_parts --out=RAW --num_train=2000 --num_val=200 --seed=0
   tfds build tfds_builders/ref_coco_m --manual_dir RAW --data_dir DATA
 
-A subset of the kinds (`--kinds=truck,person,house`: the others are never drawn nor named) and
-one concept alone (`--about=tree`: only the sentences naming trees or their parts), written in
-your own data's layout (`--layout=ref_custom`, tfds_builders/ref_custom), give the worked
-fine-tuning example of docs/finetune.md its base and its new data.
+Concepts left out (`--without=door`: a part still drawn but never named; `--without=tree`: a
+kind neither drawn nor named) and one concept alone (`--about=door`: only the sentences that
+name it), written in your own data's layout (`--layout=ref_custom`, tfds_builders/ref_custom),
+give the worked fine-tuning example of docs/finetune.md its base and its new data.
 """
 
 import dataclasses
@@ -144,7 +144,7 @@ _Option = tuple[list[int], list[str]]  # target segment ids, the sentences that 
 def generate(num_images: int, *, seed: int, image_size: int = 128, first_image_id: int = 1,
              max_objects: int = 4, refs_per_image: tuple[int, int] = (2, 4),
              shares: Mapping[str, float] | None = None,
-             max_distractors: int = 2, kinds: Sequence[str] | None = None) -> list[common.Scene]:
+             max_distractors: int = 2, without: Sequence[str] = ()) -> list[common.Scene]:
   """`num_images` scenes with ids `first_image_id, first_image_id + 1, ...`.
 
   Args:
@@ -159,14 +159,15 @@ def generate(num_images: int, *, seed: int, image_size: int = 128, first_image_i
       normalised, DEFAULT_SHARES when None.
     max_distractors: each image gets 0..max_distractors random proposal boxes besides the
       jittered ground-truth boxes.
-    kinds: the object kinds drawn and named (no-target sentences name only these too), some of
-      KINDS; all when None. With every kind the scenes are those of kinds=None.
+    without: concepts left out (`left_out`): kinds, never drawn nor named, and parts, drawn
+      but never named (no-target sentences do not name them either). Empty: the scenes are
+      those of every earlier version.
 
   Returns:
     the scenes; object and part proposals are x1, y1, x2, y2 float32 `[n, 4]`.
   """
   probs = _granularity_probs(shares)
-  kinds = check_kinds(kinds)
+  kinds, hidden_parts = left_out(without)
   if image_size < 2 * MIN_OBJECT_SIZE:
     raise ValueError(f"image_size={image_size} is below {2 * MIN_OBJECT_SIZE}")
   if not 1 <= max_objects <= 12:  # 4 segments per object must fit in _IDS_PER_IMAGE
@@ -176,12 +177,12 @@ def generate(num_images: int, *, seed: int, image_size: int = 128, first_image_i
     raise ValueError(f"refs_per_image={refs_per_image} is not a range within [1, 16]")
   return [_scene(np.random.default_rng([seed, image_id]), image_id, image_size=image_size,
                  max_objects=max_objects, refs_per_image=refs_per_image, probs=probs,
-                 max_distractors=max_distractors, kinds=kinds)
+                 max_distractors=max_distractors, kinds=kinds, hidden_parts=hidden_parts)
           for image_id in range(first_image_id, first_image_id + num_images)]
 
 
 def write(root: str, *, num_train: int, num_val: int, seed: int, image_size: int = 128,
-          layout: str = "ref_coco_m", about_kind: str | None = None,
+          layout: str = "ref_coco_m", about_concept: str | None = None,
           **generate_kwargs) -> dict[str, list[common.Scene]]:
   """Writes train and val splits (with proposals) in a raw layout under `root`.
 
@@ -192,8 +193,9 @@ def write(root: str, *, num_train: int, num_val: int, seed: int, image_size: int
     layout: one of LAYOUTS: "ref_coco_m" (RefCOCOm's files, built by tfds_builders/ref_coco_m) or
       "ref_custom" (your own data's folder, tfds_builders/ref_custom; masks in every format it
       reads, by turns).
-    about_kind: when set, only the sentences that name this kind or one of its parts are kept
-      (`about`): a dataset of one concept, as the fine-tuning example writes (docs/finetune.md).
+    about_concept: when set, only the sentences that name this kind (or one of its parts) or
+      this part are kept (`about`): a dataset of one concept, as the fine-tuning example
+      writes (docs/finetune.md).
   """
   if layout not in LAYOUTS:
     raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
@@ -204,24 +206,28 @@ def write(root: str, *, num_train: int, num_val: int, seed: int, image_size: int
   splits = {split: generate(n, seed=seed, image_size=image_size,
                             first_image_id=_SPLIT_FIRST_IMAGE_ID[split], **generate_kwargs)
             for split, n in counts.items() if n}
-  if about_kind is not None:
-    splits = {split: about(scenes, about_kind) for split, scenes in splits.items()}
+  if about_concept is not None:
+    splits = {split: about(scenes, about_concept) for split, scenes in splits.items()}
   LAYOUTS[layout](root, splits)
   return splits
 
 
-def concept_words(kind: str) -> tuple[str, ...]:
-  """The words that name `kind` or one of its parts, singular and plural."""
-  k = KINDS[check_kinds([kind])[0]]
-  return (kind, k.plural) + tuple(w for p in k.parts for w in (p, PART_PLURALS[p]))
+def concept_words(concept: str) -> tuple[str, ...]:
+  """The words that name `concept`, singular and plural: a kind's own and its parts', or a
+  part's."""
+  left_out([concept])  # an unknown concept is named
+  if concept in KINDS:
+    k = KINDS[concept]
+    return (concept, k.plural) + tuple(w for p in k.parts for w in (p, PART_PLURALS[p]))
+  return tuple(dict.fromkeys((concept, PART_PLURALS[concept])))
 
 
-def about(scenes: Sequence[common.Scene], kind: str) -> list[common.Scene]:
-  """The scenes' references cut to the sentences that name `kind` or a part of it
-  (`concept_words`: "the red tree", "the crowns of all trees", "the purple tree" where there is
-  none); a reference left without a sentence is dropped, then a scene without a reference. Ids
-  stay as they were."""
-  pattern = re.compile(r"\b(" + "|".join(map(re.escape, concept_words(kind))) + r")\b")
+def about(scenes: Sequence[common.Scene], concept: str) -> list[common.Scene]:
+  """The scenes' references cut to the sentences that name `concept` (`concept_words`: for
+  "door", "the door of the red house", "the doors of all houses", "the door of the purple
+  house" where there is none); a reference left without a sentence is dropped, then a scene
+  without a reference. Ids stay as they were."""
+  pattern = re.compile(r"\b(" + "|".join(map(re.escape, concept_words(concept))) + r")\b")
   out = []
   for scene in scenes:
     refs = []
@@ -254,14 +260,17 @@ def vocabulary_texts() -> list[str]:
   return [" ".join(w.split()) for w in words if w.strip()]
 
 
-def check_kinds(kinds: Sequence[str] | None) -> tuple[str, ...]:
-  """`kinds` in KINDS order (all of them when None); an error names any unknown one."""
-  if kinds is None:
-    return tuple(KINDS)
-  unknown = sorted(set(kinds) - set(KINDS))
-  if unknown or not kinds:
-    raise ValueError(f"kinds must be some of {list(KINDS)}, got {list(kinds)}")
-  return tuple(k for k in KINDS if k in kinds)
+def left_out(without: Sequence[str]) -> tuple[tuple[str, ...], frozenset[str]]:
+  """(the kinds drawn and named, in KINDS order; the parts drawn but never named) when the
+  concepts `without` (kinds or parts) are left out. An error names any unknown one."""
+  unknown = sorted(set(without) - set(KINDS) - set(PART_PLURALS))
+  if unknown:
+    raise ValueError(f"without: {unknown} are neither kinds {list(KINDS)} nor parts "
+                     f"{list(PART_PLURALS)}")
+  kinds = tuple(k for k in KINDS if k not in without)
+  if not kinds:
+    raise ValueError(f"without: {list(without)} leaves no kind to draw")
+  return kinds, frozenset(p for p in without if p in PART_PLURALS)
 
 
 def _granularity_probs(shares: Mapping[str, float] | None) -> np.ndarray:
@@ -279,7 +288,8 @@ def _granularity_probs(shares: Mapping[str, float] | None) -> np.ndarray:
 
 def _scene(rng: np.random.Generator, image_id: int, *, image_size: int, max_objects: int,
            refs_per_image: tuple[int, int], probs: np.ndarray,
-           max_distractors: int, kinds: tuple[str, ...]) -> common.Scene:
+           max_distractors: int, kinds: tuple[str, ...],
+           hidden_parts: frozenset[str]) -> common.Scene:
   """One image: placement, drawing, segments, references and proposals."""
   placed = _place(rng, image_size, max_objects, kinds)
   pixels = np.empty((image_size, image_size, 3), np.float32)
@@ -301,7 +311,8 @@ def _scene(rng: np.random.Generator, image_id: int, *, image_size: int, max_obje
   pixels += rng.normal(0.0, 8.0, pixels.shape)
   pixels = np.clip(np.round(pixels), 0, 255).astype(np.uint8)
   scene = common.Scene(image_id, f"shapes_parts_{image_id:08d}.jpg", pixels, segments,
-                       _refs(rng, image_id, objects, refs_per_image, probs, kinds))
+                       _refs(rng, image_id, objects, refs_per_image, probs, kinds,
+                             hidden_parts))
   scene.object_proposals, scene.part_proposals = _proposals(rng, scene, max_distractors)
   return scene
 
@@ -357,13 +368,16 @@ def _paste(mask: np.ndarray, box: Sequence[int], image_size: int) -> np.ndarray:
 
 def _refs(rng: np.random.Generator, image_id: int, objects: list[_Object],
           refs_per_image: tuple[int, int], probs: np.ndarray,
-          kinds: tuple[str, ...]) -> list[common.Ref]:
+          kinds: tuple[str, ...], hidden_parts: frozenset[str]) -> list[common.Ref]:
   """References with 1-2 sentences each. In one image no sentence is used twice and no target set
-  (but the empty one) is referred to twice, which keeps the language varied."""
+  (but the empty one) is referred to twice, which keeps the language varied. Only `kinds` and
+  the parts not in `hidden_parts` are named."""
   first = image_id * _IDS_PER_IMAGE
   refs, used, referred = [], set(), set()
-  options = {"object": _object_options, "part": _part_options, "multi": _multi_options,
-             "none": lambda objects: _none_options(objects, kinds)}
+  options = {"object": _object_options,
+             "part": lambda objects: _part_options(objects, hidden_parts),
+             "multi": lambda objects: _multi_options(objects, hidden_parts),
+             "none": lambda objects: _none_options(objects, kinds, hidden_parts)}
 
   def add(granularity: str) -> bool:
     picked = _pick(rng, options[granularity](objects), used, referred)
@@ -451,12 +465,14 @@ def _object_options(objects: list[_Object]) -> list[list[_Option]]:
            for o in objects]]
 
 
-def _part_options(objects: list[_Object]) -> list[list[_Option]]:
-  """One group: each part of each object with every sentence that names it."""
+def _part_options(objects: list[_Object], hidden: frozenset[str]) -> list[list[_Option]]:
+  """One group: each part (not `hidden`) of each object with every sentence that names it."""
   options = []
   for o in objects:
     phrases = _noun_phrases(o, objects)
     for part, part_id in o.part_ids.items():
+      if part in hidden:
+        continue
       sentences = [t.format(part=part, np=p.text) for p in phrases for t in PART_TEMPLATES]
       sentences += [t.format(part=part, np=p.text) for p in phrases if p.compound
                     for t in COMPOUND_PART_TEMPLATES]
@@ -464,9 +480,9 @@ def _part_options(objects: list[_Object]) -> list[list[_Option]]:
   return [options]
 
 
-def _multi_options(objects: list[_Object]) -> list[list[_Option]]:
+def _multi_options(objects: list[_Object], hidden: frozenset[str]) -> list[list[_Option]]:
   """Groups of several-target references: kind groups, colour groups, all objects, pairs of named
-  objects, two parts of one object, one part of every object of a kind."""
+  objects, two parts of one object, one part of every object of a kind (no part `hidden`)."""
   kind_groups, part_groups, colour_groups, pairs, parts_of_one = [], [], [], [], []
   for kind, members in _group_by(objects, lambda o: o.kind).items():
     if len(members) < 2:
@@ -476,7 +492,7 @@ def _multi_options(objects: list[_Object]) -> list[list[_Option]]:
     kind_groups.append(([o.segment_id for o in members],
                         [t.format(**words) for t in KIND_GROUP_TEMPLATES
                          + (PAIR_GROUP_TEMPLATES if pair else ())]))
-    for part in KINDS[kind].parts:
+    for part in [p for p in KINDS[kind].parts if p not in hidden]:
       part_groups.append(([o.part_ids[part] for o in members],
                           [t.format(parts=PART_PLURALS[part], **words)
                            for t in PART_GROUP_TEMPLATES + (PART_PAIR_TEMPLATES if pair else ())]))
@@ -492,7 +508,8 @@ def _multi_options(objects: list[_Object]) -> list[list[_Option]]:
                   _unique(t.format(a=pa, b=pb) for pa in phrases[a.segment_id]
                           for pb in phrases[b.segment_id] for t in CONJUNCTION_TEMPLATES)))
   for o in objects:
-    for p1, p2 in itertools.combinations(KINDS[o.kind].parts, 2):
+    named = [p for p in KINDS[o.kind].parts if p not in hidden]
+    for p1, p2 in itertools.combinations(named, 2):
       parts_of_one.append(([o.part_ids[p1], o.part_ids[p2]],
                            _unique(t.format(p1=p1, p2=p2, np=np_) for np_ in phrases[o.segment_id]
                                    for t in PARTS_OF_ONE_TEMPLATES)))
@@ -500,9 +517,10 @@ def _multi_options(objects: list[_Object]) -> list[list[_Option]]:
   return [g for g in groups if g] + everything
 
 
-def _none_options(objects: list[_Object], kinds: tuple[str, ...]) -> list[list[_Option]]:
+def _none_options(objects: list[_Object], kinds: tuple[str, ...],
+                  hidden: frozenset[str]) -> list[list[_Option]]:
   """Groups of no-target references: an absent colour-kind (or a part of one), absent kind,
-  absent colour; only `kinds` are named."""
+  absent colour; only `kinds` and parts not `hidden` are named."""
   present = {(o.kind, o.colour) for o in objects}
   absent_objects, absent_parts, absent_kinds, absent_colours = [], [], [], []
   for kind, colour in itertools.product(kinds, COLOURS):
@@ -511,7 +529,7 @@ def _none_options(objects: list[_Object], kinds: tuple[str, ...]) -> list[list[_
     np_ = f"{colour} {kind}"
     absent_objects.append(([], [t.format(np=np_) for t in OBJECT_TEMPLATES]))
     absent_parts.extend(([], [t.format(part=part, np=np_) for t in PART_TEMPLATES])
-                        for part in KINDS[kind].parts)
+                        for part in KINDS[kind].parts if part not in hidden)
   for kind in [k for k in kinds if k not in {o.kind for o in objects}]:
     words = {"kind": kind, "plural": KINDS[kind].plural}
     absent_kinds.append(([], [t.format(np=kind) for t in OBJECT_TEMPLATES]
@@ -571,8 +589,8 @@ def main(argv):
   start = time.perf_counter()
   try:
     splits = write(FLAGS.out, num_train=FLAGS.num_train, num_val=FLAGS.num_val, seed=FLAGS.seed,
-                   image_size=FLAGS.image_size, layout=FLAGS.layout, kinds=FLAGS.kinds,
-                   about_kind=FLAGS.about)
+                   image_size=FLAGS.image_size, layout=FLAGS.layout,
+                   without=FLAGS.without or (), about_concept=FLAGS.about)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   print(_summary(splits))
@@ -588,8 +606,8 @@ if __name__ == "__main__":
   flags.DEFINE_integer("image_size", 128, "Side of the square images in pixels.")
   flags.DEFINE_enum("layout", "ref_coco_m", list(LAYOUTS), "The raw layout: RefCOCOm's "
                     "(tfds_builders/ref_coco_m) or your own data's (tfds_builders/ref_custom).")
-  flags.DEFINE_list("kinds", None, f"The object kinds drawn and named, some of {list(KINDS)} "
-                    "(default: all).")
-  flags.DEFINE_string("about", None, "Keep only the sentences that name this kind or its parts "
-                      "(a dataset of one concept, docs/finetune.md).")
+  flags.DEFINE_list("without", None, f"Concepts left out: kinds ({', '.join(KINDS)}), never "
+                    "drawn nor named, or parts (door, roof, ...), drawn but never named.")
+  flags.DEFINE_string("about", None, "Keep only the sentences that name this concept (a kind "
+                      "and its parts, or a part): a dataset of one concept, docs/finetune.md.")
   app.run(main)
