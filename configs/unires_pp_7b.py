@@ -201,7 +201,8 @@ def get_config(arg=None):
   # checkpoint and used by unires-eval, -segment and -serve unless a threshold is given. The
   # split must be one the model did not train on and not the one reported: carve it from the
   # training images with TFDS's slicing, e.g. split="train[:300]" here and the training
-  # mixture's split="train[300:]" (configs/demo.py). An empty split: no calibration.
+  # mixture's split="train[300:]" (configs/demo.py). Several datasets: comma-separated names and
+  # as many splits, scored together (configs/demo_finetune.py). An empty split: no calibration.
   config.calibration = ml_collections.ConfigDict(dict(dataset="", split="", batch_size=64))
 
   # The input pipeline (unires_jax/data/pipeline.py). Datasets are TFDS names (with their builder

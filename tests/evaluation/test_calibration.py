@@ -74,3 +74,14 @@ def test_a_broken_calibration_file_is_named(tmp_path, content):
     f.write(content)
   with pytest.raises(ValueError, match=checkpoint.CALIBRATION_FILE):
     where.config()
+
+
+def test_several_calibration_sources_pair_datasets_with_splits():
+  ccfg = config_lib.load_config("tiny").calibration
+  ccfg.update(dataset="ref_custom,ref_coco_m", split="train[:20%],train[:7%]+val")
+  assert calibration.sources(ccfg) == [("ref_custom", "train[:20%]"),
+                                       ("ref_coco_m", "train[:7%]+val")]
+  for dataset, split in (("ref_custom,ref_coco_m", "train"), ("ref_custom,", "a,b")):
+    ccfg.update(dataset=dataset, split=split)
+    with pytest.raises(ValueError, match=r"config.calibration: dataset=.* as many non-empty"):
+      calibration.sources(ccfg)

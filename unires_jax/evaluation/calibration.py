@@ -98,14 +98,27 @@ def accuracies(logits: np.ndarray, no_target: np.ndarray, logit_threshold: float
           "T-acc": float((~said_none[~no_target]).mean())}
 
 
+def sources(ccfg: ml_collections.ConfigDict) -> list[tuple[str, str]]:
+  """(dataset, split) pairs of `config.calibration`: `dataset` and `split` are one name each, or
+  as many comma-separated (a fine-tuning mixture's: "ref_custom,ref_coco_m" with
+  "train[:20%],train[:7%]"); a split's own "+" and "[a:b]" are TFDS's."""
+  datasets, splits = ccfg.dataset.split(","), ccfg.split.split(",")
+  if len(datasets) != len(splits) or not all(datasets) or not all(splits):
+    raise ValueError(f"config.calibration: dataset={ccfg.dataset!r} and split={ccfg.split!r} "
+                     "must name as many non-empty items, comma-separated")
+  return list(zip(datasets, splits))
+
+
 def calibrate(config: ml_collections.ConfigDict, params, predict: Callable, mesh, tokenize,
               step: int | None) -> dict[str, Any]:
-  """The calibration record of `params` on `config.calibration` (its dataset, split and batch
-  size): the chosen `no_target_threshold` (a probability), its logit, and N-acc / T-acc on the
-  split at it and at the config's own threshold."""
+  """The calibration record of `params` on `config.calibration` (its datasets and splits, see
+  `sources`, and batch size): the chosen `no_target_threshold` (a probability), its logit, and
+  N-acc / T-acc on the splits together at it and at the config's own threshold."""
   ccfg = config.calibration
-  logits, no_target = scores(config, params, predict, mesh, tokenize, ccfg.dataset, ccfg.split,
-                             batch_size=ccfg.batch_size)
+  scored = [scores(config, params, predict, mesh, tokenize, dataset, split,
+                   batch_size=ccfg.batch_size) for dataset, split in sources(ccfg)]
+  logits = np.concatenate([s[0] for s in scored])
+  no_target = np.concatenate([s[1] for s in scored])
   logit = best_threshold(logits, no_target)
   default = float(config.model.no_target_threshold)
   return {

@@ -60,6 +60,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, show_progress: boo
   """
   tcfg = config.train
   evaluators = evals.from_config(config)
+  calibrate = bool(config.get("calibration") and config.calibration.split)
+  if calibrate:
+    calibration.sources(config.calibration)  # a bad field fails now, not after the last step
   mesh = parallel.make_mesh(config.mesh)
   log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size,
            jax.process_count())
@@ -117,7 +120,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, show_progress: boo
       checkpoints.save(final, state, data, force=True)
     checkpoints.wait_until_finished()
     calibrated = None
-    if not preempted and config.get("calibration") and config.calibration.split:
+    if not preempted and calibrate:
       calibrated = _calibrate(config, state.params, predict, mesh, tokenize, workdir, final)
     if not preempted and final_eval and evaluators:
       eval_results = evals.run(evaluators, calibration.applied(config, calibrated), state.params,
