@@ -73,7 +73,8 @@ SAVE_PRETRAINED = ("; give a directory saved by transformers' save_pretrained "
      "(`unires-summary --help` lists the flags)"),
     ("demo", ["--config=configs/x.py"], "flag --config=configs/x.py: config file "
      "'configs/x.py' not found from {cwd}, and it names no installed config (configs/NAME.py "
-     "with NAME in ['demo', 'tiny', 'unires_pp_7b']) (`unires-demo --help` lists the flags)"),
+     "with NAME in ['demo', 'demo_finetune', 'tiny', 'unires_pp_7b']) (`unires-demo --help` "
+     "lists the flags)"),
     ("segment", ["--checkpoint={tmp}", "--image={tmp}/a.png", "--text=x", "--out={tmp}/m.png"],
      "no checkpoint in {tmp}: expected a converted checkpoint (params/ and config.json), a "
      "training work directory or its checkpoints/ directory"),

@@ -12,7 +12,7 @@ def test_names_resolve_to_the_installed_configs(tmp_path, monkeypatch):
   installed = os.path.join(config_lib.installed_configs_dir(), "tiny.py")
   assert config_lib.resolve("configs/tiny.py") == installed
   assert config_lib.resolve("tiny.py") == config_lib.resolve("tiny") == installed
-  assert config_lib.installed_configs() == ["demo", "tiny", "unires_pp_7b"]
+  assert config_lib.installed_configs() == ["demo", "demo_finetune", "tiny", "unires_pp_7b"]
 
 
 def test_a_path_from_the_working_directory_wins(tmp_path, monkeypatch):
@@ -28,7 +28,8 @@ def test_a_path_from_the_working_directory_wins(tmp_path, monkeypatch):
 
 def test_unknown_config_is_refused_with_the_known_names(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
-  with pytest.raises(ValueError, match=r"'configs/big.py' not found .*\['demo', 'tiny'"):
+  with pytest.raises(ValueError,
+                     match=r"'configs/big.py' not found .*\['demo', 'demo_finetune', 'tiny'"):
     config_lib.resolve("configs/big.py")
   with pytest.raises(ValueError, match="not found"):
     config_lib.resolve("elsewhere/tiny.py")  # only configs/NAME.py names an installed one
@@ -62,3 +63,15 @@ def test_config_json_round_trip(tmp_path):
   config_lib.write_config_json(config, str(tmp_path))
   assert config_lib.read_config_json(str(tmp_path)).to_dict() == config.to_dict()
   assert os.listdir(tmp_path) == ["config.json"]  # no temporary file left
+
+
+def test_the_finetune_config_takes_its_base_and_names_what_it_lacks():
+  config = config_lib.load_config("demo_finetune:base=/runs/base,lora_rank=8,steps=120")
+  assert (config.train.init_from, config.input.data_dir, config.input.tokenizer) == (
+      "/runs/base", "/runs/base/tfds", "/runs/base/tokenizer")
+  assert config.model.llm.lora.rank == 8 and len(config.model.llm.lora.targets) == 7
+  assert (config.train.num_steps, config.optimizer.warmup_steps) == (120, 10)
+  assert {e.name for e in config.input.train.values()} == {"ref_custom", "ref_coco_m"}
+  assert config_lib.load_config("demo_finetune:base=/b").model.llm.lora.rank == 0
+  with pytest.raises(ValueError, match=r"needs the base run's work directory"):
+    config_lib.load_config("demo_finetune")

@@ -40,8 +40,8 @@ class _ResolvingParser(flags.ArgumentParser):
 
 CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file configs/NAME.py[:arg]: a path, or the name of an installed "
-    "config (demo, tiny, unires_pp_7b). --config.a.b=value overrides any field of it (e.g. "
-    "--config.optimizer.learning_rate=1e-4).",
+    "config (demo, demo_finetune, tiny, unires_pp_7b). --config.a.b=value overrides any field "
+    "of it (e.g. --config.optimizer.learning_rate=1e-4).",
     lock_config=False)
 FLAGS["config"].parser = _ResolvingParser(FLAGS["config"].parser)
 
