@@ -2,9 +2,10 @@
 (docs/finetune.md, the worked example).
 
 Usage: --config=configs/demo_finetune.py:base=DIR[,lora_rank=R][,steps=N]
-  base: the base run's work directory (`unires-demo --workdir=DIR`): its last checkpoint is the
-    starting point (`train.init_from`), its tokenizer is kept and its `DIR/tfds` is the data
-    directory, where the new dataset must be built too
+  base: the base run's work directory (`unires-demo --workdir=DIR`): its config (DIR/config.json,
+    so the model is the one it trained, whatever flags it ran with) is the starting point here,
+    its last checkpoint the parameters (`train.init_from`), its tokenizer is kept and its
+    `DIR/tfds` is the data directory, where the new dataset must be built too
     (`tfds build tfds_builders/ref_custom --manual_dir=NEW --data_dir=DIR/tfds`).
   lora_rank: 0 (default) fine-tunes everything; R > 0 freezes the LLM and trains rank-R adapters
     on all its projections instead (the vision side, projectors, mask decoder and no-target head
@@ -28,7 +29,12 @@ def get_config(arg=None):
   if not arg.base:
     raise ValueError("configs/demo_finetune.py needs the base run's work directory: "
                      "--config=configs/demo_finetune.py:base=DIR")
-  config = config_lib.sibling(__file__, "demo.py")
+  try:
+    config = config_lib.read_config_json(arg.base)
+  except FileNotFoundError:
+    raise ValueError(f"configs/demo_finetune.py: base={arg.base} holds no "
+                     f"{config_lib.CONFIG_FILE}: give the work directory of a unires-demo or "
+                     "unires-train run") from None
   config.train.init_from = arg.base
   config.input.data_dir = f"{arg.base}/tfds"
   config.input.tokenizer = f"{arg.base}/tokenizer"

@@ -65,13 +65,19 @@ def test_config_json_round_trip(tmp_path):
   assert os.listdir(tmp_path) == ["config.json"]  # no temporary file left
 
 
-def test_the_finetune_config_takes_its_base_and_names_what_it_lacks():
-  config = config_lib.load_config("demo_finetune:base=/runs/base,lora_rank=8,steps=120")
+def test_the_finetune_config_takes_its_base_and_names_what_it_lacks(tmp_path):
+  base = config_lib.load_config("demo")
+  base.model.no_target_hidden = 48  # as a run with --config.model.no_target_hidden=48 saved it
+  config_lib.write_config_json(base, str(tmp_path))
+  config = config_lib.load_config(f"demo_finetune:base={tmp_path},lora_rank=8,steps=120")
   assert (config.train.init_from, config.input.data_dir, config.input.tokenizer) == (
-      "/runs/base", "/runs/base/tfds", "/runs/base/tokenizer")
+      str(tmp_path), f"{tmp_path}/tfds", f"{tmp_path}/tokenizer")
+  assert config.model.no_target_hidden == 48  # the base's model, not configs/demo.py's
   assert config.model.llm.lora.rank == 8 and len(config.model.llm.lora.targets) == 7
   assert (config.train.num_steps, config.optimizer.warmup_steps) == (120, 10)
   assert {e.name for e in config.input.train.values()} == {"ref_custom", "ref_coco_m"}
-  assert config_lib.load_config("demo_finetune:base=/b").model.llm.lora.rank == 0
+  assert config_lib.load_config(f"demo_finetune:base={tmp_path}").model.llm.lora.rank == 0
   with pytest.raises(ValueError, match=r"needs the base run's work directory"):
     config_lib.load_config("demo_finetune")
+  with pytest.raises(ValueError, match=r"base=/nowhere holds no config.json"):
+    config_lib.load_config("demo_finetune:base=/nowhere")
