@@ -55,6 +55,12 @@ SAVE_PRETRAINED = ("; give a directory saved by transformers' save_pretrained "
      "directory"),
     ("eval", ["--workdir={tmp}", "--step=last"], "flag --step=last: invalid literal for int() "
      "with base 10: 'last' (`unires-eval --help` lists the flags)"),
+    ("eval", ["--workdir={converted}", "--no_target_threshold=1.5"],
+     "--no_target_threshold=1.5 must be in (0, 1)"),
+    ("demo", ["--workdir={tmp}/demo", "--config.demo.without=door,boat"],
+     "config.demo.without='door,boat': without: ['boat'] are neither kinds ['truck', 'person', "
+     "'house', 'tree'] nor parts ['cargo box', 'cabin', 'wheels', 'body', 'head', 'legs', "
+     "'walls', 'roof', 'door', 'crown', 'trunk']"),
     ("train", ["--config=configs/tiny.py", "--workdir={tmp}/run"], "no tokenizer directory "
      "given: set config.input.tokenizer to a directory written by save_pretrained (nothing is "
      "downloaded)"),
