@@ -279,6 +279,8 @@ def test_concepts_left_out_are_never_named_and_a_kind_never_drawn(scenes):
     sp.generate(1, seed=0, without=["truck", "boat"])
   with pytest.raises(ValueError, match="leaves no kind to draw"):
     sp.left_out(list(sp.KINDS))
+  with pytest.raises(ValueError, match=r"about: \['boat'\] are neither kinds"):
+    sp.write("unwritten", num_train=1, num_val=0, seed=0, about_concept="boat")
 
 
 @pytest.mark.parametrize("concept,words,granularities", [

@@ -198,7 +198,9 @@ def write(root: str, *, num_train: int, num_val: int, seed: int, image_size: int
       writes (docs/finetune.md).
   """
   if layout not in LAYOUTS:
-    raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    raise ValueError(f"layout must be one of {list(LAYOUTS)}, got {layout!r}")
+  if about_concept is not None:
+    concept_words(about_concept)  # an unknown concept fails before anything is drawn
   counts = {"train": num_train, "val": num_val}
   for split, n in counts.items():
     if not 0 <= n < _SPLIT_FIRST_IMAGE_ID["val"] - _SPLIT_FIRST_IMAGE_ID["train"]:
@@ -215,7 +217,7 @@ def write(root: str, *, num_train: int, num_val: int, seed: int, image_size: int
 def concept_words(concept: str) -> tuple[str, ...]:
   """The words that name `concept`, singular and plural: a kind's own and its parts', or a
   part's."""
-  left_out([concept])  # an unknown concept is named
+  _check_concepts([concept], "about")
   if concept in KINDS:
     k = KINDS[concept]
     return (concept, k.plural) + tuple(w for p in k.parts for w in (p, PART_PLURALS[p]))
@@ -260,13 +262,18 @@ def vocabulary_texts() -> list[str]:
   return [" ".join(w.split()) for w in words if w.strip()]
 
 
+def _check_concepts(names: Sequence[str], what: str) -> None:
+  """A ValueError that names, under `what`, each of `names` that is neither a kind nor a part."""
+  unknown = sorted(set(names) - set(KINDS) - set(PART_PLURALS))
+  if unknown:
+    raise ValueError(f"{what}: {unknown} are neither kinds {list(KINDS)} nor parts "
+                     f"{list(PART_PLURALS)}")
+
+
 def left_out(without: Sequence[str]) -> tuple[tuple[str, ...], frozenset[str]]:
   """(the kinds drawn and named, in KINDS order; the parts drawn but never named) when the
   concepts `without` (kinds or parts) are left out. An error names any unknown one."""
-  unknown = sorted(set(without) - set(KINDS) - set(PART_PLURALS))
-  if unknown:
-    raise ValueError(f"without: {unknown} are neither kinds {list(KINDS)} nor parts "
-                     f"{list(PART_PLURALS)}")
+  _check_concepts(without, "without")
   kinds = tuple(k for k in KINDS if k not in without)
   if not kinds:
     raise ValueError(f"without: {list(without)} leaves no kind to draw")
