@@ -2,8 +2,10 @@ r"""The train and predict steps compiled for a TPU slice on this host (deviceles
 
   pip install -e '.[test]'     # the test extra brings jax[tpu] (libtpu)
   python benchmarks/tpu_compile.py --topology=v5p:2x2x1 --mesh=data=1,fsdp=4,tensor=1
-  python benchmarks/tpu_compile.py --config=configs/unires_pp_7b.py --topology=v5p:4x4x4 \
-      --batch=128      # the 7B recipe as configured: bf16, fsdp over every chip, scanned
+  python benchmarks/tpu_compile.py --config=configs/unires_pp_7b.py --steps=train
+      # the 7B recipe as configured: bf16, fsdp over every chip, scanned, on its slice
+  python benchmarks/tpu_compile.py --config=configs/unires_pp_7b.py:slice=v6e-16 --steps=train
+      # another slice's recipe (configs/unires_pp_7b.py SLICES; docs/tpu.md)
   python benchmarks/tpu_compile.py ... --config.model.remat=full   # any config field
   python benchmarks/tpu_compile.py --config=configs/unires_pp_7b.py --topology=v5e:1x1 \
       --steps=predict --batch=8 --config.model.param_dtype=bfloat16 \
@@ -55,7 +57,8 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", config_lib.resolve("configs/tiny.py"),
     "Config file; override fields with --config.x=y.")
 _TOPOLOGY = flags.DEFINE_string(
-    "topology", "v5p:2x2x1", "TPU topology, e.g. v5p:4x4x4, v6e:4x4, v5e:4x4, v4:2x2x2.")
+    "topology", None, "TPU topology, e.g. v5p:4x4x4, v6e:4x4, v5e:4x4, v4:2x2x2 (default: "
+    "config.topology, the slice of the config's recipe; v5p:2x2x1 for a config without one).")
 _MESH = flags.DEFINE_string(
     "mesh", None, "Mesh sizes as data=..,fsdp=..,tensor=.. (one may be -1); default config.mesh.")
 _BATCH = flags.DEFINE_integer(
@@ -107,8 +110,12 @@ def row(label: str, compiled: aot.Compiled, analytic: float | None, chips: int, 
     flops, estimate, mark = layerwise.flops, layerwise.seconds, " lw"
   counted = layerwise is not None or not scanned
   mfu = "n/a"
-  if analytic is not None and estimate > 0 and counted:
-    mfu = f"{analytic / chips / estimate / (peak * 1e12):.1%}{mark}"
+  if analytic is not None and counted:
+    value = aot.cost_model_mfu(analytic / chips, flops, estimate, peak)
+    if value is not None:
+      mfu = f"{value:.1%}{mark}"
+    elif estimate > 0:
+      mfu = "n/a (loops)"  # XLA's FLOPs short of the analytic count (aot.cost_model_mfu)
   return {
       "step": label,
       "args GiB": f"{mem['arguments'] / GIB:.2f}",
@@ -119,8 +126,8 @@ def row(label: str, compiled: aot.Compiled, analytic: float | None, chips: int, 
       "XLA TFLOP": f"{flops / 1e12:.4g}{mark}" if counted else "loop",
       "analytic TFLOP": "n/a" if analytic is None else f"{analytic / chips / 1e12:.4g}",
       "compile s": f"{compiled.seconds:.1f}",
-      # The cost model can answer a negative time (the tiny step at batch 128 on v5p:2x2x1:
-      # -8.0 s); shown as such, with no MFU.
+      # A time the cost model still answers negative after aot's SparseCore correction is
+      # shown as such, with no MFU.
       "est. step ms": (f"{estimate * 1e3:.1f}{mark}" + ("" if estimate > 0 else " (invalid)")
                        if counted else "loop"),
       "est. MFU": mfu if counted else "loop",
@@ -190,14 +197,15 @@ def main(argv: Sequence[str]) -> None:
   if unknown:
     raise app.UsageError(f"--steps: unknown {sorted(unknown)}; choose from train, predict")
   batch = _BATCH.value or config.input.global_batch_size
-  gen = aot.generation(_TOPOLOGY.value)
+  topology = _TOPOLOGY.value or config.get("topology") or "v5p:2x2x1"
+  gen = aot.generation(topology)
   hbm, peak = aot.HBM_GIB[gen], aot.PEAK_TFLOPS[gen]
-  mesh = aot.topology_mesh(_TOPOLOGY.value, config.mesh)
+  mesh = aot.topology_mesh(topology, config.mesh)
   chips = mesh.size
   seq_len = preprocess.sample_spec(config.model, config.input).max_length
   name = os.path.basename(config_flags.get_config_filename(flags.FLAGS["config"]))
   overrides = [a for a in sys.argv[1:] if a.startswith("--config.")]
-  print(f"{name} on {_TOPOLOGY.value} ({chips} chips, {mesh.devices.flat[0].device_kind}, "
+  print(f"{name} on {topology} ({chips} chips, {mesh.devices.flat[0].device_kind}, "
         f"{hbm:g} GiB HBM, {peak:g} TFLOP/s bf16 each), mesh {dict(mesh.shape)}, "
         f"global batch {batch}, sequence {seq_len}, compute {config.model.dtype}, "
         f"remat {config.model.remat}, scan_layers {config.model.get('scan_layers', False)}, "

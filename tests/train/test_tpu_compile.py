@@ -5,6 +5,8 @@ extra's `jax[tpu]`); nothing executes."""
 import re
 
 import jax
+import jax.numpy as jnp
+import ml_collections
 import pytest
 from flax import nnx
 
@@ -140,7 +142,8 @@ def test_switches_flipped_for_the_comparison():
 
 @pytest.mark.slow
 def test_the_benchmark_profiles_the_compile_and_breaks_down_the_peak(tmp_path):
-  """`benchmarks/tpu_compile.py --profile_compile=DIR --dump_dir=DIR`: the compile's code
+  """`benchmarks/tpu_compile.py --profile_compile=DIR --dump_dir=DIR` (no --topology: the
+  config's, `config.topology`): the compile's code
   generation and the memory live at the step's peak, each by named scope, on a small tiny (one
   layer per stack: every scope is there).
   With `--compare=effort`: the step compiled again at XLA's run-time effort -1
@@ -151,7 +154,7 @@ def test_the_benchmark_profiles_the_compile_and_breaks_down_the_peak(tmp_path):
   from tests.repo import ROOT  # pylint: disable=g-import-not-at-top
 
   run = subprocess.run(
-      [sys.executable, "benchmarks/tpu_compile.py", "--topology=v5p:2x2x1", "--batch=8",
+      [sys.executable, "benchmarks/tpu_compile.py", "--batch=8",  # the config's topology
        "--steps=train", "--config.model.llm.num_layers=1",
        "--config.model.mask_decoder.num_layers=1", "--config.model.vision.num_layers=2",
        "--config.model.convnext.depths=(1,1,1,1)", f"--profile_compile={tmp_path / 'profile'}",
@@ -159,6 +162,7 @@ def test_the_benchmark_profiles_the_compile_and_breaks_down_the_peak(tmp_path):
       cwd=ROOT, capture_output=True, text=True, timeout=1200, check=False)
   assert run.returncode == 0, run.stderr[-3000:]
   out = run.stdout
+  assert out.startswith("tiny.py on v5p:2x2x1 (4 chips"), out[:300]  # configs/tiny.py's slice
   generation = out[out.index("backend code generation by named scope"):
                    out.index("live at the memory peak")]
   peak = out[out.index("live at the memory peak"):out.index("  step train")]
@@ -185,3 +189,29 @@ def test_the_benchmark_profiles_the_compile_and_breaks_down_the_peak(tmp_path):
   memory = {e: (cells[3], cells[4]) for e, cells in table.items()}  # temp GiB, total GiB
   assert memory["0"] != memory["-1"], table
   assert list((tmp_path / "dump").glob("*jit_step*after_optimizations-live-range.txt"))
+
+
+def test_a_sparsecore_offload_is_taken_out_of_the_cost_models_time():
+  """XLA:TPU runs a scatter-add on the v5p's SparseCore and its cost model answers -2 s for it
+  (aot.SPARSECORE_OFFLOAD_SECONDS); `Compiled.cost` takes that out."""
+  mesh = aot.topology_mesh("v5p:2x2x1", ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1)))
+  whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  table, index = ((jax.ShapeDtypeStruct(shape, jnp.int32, sharding=whole))
+                  for shape in ((8, 16), (8, 106)))
+  compiled = aot.Compiled("scatter", 0.0, jax.jit(
+      lambda t, i, u: t.at[jnp.arange(8)[:, None], i].add(u)).trace(table, index, index)
+      .lower().compile())
+  raw = compiled.executable.cost_analysis()["optimal_seconds"]
+  assert raw == pytest.approx(aot.SPARSECORE_OFFLOAD_SECONDS, abs=1e-3)
+  cost = compiled.cost
+  assert cost["sparsecore_offloads"] == 1
+  assert 0 < cost["seconds"] < 1e-3 and cost["seconds"] == pytest.approx(raw + 2.0)
+
+
+def test_the_cost_models_mfu_only_where_its_count_stands():
+  peak = aot.PEAK_TFLOPS["v5p"]
+  assert aot.cost_model_mfu(459e12, 459e12, 2.0, peak) == pytest.approx(0.5)
+  assert aot.cost_model_mfu(459e12, 1.001 * 459e12, 1.0, peak) == pytest.approx(1.0)
+  assert aot.cost_model_mfu(459e12, 459e12, -7.9, peak) is None  # an invalid time
+  # XLA counting a loop's body once (184.9 of 248.5 TFLOP on v5p:2x2x4): no MFU.
+  assert aot.cost_model_mfu(248.5e12, 184.9e12, 0.6, peak) is None
