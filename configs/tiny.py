@@ -34,6 +34,7 @@ def get_config(arg=None):
   # the batch split over every device.
   m.update(dtype="float32", remat="none", scan_layers=False)
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  config.topology = "v5p:2x2x1"  # benchmarks/tpu_compile.py's default: the smallest v5p slice
 
   config.input.train = ml_collections.ConfigDict(
       {"shapes_parts": dict(name="ref_coco_m", split="train", weight=1.0)})

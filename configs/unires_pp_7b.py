@@ -3,9 +3,13 @@
 Backbone shapes equal the released checkpoints (openai/clip-vit-large-patch14-336, timm
 `convnext_large` / open_clip `convnext_large_d_320` trunk, lmsys/vicuna-7b-v1.5).
 
-Usage: --config=configs/unires_pp_7b.py[:llm_layers=N]
+Usage: --config=configs/unires_pp_7b.py[:llm_layers=N][,slice=NAME]
   llm_layers: LLaMA decoder layers (default 32, Vicuna-7B's): fewer make a cheaper model of the
     same widths (memory and compile-time studies, short smoke runs).
+  slice: the Cloud TPU slice to train on, as gcloud and `launch/launch.py --tpu` name it (SLICES
+    below; default DEFAULT_SLICE, v5p-128): sets that slice's global batch and `remat` (its
+    per-chip memory and cost-model MFU: docs/tpu.md, "Recipes per slice") and `config.topology`,
+    the slice `benchmarks/tpu_compile.py` compiles for.
 """
 
 import ml_collections
@@ -13,8 +17,29 @@ import ml_collections
 from unires_jax import config_lib
 
 
+# Per slice (gcloud's accelerator type, as `launch/launch.py --tpu` takes it: v5p counts
+# TensorCores, 2 per chip; v6e counts chips): its topology, the global batch (sequences per chip
+# = batch / chips) and remat; every slice's mesh is fsdp over all chips (config.mesh). Chosen by
+# benchmarks/tpu_compile.py's compiles: the cost-model MFU counted layer by layer where XLA's
+# program lets it be counted (v5p-128: 65.3% at 76.31 of 95.74 GiB per chip), memory elsewhere;
+# docs/tpu.md, "Recipes per slice", has every row and what else was tried.
+SLICES = {
+    "v5p-16": dict(topology="v5p:2x2x2", batch=64, remat="none"),
+    "v5p-32": dict(topology="v5p:2x2x4", batch=128, remat="none"),
+    "v5p-128": dict(topology="v5p:4x4x4", batch=512, remat="none"),
+    "v6e-8": dict(topology="v6e:2x4", batch=128, remat="full"),
+    "v6e-16": dict(topology="v6e:4x4", batch=128, remat="full"),
+    "v6e-64": dict(topology="v6e:8x8", batch=128, remat="none"),
+}
+DEFAULT_SLICE = "v5p-128"
+
+
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, llm_layers=32)
+  arg = config_lib.parse_arg(arg, llm_layers=32, slice=DEFAULT_SLICE)
+  if arg.slice not in SLICES:
+    raise ValueError(f"configs/unires_pp_7b.py: unknown slice {arg.slice!r}; known: "
+                     f"{', '.join(SLICES)}")
+  recipe = SLICES[arg.slice]
   config = ml_collections.ConfigDict()
   config.model_name = "unires_pp"
   m = config.model = ml_collections.ConfigDict()
@@ -117,10 +142,9 @@ def get_config(arg=None):
                 region_min_coverage=0.25, no_target_prior=0.5)
   # Rematerialisation of the transformer layers (CLIP ViT and LLaMA) in the backward pass:
   # "none", "full" (recompute everything) or "dots" (keep matmul outputs without batch dims).
-  # The recipe's slice (v5p:4x4x4, batch 128) has room for every layer's activations, so
-  # "none"; "full" costs a third more LLM FLOPs (cost-model MFU 38% against 46%) and holds one
-  # layer's activations: set it on the smallest slices (docs/tpu.md, "Smallest slices").
-  m.remat = "none"
+  # "full" costs a third more LLM FLOPs and holds one layer's activations instead of all: the
+  # slice's recipe (SLICES) says which its memory needs.
+  m.remat = recipe["remat"]
   # Scanned layers (MaxText's `scan_layers`): the CLIP ViT and LLaMA layers, the blocks of each
   # ConvNeXt stage and the mask decoder's layers (one round of its 3 FPN levels per scan step)
   # are stacked modules (parameters `[num_layers, ...]` on a `layers` axis) applied with
@@ -133,6 +157,9 @@ def get_config(arg=None):
   # Batches are split over data x fsdp; parameters follow the rules table in
   # unires_jax/parallel/rules.py (fsdp shards the embed dimension, tensor the mlp/heads/vocab one).
   config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+  # The TPU slice this recipe is for (SLICES): benchmarks/tpu_compile.py compiles for it unless
+  # given --topology; the launcher's --tpu names the same slice as gcloud does (`arg.slice`).
+  config.topology = recipe["topology"]
   # Logical axis -> mesh axes (MaxText's logical_axis_rules): comma-separated mesh axes, "" for
   # replicated; change one from the command line, e.g. --config.logical_axis_rules.mlp=fsdp.
   # The model names every parameter and residual-stream dimension (unires_jax/models/layers.py
@@ -228,7 +255,7 @@ def get_config(arg=None):
   # above, joins the detector's with this probability, so the no-target head sees both images
   # whose referent no proposal holds and images where one does. 0: the detector's boxes only.
   config.input.add_target_boxes = 0.5
-  config.input.global_batch_size = 128
+  config.input.global_batch_size = recipe["batch"]  # the slice's (SLICES)
   config.input.shuffle_window = 256  # expressions
   config.input.num_threads = 8  # decoding threads per process
   config.input.prefetch_images = 64

@@ -1,5 +1,6 @@
 """Configs by path or name from any directory, `get_config(arg)` variants, config.json."""
 
+import math
 import os
 
 import pytest
@@ -56,6 +57,30 @@ def test_7b_variant_cuts_the_llm_only():
   assert (full.model.llm.num_layers, small.model.llm.num_layers) == (32, 4)
   small.model.llm.num_layers = 32
   assert small.to_dict() == full.to_dict()
+
+
+def test_7b_slice_recipes_resolve_and_fit_their_slices():
+  """Each named slice's recipe (configs/unires_pp_7b.py SLICES, docs/tpu.md's table) sets the
+  batch, remat and topology; the batch splits evenly over the slice's chips (fsdp over all)."""
+  from configs import unires_pp_7b  # pylint: disable=g-import-not-at-top
+
+  default = config_lib.load_config("configs/unires_pp_7b.py")
+  assert default.topology == unires_pp_7b.SLICES[unires_pp_7b.DEFAULT_SLICE]["topology"]
+  for name, recipe in unires_pp_7b.SLICES.items():
+    config = config_lib.load_config(f"configs/unires_pp_7b.py:slice={name}")
+    assert (config.topology, config.input.global_batch_size, config.model.remat) == (
+        recipe["topology"], recipe["batch"], recipe["remat"]), name
+    generation, dims = config.topology.split(":")
+    chips = math.prod(int(d) for d in dims.split("x"))
+    # gcloud's name counts TensorCores on v5p (2 per chip), chips on v6e.
+    assert int(name.split("-")[1]) == chips * (2 if generation == "v5p" else 1), name
+    assert config.input.global_batch_size % chips == 0 and config.mesh.fsdp == -1, name
+    config.update(topology=default.topology)
+    config.input.global_batch_size = default.input.global_batch_size
+    config.model.remat = default.model.remat
+    assert config.to_dict() == default.to_dict(), name  # nothing else differs
+  with pytest.raises(ValueError, match=r"unknown slice 'v5p-64'; known: v5p-16, v5p-32"):
+    config_lib.load_config("configs/unires_pp_7b.py:slice=v5p-64")
 
 
 def test_config_json_round_trip(tmp_path):
