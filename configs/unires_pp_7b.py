@@ -157,8 +157,8 @@ def get_config(arg=None):
   # Batches are split over data x fsdp; parameters follow the rules table in
   # unires_jax/parallel/rules.py (fsdp shards the embed dimension, tensor the mlp/heads/vocab one).
   config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
-  # The TPU slice this recipe is for (SLICES): benchmarks/tpu_compile.py compiles for it unless
-  # given --topology; the launcher's --tpu names the same slice as gcloud does (`arg.slice`).
+  # The TPU slice this recipe is for (SLICES; `launch/launch.py --tpu` takes gcloud's name of
+  # it, the `slice=` argument): benchmarks/tpu_compile.py compiles for it unless given --topology.
   config.topology = recipe["topology"]
   # Logical axis -> mesh axes (MaxText's logical_axis_rules): comma-separated mesh axes, "" for
   # replicated; change one from the command line, e.g. --config.logical_axis_rules.mlp=fsdp.

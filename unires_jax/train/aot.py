@@ -35,8 +35,8 @@ LLM_MODES = ("frozen LLM", "LoRA", "full LLM")
 LISA_RANK = 8  # --compare=lora's rank when the config's LoRA is off
 # The switches `flipped` flips (benchmarks/tpu_compile.py --compare).
 SWITCHES = ("remat", "scan_layers", "effort")
-# XLA:TPU offloads some scatters and gathers to the chip's SparseCores (v5p, v6e; the token
-# splice's scatter-add once a chip holds 4 or more rows), each as an asynchronous call opened by
+# XLA:TPU offloads some scatters to the chip's SparseCores (seen on v5p: the token splice's
+# scatter-adds at 4 rows per chip and more, none at 2), each as an asynchronous call opened by
 # this custom call, and its cost model answers SPARSECORE_OFFLOAD_SECONDS for each: a lone
 # scatter-add on v5p:2x2x1 costs -2.0000 s with one offload, the tiny step -6.0 s with three and
 # -8.0 s with four (tests/train/test_tpu_compile.py). `Compiled.cost` takes them out; what the
