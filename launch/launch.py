@@ -1,7 +1,7 @@
 """Launches an experiment: a config, overrides, a sweep, on an executor.
 
-  python launch/launch.py --config=configs/unires_pp_7b.py --executor=tpu_vm --tpu=v5p-64 \\
-      --zone=us-east5-a --project=my-project --workdir=gs://bucket/exp1 \\
+  python launch/launch.py --config=configs/unires_pp_7b.py:slice=v5p-32 --tpu=v5p-32 \\
+      --executor=tpu_vm --zone=us-east5-a --project=my-project --workdir=gs://bucket/exp1 \\
       --sweep='product({"optimizer.learning_rate": [1e-4, 3e-5]}, {"train.seed": [0, 1]})' \\
       [--set=train.num_steps=20000 ...] [--delete] [--dry_run]
 
