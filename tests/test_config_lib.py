@@ -1,11 +1,11 @@
 """Configs by path or name from any directory, `get_config(arg)` variants, config.json."""
 
-import math
 import os
 
 import pytest
 
 from unires_jax import config_lib
+from unires_jax.train import aot
 
 
 def test_names_resolve_to_the_installed_configs(tmp_path, monkeypatch):
@@ -71,7 +71,7 @@ def test_7b_slice_recipes_resolve_and_fit_their_slices():
     assert (config.topology, config.input.global_batch_size, config.model.remat) == (
         recipe["topology"], recipe["batch"], recipe["remat"]), name
     generation, dims = config.topology.split(":")
-    chips = math.prod(int(d) for d in dims.split("x"))
+    chips = {t: n for n, t in aot.SLICES[generation]}[dims]  # a slice aot knows
     # gcloud's name counts TensorCores on v5p (2 per chip), chips on v6e.
     assert int(name.split("-")[1]) == chips * (2 if generation == "v5p" else 1), name
     assert config.input.global_batch_size % chips == 0 and config.mesh.fsdp == -1, name
